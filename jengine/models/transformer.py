@@ -1,0 +1,239 @@
+"""Decoder-only transformer as pure functions over a params pytree.
+
+One function, `forward`, serves every caller: the engine's ragged step (decode tokens and prefill
+chunks together), `jengine.score` (a whole sequence teacher-forced) and the differentiable RL
+scorer. A token's hidden state is computed by the same ops whatever batch it sits in, so the
+logits of a row depend on that row's own tokens only.
+
+Params pytree (HF names in brackets; matrices are `[in, out]` except the embedding/lm_head):
+  embed        [vocab, hidden]                  (model.embed_tokens.weight)
+  final_norm   [hidden]                         (model.norm.weight)
+  lm_head      [vocab, hidden], untied only     (lm_head.weight)
+  layers[i]:
+    attn_norm  [hidden]                         (input_layernorm.weight)
+    wq [hidden, heads*head_dim]  wk, wv [hidden, kv_heads*head_dim]  wo [heads*head_dim, hidden]
+    bq, bk, bv [.. out]          qkv_bias only (Qwen2)
+    q_norm, k_norm [head_dim]    qk_norm only (Qwen3)
+    mlp_norm   [hidden]                         (post_attention_layernorm.weight)
+    w_gate, w_up [hidden, intermediate]  w_down [intermediate, hidden]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jengine.config import ModelConfig
+from pallas_kernels import ops
+from pallas_kernels.ops import Numerics
+
+Params = dict[str, Any]
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A config and its params. `params` may live on any device/sharding."""
+
+    config: ModelConfig
+    params: Params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One ragged step's token-level inputs (all int32, fixed bucketed shapes).
+
+    tokens:      [T] token ids (padding rows hold 0)
+    positions:   [T] position of each token in its sequence; -1 marks padding
+    seq_ids:     [T] row of `page_table` the token belongs to
+    slots:       [T] KV slot `page * page_size + offset` to write; num_pages*page_size = no write
+    page_table:  [S, pages_per_seq] each sequence's pages in logical order
+    logit_rows:  [R] token rows whose logits are returned
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    seq_ids: jax.Array
+    slots: jax.Array
+    page_table: jax.Array
+    logit_rows: jax.Array
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The params pytree with shape tuples as leaves: the contract loaders check against."""
+    h, d = config.hidden_size, config.head_dim
+    q_out, kv_out = config.num_heads * d, config.num_kv_heads * d
+    layer = {
+        "attn_norm": (h,),
+        "wq": (h, q_out),
+        "wk": (h, kv_out),
+        "wv": (h, kv_out),
+        "wo": (q_out, h),
+        "mlp_norm": (h,),
+        "w_gate": (h, config.intermediate_size),
+        "w_up": (h, config.intermediate_size),
+        "w_down": (config.intermediate_size, h),
+    }
+    if config.qkv_bias:
+        layer.update(bq=(q_out,), bk=(kv_out,), bv=(kv_out,))
+    if config.qk_norm:
+        layer.update(q_norm=(d,), k_norm=(d,))
+    shapes: Params = {
+        "embed": (config.vocab_size, h),
+        "final_norm": (h,),
+        "layers": [dict(layer) for _ in range(config.num_layers)],
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (config.vocab_size, h)
+    return shapes
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype: str | None = None) -> Params:
+    """Random params from `seed`: matrices ~ N(0, 0.02), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.02)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = []
+    for key, shape, path in zip(keys, leaves, paths):
+        noise = jax.random.normal(key, shape, jnp.float32)
+        if "norm" in path:
+            value = 1.0 + 0.1 * noise
+        else:
+            value = 0.02 * noise
+        out.append(value.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """f32[head_dim/2] inverse frequencies, with Llama-3 scaling when configured (as HF computes)."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv = inv.astype(np.float32)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x[T, heads, D] rotated by position (HF's rotate-half convention); x's dtype out."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None, numerics: Numerics) -> jax.Array:
+    y = ops.matmul(x, w, numerics)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _layer(
+    layer: Params,
+    h: jax.Array,
+    kv: tuple[jax.Array, jax.Array],
+    batch: Batch,
+    config: ModelConfig,
+    numerics: Numerics,
+    inv_freq: np.ndarray,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    num_tokens = h.shape[0]
+    d = config.head_dim
+    eps = config.rms_norm_eps
+    x = ops.rms_norm(h, layer["attn_norm"], eps, numerics)
+    q = _linear(x, layer["wq"], layer.get("bq"), numerics).reshape(num_tokens, config.num_heads, d)
+    k = _linear(x, layer["wk"], layer.get("bk"), numerics).reshape(num_tokens, config.num_kv_heads, d)
+    v = _linear(x, layer["wv"], layer.get("bv"), numerics).reshape(num_tokens, config.num_kv_heads, d)
+    if config.qk_norm:
+        q = ops.rms_norm(q, layer["q_norm"], eps, numerics)
+        k = ops.rms_norm(k, layer["k_norm"], eps, numerics)
+    q = apply_rope(q, batch.positions, inv_freq)
+    k = apply_rope(k, batch.positions, inv_freq)
+    k_pages, v_pages = ops.write_kv(kv[0], kv[1], k, v, batch.slots)
+    attn = ops.attention(
+        q,
+        k_pages,
+        v_pages,
+        batch.page_table,
+        batch.seq_ids,
+        batch.positions,
+        numerics,
+        sm_scale=1.0 / math.sqrt(d),
+    )
+    h = h + _linear(attn.reshape(num_tokens, -1), layer["wo"], None, numerics)
+    x = ops.rms_norm(h, layer["mlp_norm"], eps, numerics)
+    gate = _linear(x, layer["w_gate"], None, numerics)
+    up = _linear(x, layer["w_up"], None, numerics)
+    h = h + _linear(jax.nn.silu(gate) * up, layer["w_down"], None, numerics)
+    return h, (k_pages, v_pages)
+
+
+def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
+    return params["embed"] if config.tie_word_embeddings else params["lm_head"]
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    batch: Batch,
+    kv: KVCache,
+    numerics: Numerics,
+    lm_head_dtype: str = "float32",
+) -> tuple[jax.Array, KVCache]:
+    """One ragged step.
+
+    Args:
+      params: see the module docstring; dtype float32 or bfloat16.
+      config: the model's shape (static).
+      batch: token rows of this step; decode tokens and prefill chunks mixed.
+      kv: per layer (k_pages, v_pages), [num_pages, page_size, kv_heads, head_dim]. Donate it.
+      numerics: which kernel lowering every op uses (static).
+      lm_head_dtype: 'float32' upcasts the final hidden state and the head weight and accumulates
+        in fp32; 'bfloat16' computes the head in bf16 inputs; 'model' uses the params' dtype.
+    Returns:
+      (f32[R, vocab] logits of `batch.logit_rows`, the KV cache with this step's K/V written).
+    """
+    dtype = params["embed"].dtype
+    inv_freq = rope_inv_freq(config)
+    h = params["embed"][batch.tokens]
+    new_kv = []
+    for layer, layer_kv in zip(params["layers"], kv):
+        h, layer_kv = _layer(layer, h, layer_kv, batch, config, numerics, inv_freq)
+        new_kv.append(layer_kv)
+    h = h[batch.logit_rows]
+    h = ops.rms_norm(h, params["final_norm"], config.rms_norm_eps, numerics)
+    head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[lm_head_dtype]
+    w = lm_head_weight(params, config)
+    logits = ops.lm_head(h.astype(head_dtype), w.astype(head_dtype), numerics)
+    return logits, new_kv
+
+
+def empty_kv_cache(
+    config: ModelConfig, num_pages: int, page_size: int, dtype: Any
+) -> KVCache:
+    """Zeroed per-layer (k_pages, v_pages), each [num_pages, page_size, kv_heads, head_dim]."""
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]

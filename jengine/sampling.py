@@ -1,0 +1,167 @@
+"""Processed logits, logprobs and sampling, row by row.
+
+Semantics (vLLM V1's order, on fp32 logits):
+  1. temperature: z = raw / T. T = 0 is greedy: the token is argmax(raw) and the processed
+     distribution is the raw one (no filters).
+  2. min-p: drop tokens whose probability under softmax(z) is below min_p * max probability.
+  3. top-k: keep tokens whose value is >= the k-th largest surviving value (ties kept).
+  4. top-p: over the survivors' renormalised probabilities, keep a token when the probability
+     mass ranked strictly above it is below top_p (the smallest kept probability is the
+     threshold; ties at it are kept). top_p = 1 keeps everything.
+  Dropped tokens get -inf. The processed distribution is softmax(z) over the survivors.
+
+Sampling is Gumbel-max on the processed logits with noise drawn from
+`fold_in(key(seed), position)`: a function of the request's seed and the sampled token's position
+only, so a request's draws never depend on its batch.
+
+Everything per row runs inside one fixed `[ROW_TILE, vocab]` tile (`map_row_tiles`), and the engine
+and `jengine.score` call the same `select` function: a rollout's logprob and the trainer-side
+score of the same token are the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jengine.config import SamplingParams
+from pallas_kernels import log_softmax as _log_softmax
+from pallas_kernels.tiling import map_row_tiles
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """Per-row sampling inputs, each [R].
+
+    position: position the sampled/scored token will take in its sequence (noise counter).
+    target:   token whose value to return when `use_target` (scoring); ignored otherwise.
+    """
+
+    temperature: jax.Array  # f32
+    top_k: jax.Array  # i32, 0 = off
+    top_p: jax.Array  # f32, 1 = off
+    min_p: jax.Array  # f32, 0 = off
+    seed: jax.Array  # u32
+    position: jax.Array  # i32
+    target: jax.Array  # i32
+    use_target: jax.Array  # bool
+
+
+def row_params(
+    params: list[SamplingParams],
+    seeds: list[int],
+    positions: list[int],
+    targets: list[int] | None = None,
+    rows: int | None = None,
+) -> RowParams:
+    """Host-side: numpy `RowParams` for `len(params)` rows, padded to `rows` (padding is greedy)."""
+    rows = rows or len(params)
+    n = len(params)
+
+    def col(values, dtype, fill):
+        out = np.full((rows,), fill, dtype)
+        out[:n] = values
+        return out
+
+    return RowParams(
+        temperature=col([p.temperature for p in params], np.float32, 0.0),
+        top_k=col([p.top_k for p in params], np.int32, 0),
+        top_p=col([p.top_p for p in params], np.float32, 1.0),
+        min_p=col([p.min_p for p in params], np.float32, 0.0),
+        seed=col(seeds, np.uint32, 0),
+        position=col(positions, np.int32, 0),
+        target=col(targets if targets is not None else [0] * n, np.int32, 0),
+        use_target=col([targets is not None] * n, np.bool_, False),
+    )
+
+
+def _softmax(z: jax.Array) -> jax.Array:
+    return jnp.exp(_log_softmax.reference(z))
+
+
+def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
+    """f32[R, V] processed logits (see the module docstring); -inf where a filter dropped a token."""
+    greedy = rp.temperature == 0.0
+    temp = jnp.where(greedy, 1.0, rp.temperature)[:, None]
+    z = raw / temp
+    probs = _softmax(z)
+    z = jnp.where(probs >= rp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), z, -jnp.inf)
+
+    def filters(z: jax.Array) -> jax.Array:
+        vocab = z.shape[-1]
+        desc = -jnp.sort(-z, axis=-1)  # [R, V] descending, -inf last
+        kth = jnp.take_along_axis(desc, jnp.clip(rp.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+        z = jnp.where((rp.top_k[:, None] > 0) & (z < kth), -jnp.inf, z)
+        p = _softmax(z)
+        p_desc = -jnp.sort(-p, axis=-1)
+        above = jnp.cumsum(p_desc, axis=-1) - p_desc  # mass ranked strictly above each entry
+        kept = jnp.sum(above < rp.top_p[:, None], axis=-1)  # >= 1: the top entry has 0 above it
+        threshold = jnp.take_along_axis(p_desc, (kept - 1)[:, None], axis=-1)
+        return jnp.where((rp.top_p[:, None] < 1.0) & (p < threshold), -jnp.inf, z)
+
+    needs_sort = jnp.any((rp.top_k > 0) | (rp.top_p < 1.0))
+    z = jax.lax.cond(needs_sort, filters, lambda z: z, z)
+    return jnp.where(greedy[:, None], raw, z)
+
+
+def gumbel_noise(seed: jax.Array, position: jax.Array, vocab: int) -> jax.Array:
+    """f32[R, V] Gumbel noise, row r a function of (seed[r], position[r]) only."""
+
+    def one(s, p):
+        key = jax.random.fold_in(jax.random.key(s, impl="threefry2x32"), p)
+        return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+    return jax.vmap(one)(seed, position)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    """What `select` returns per row ([R] unless noted)."""
+
+    token: jax.Array  # i32, sampled (or the target when scoring)
+    value: jax.Array  # f32, the token's number under `logprobs_mode`
+    finite: jax.Array  # bool, every raw logit finite
+    top_ids: jax.Array  # i32[R, n]
+    top_values: jax.Array  # f32[R, n]
+
+
+def _select_tile(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int) -> Selected:
+    raw = raw.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(raw), axis=-1)
+    safe_raw = jnp.where(jnp.isfinite(raw), raw, 0.0)  # keep the tile well-defined; flagged anyway
+    z = processed_logits(safe_raw, rp)
+    values = {
+        "processed_logprobs": lambda: _log_softmax.reference(z),
+        "raw_logprobs": lambda: _log_softmax.reference(safe_raw),
+        "processed_logits": lambda: z,
+        "raw_logits": lambda: safe_raw,
+    }[logprobs_mode]()
+    greedy = rp.temperature == 0.0
+    noisy = z + gumbel_noise(rp.seed, rp.position, raw.shape[-1])
+    sampled = jnp.where(greedy, jnp.argmax(safe_raw, axis=-1), jnp.argmax(noisy, axis=-1))
+    token = jnp.where(rp.use_target, rp.target, sampled).astype(jnp.int32)
+    value = jnp.take_along_axis(values, token[:, None], axis=-1)[:, 0]
+    if top_n:
+        top_values, top_ids = jax.lax.top_k(values, top_n)
+    else:
+        top_values = jnp.zeros((raw.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
+    return Selected(token, value, finite, top_ids.astype(jnp.int32), top_values)
+
+
+def select(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int = 0) -> Selected:
+    """Samples (or scores `rp.target`) every row of raw f32[R, V], one fixed tile at a time.
+
+    `logprobs_mode` and `top_n` are static. Row r's outputs depend only on raw[r] and rp[r].
+    """
+
+    def tile(raw_t, *fields):
+        return _select_tile(raw_t, RowParams(*fields), logprobs_mode, top_n)
+
+    fields = [getattr(rp, f.name) for f in dataclasses.fields(RowParams)]
+    return map_row_tiles(tile, raw, *fields)

@@ -1,0 +1,219 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Deterministic by construction: running sequences are served in admission order, waiting ones are
+admitted first-come-first-served by arrival index, and when pages run out the most recently
+admitted running sequence is preempted (its pages freed, its tokens recomputed later). Because
+every kernel is batch-invariant and sampling noise depends on (seed, position) only, none of
+these decisions changes a single output bit; they only change speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from jengine import sampling
+from jengine.config import SamplingParams
+from jengine.kv_cache import BlockAllocator, OutOfPages, page_keys
+from jengine.runner import StepInputs
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One request's state. `tokens` = prompt + generated so far."""
+
+    request_id: str
+    arrival: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    max_len: int  # prompt + completion may not exceed this
+    stop: Callable[[list[int]], bool] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    top: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in `pages`
+    kv_version: int = 0  # policy version the first computed page was keyed under
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+@dataclasses.dataclass
+class Scheduled:
+    """The plan for one step: which sequence feeds how many tokens, and which will sample."""
+
+    seqs: list[Sequence]
+    num_new: list[int]
+    samples: list[bool]
+    inputs: StepInputs
+    num_prefill_tokens: int
+    num_decode_tokens: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        pages_per_seq: int,
+    ):
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.pages_per_seq = pages_per_seq
+        self.waiting: list[Sequence] = []  # sorted by arrival
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.version = 0  # current policy version (prefix-cache keys)
+
+    # -- queue management -------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+        self.waiting.sort(key=lambda s: s.arrival)
+
+    def release(self, seq: Sequence) -> None:
+        """Frees a sequence's pages and drops it from the queues."""
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.num_computed = 0
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees `seq`'s pages and puts it back in the waiting queue, to be recomputed."""
+        self.release(seq)
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def owners(self) -> dict[str, list[int]]:
+        return {s.request_id: s.pages for s in self.running + self.waiting if s.pages}
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _grow(self, seq: Sequence, upto: int) -> None:
+        """Ensures `seq` owns pages for positions < upto (raises OutOfPages)."""
+        need = -(-upto // self.page_size) - len(seq.pages)
+        if need > 0:
+            seq.pages.extend(self.allocator.allocate(need))
+
+    def _admit(self, seq: Sequence) -> None:
+        """Prefix-cache lookup for a sequence about to run; never covers its last token."""
+        keys = page_keys(seq.tokens, self.page_size, self.version)
+        keys = keys[: (len(seq.tokens) - 1) // self.page_size]
+        hits = self.allocator.lookup(keys)
+        seq.pages = list(hits)
+        seq.num_computed = len(hits) * self.page_size
+        seq.kv_version = self.version
+        self.prefix_hit_tokens += seq.num_computed
+
+    def schedule(self) -> Scheduled | None:
+        """Plans the next step, preempting as needed. None when there is nothing to run."""
+        budget = self.max_num_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
+        # 1. running sequences, oldest admission first; preempt the newest when pages run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            try:
+                self._grow(seq, seq.num_computed + n)
+            except OutOfPages:
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+                continue
+            plan.append((seq, n))
+            budget -= n
+            i += 1
+        # 2. admit waiting sequences, first come first served, while seats, budget and pages last
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self._admit(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            try:
+                self._grow(seq, seq.num_computed + n)
+            except OutOfPages:
+                self.allocator.free(seq.pages)
+                self.prefix_hit_tokens -= seq.num_computed
+                seq.pages, seq.num_computed = [], 0
+                break
+            self.waiting.pop(0)
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+        if not plan:
+            return None
+        return self._build(plan)
+
+    def _build(self, plan: list[tuple[Sequence, int]]) -> Scheduled:
+        ps = self.page_size
+        tokens, positions, seq_ids, slots, logit_rows = [], [], [], [], []
+        table = np.zeros((len(plan), self.pages_per_seq), np.int32)
+        samp, seeds, sample_pos, samples = [], [], [], []
+        prefill = decode = 0
+        for s, (seq, n) in enumerate(plan):
+            table[s, : len(seq.pages)] = seq.pages
+            start = seq.num_computed
+            for pos in range(start, start + n):
+                tokens.append(seq.tokens[pos])
+                positions.append(pos)
+                seq_ids.append(s)
+                slots.append(seq.pages[pos // ps] * ps + pos % ps)
+            is_last = start + n == len(seq.tokens)
+            samples.append(is_last)
+            if n == 1 and seq.num_generated > 0 and is_last:
+                decode += 1
+            else:
+                prefill += n
+            if is_last:
+                logit_rows.append(len(tokens) - 1)
+                samp.append(seq.params)
+                seeds.append(seq.seed)
+                sample_pos.append(len(seq.tokens))
+        inputs = StepInputs(
+            tokens=np.asarray(tokens, np.int32),
+            positions=np.asarray(positions, np.int32),
+            seq_ids=np.asarray(seq_ids, np.int32),
+            slots=np.asarray(slots, np.int32),
+            page_table=table,
+            logit_rows=np.asarray(logit_rows, np.int32),
+            rows=sampling.row_params(samp, seeds, sample_pos),
+        )
+        return Scheduled(
+            seqs=[s for s, _ in plan],
+            num_new=[n for _, n in plan],
+            samples=samples,
+            inputs=inputs,
+            num_prefill_tokens=prefill,
+            num_decode_tokens=decode,
+        )
+
+    def commit(self, scheduled: Scheduled) -> None:
+        """Marks the planned tokens computed and registers newly full pages in the prefix cache."""
+        for seq, n in zip(scheduled.seqs, scheduled.num_new):
+            before = seq.num_computed // self.page_size
+            seq.num_computed += n
+            after = seq.num_computed // self.page_size
+            if after > before and seq.kv_version == self.version:
+                keys = page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)
+                for idx in range(before, after):
+                    self.allocator.register(seq.pages[idx], keys[idx])

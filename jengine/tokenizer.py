@@ -1,0 +1,262 @@
+"""Text <-> token ids and chat templates, from a `tokenizer.json` or from a GGUF's metadata.
+
+Built on the `tokenizers` library (no transformers at run time). A GGUF carries no tokenizer.json:
+its vocabulary, merges, token types and pre-tokenizer name are metadata, from which
+`_gguf_backend` rebuilds the byte-level BPE tokenizer (GPT-2 style, as SmolLM2, Llama 3 and Qwen
+use). Chat templates are rendered in a sandboxed jinja2 environment, as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+# llama.cpp `tokenizer.ggml.pre` names -> how its regexes split text before BPE. GPT-2's own regex
+# is ByteLevel(use_regex=True); the others split first and leave ByteLevel only the byte mapping.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_PRE = ("default", "gpt2", "gpt-2")
+_DIGITS_THEN_GPT2_PRE = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp: "\p{N}" first
+_SPLIT_PRE = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+              "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}  # fmt: skip
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what generation needs from the model's tokenizer config.
+
+    Attributes:
+      backend: the `tokenizers.Tokenizer`.
+      chat_template: jinja2 source, or None.
+      bos_token_id: None when the vocabulary has no BOS.
+      eos_token_ids: every id that ends a generation (EOS, and EOT where the model has one).
+    """
+
+    backend: tokenizers.Tokenizer
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in use, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (`<|im_start|>`) stay whole.
+        `add_special_tokens` adds what the tokenizer adds around a sequence (e.g. BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """The chat template rendered as text (tokenize it with `encode`).
+
+        Raises:
+          ValueError: the tokenizer has no chat template, or the template raised.
+        """
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        token = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        return _compile(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=token(self.bos_token_id) or "",
+            eos_token=token(eos) or "",
+            **kwargs,
+        )
+
+
+def _compile(template: str):
+    """A template in the sandboxed environment transformers uses (trim/lstrip blocks, tojson,
+    raise_exception, strftime_now, loop controls)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)  # fmt: skip
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+# --- from tokenizer.json ------------------------------------------------------------------------
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _token_str(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _ids(value: Any) -> list[int]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _from_tokenizer_json(path: str) -> Tokenizer:
+    directory = os.path.dirname(path)
+    try:
+        backend = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
+    config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    jinja_path = os.path.join(directory, "chat_template.jinja")
+    if template is None and os.path.exists(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    eos = [backend.token_to_id(t) for t in [_token_str(config.get("eos_token"))] if t]
+    eos += _ids(_read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id"))
+    bos = _token_str(config.get("bos_token"))
+    return Tokenizer(
+        backend=backend,
+        chat_template=template,
+        bos_token_id=backend.token_to_id(bos) if bos else None,
+        eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
+    )
+
+
+# --- from GGUF metadata --------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the byte-level BPE alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _pre_tokenizer(pre: str | None, source: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre is None or pre in _GPT2_PRE:
+        return byte_level
+    if pre in _DIGITS_THEN_GPT2_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _SPLIT_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])  # fmt: skip
+    known = sorted([*_GPT2_PRE, *_DIGITS_THEN_GPT2_PRE, *_SPLIT_PRE])
+    raise ValueError(f"{source}: unsupported tokenizer.ggml.pre={pre!r}; supported: {known}")
+
+
+def _gguf_backend(meta: Mapping[str, Any], source: str) -> tokenizers.Tokenizer:
+    """Byte-level BPE from `tokenizer.ggml.{tokens, merges, token_type, pre}`.
+
+    Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
+    tokens, so either stays whole when written in text. A token spelled outside the byte alphabet
+    (a llama.cpp mislabel) is respelled byte-wise, as transformers does.
+    """
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model={kind!r}; jengine reads byte-level 'gpt2' BPE")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(tokens)
+    }
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([
+        AddedToken(t, special=True, normalized=False)
+        for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet
+    ])  # fmt: skip
+    backend.add_tokens([
+        AddedToken(t, special=False, normalized=False)
+        for t, kind in zip(tokens, types) if kind == _USER_DEFINED
+    ])  # fmt: skip
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)]
+        )
+    return backend
+
+
+def _from_gguf(path: str) -> Tokenizer:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    return Tokenizer(
+        backend=_gguf_backend(meta, path),
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+    )
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `Tokenizer` from a dir with tokenizer.json (plus tokenizer_config.json /
+    chat_template.jinja / generation_config.json when present), a tokenizer.json file, a `.gguf`
+    file, or a dir holding exactly one `.gguf`.
+
+    Raises:
+      ValueError: nothing to read at `path`, or a file that cannot be read (named).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            return _from_tokenizer_json(os.path.join(path, "tokenizer.json"))
+        ggufs = [e for e in sorted(os.listdir(path)) if e.endswith(".gguf")]
+        if len(ggufs) == 1:
+            return _from_gguf(os.path.join(path, ggufs[0]))
+        raise ValueError(f"{path}: no tokenizer.json and not exactly one .gguf (found {ggufs})")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file or directory")
+    if path.endswith(".gguf"):
+        return _from_gguf(path)
+    return _from_tokenizer_json(path)

@@ -1,0 +1,100 @@
+"""Batch-invariant Pallas matmul: `kernel` for layer weights [K, N], `kernel_nt` for the lm_head
+(weight [V, K], contracted on its last axis). Same values as `matmul.reference` / `reference_nt`.
+
+Blocks, chosen from (K, N) only, never from the row count M:
+  * rows: BLOCK_M; x is zero-padded to a multiple of it (padded rows are dropped);
+  * contraction: bk = the largest power of two <= BLOCK_K dividing K;
+  * columns: bn = BLOCK_N, or the largest power of two <= N when N is smaller.
+Each program owns one [BLOCK_M, bn] output block and accumulates, in fp32 and in K order,
+`acc += dot(x[:, kblock], w[kblock, cols])`. A row's value is that fixed sequence of fixed-shape
+dots over its own inputs, so it does not depend on M or on where the row sits.
+
+Columns past the last whole block: the last column block is shifted left to end at N (an
+element-offset `pl.Element` block), so it reads only real weight rows and each column is still
+always computed at the same offset of the same block. The output is laid out in whole blocks
+and the shifted block's new columns are cut out afterwards: no copy of a 150k-row weight per call,
+one copy of the [M, N] output when bn does not divide N.
+
+See `pallas_common` for the lowering (Triton on GPU, Mosaic on TPU, interpreter on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.pallas_common import compiler_params, floor_pow2, pow2_block
+from pallas_kernels.tiling import pad_rows
+
+BLOCK_M = 32
+BLOCK_N = 256
+BLOCK_K = 512
+_MIN_BLOCK = 16  # smallest dot dimension Triton accepts
+
+
+def kernel(x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """f32[M, N] = x[M, K] @ w[K, N] with fp32 accumulation."""
+    return _matmul(x, w, transposed=False, interpret=interpret)
+
+
+def kernel_nt(x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """f32[M, V] = x[M, K] @ w[V, K]^T with fp32 accumulation (the embedding layout)."""
+    return _matmul(x, w, transposed=True, interpret=interpret)
+
+
+def _matmul(x: jax.Array, w: jax.Array, *, transposed: bool, interpret: bool) -> jax.Array:
+    rows, k = x.shape
+    w_k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
+    if w_k != k:
+        raise ValueError(f"x{x.shape} and w{w.shape} ({transposed=}) disagree on the contracted axis")
+    bk = pow2_block(k, BLOCK_K)
+    if bk < _MIN_BLOCK or n < _MIN_BLOCK:
+        raise ValueError(f"{k=} must be a multiple of {_MIN_BLOCK} and {n=} at least {_MIN_BLOCK}")
+    bn = min(BLOCK_N, floor_pow2(n))
+    num_n = pl.cdiv(n, bn)
+
+    def col(j):  # first column of block j; the last block ends at n
+        return jnp.minimum(j * bn, n - bn)
+
+    if transposed:
+        w_spec = pl.BlockSpec((pl.Element(bn), pl.Element(k)), lambda j, i: (col(j), 0))
+    else:
+        w_spec = pl.BlockSpec((pl.Element(k), pl.Element(bn)), lambda j, i: (0, col(j)))
+    xp = pad_rows(x, BLOCK_M)
+    out = pl.pallas_call(
+        functools.partial(_block_kernel, bk=bk, transposed=transposed),
+        grid=(num_n, xp.shape[0] // BLOCK_M),  # a column block stays put while rows stream
+        in_specs=[pl.BlockSpec((BLOCK_M, k), lambda j, i: (i, 0)), w_spec],
+        out_specs=pl.BlockSpec((BLOCK_M, bn), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((xp.shape[0], num_n * bn), jnp.float32),
+        compiler_params=compiler_params(),
+        interpret=interpret,
+    )(xp, w)[:rows]
+    rem = n % bn
+    if rem:  # the last block holds columns n-bn..n-1; keep the ones no whole block covers
+        out = jnp.concatenate([out[:, : n - rem], out[:, num_n * bn - rem :]], axis=1)
+    return out
+
+
+def _block_kernel(x_ref, w_ref, o_ref, *, bk: int, transposed: bool) -> None:
+    """o[BLOCK_M, bn] = sum over K blocks, in order, of dot(x[:, kb], w[kb, :]) in fp32."""
+    dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+    dtype = jnp.promote_types(x_ref.dtype, w_ref.dtype)  # fp32 hidden x bf16 weight: upcast here
+
+    def step(kb, acc):
+        ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+        w = w_ref[:, ks] if transposed else w_ref[ks, :]
+        part = jax.lax.dot_general(
+            x_ref[:, ks].astype(dtype),
+            w.astype(dtype),
+            dims,
+            precision=jax.lax.Precision.HIGHEST,  # fp32 stays fp32 (no TF32 on GPU)
+            preferred_element_type=jnp.float32,
+        )
+        return acc + part
+
+    num_k = x_ref.shape[1] // bk
+    o_ref[...] = jax.lax.fori_loop(0, num_k, step, jnp.zeros(o_ref.shape, jnp.float32))

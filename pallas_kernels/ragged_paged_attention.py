@@ -1,0 +1,208 @@
+"""Ragged paged attention: one op for prefill chunks and decode tokens, and the KV page writes.
+
+Layout (one layer):
+  k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim], separate K and V arrays.
+  page_table:       i32[max_seqs, pages_per_seq]; row s lists sequence s's pages in logical order.
+  Token t of the flat batch belongs to sequence `seq_ids[t]` and sits at `positions[t]`
+  (-1 marks a padding token). It attends to its sequence's keys at positions
+  `max(0, positions[t] - window + 1) .. positions[t]`: causal masking by position, so one rule
+  serves a decode token and every token of a prefill chunk. The keys must already be written
+  (`write_kv` runs before attention in the same step).
+
+Numerical contract (what makes a token's output bitwise independent of its batch):
+  * keys are reduced in logical position order in blocks of KV_BLOCK positions, independent of
+    page_size, with an online softmax in fp32;
+  * a block with no visible key is an exact no-op for that token (state kept by `where`, not by
+    arithmetic that could flip the sign of a zero);
+  * physical page ids only select where a key is read from, so page placement changes nothing;
+  * queries are processed in fixed tiles of Q_TILE tokens; a token's arithmetic does not depend on
+    the other tokens of its tile (tests check row position, batch size, and prefill vs decode).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.tiling import map_row_tiles
+
+KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
+Q_TILE = 8  # query tokens per tile on the CPU lowering
+_NEG = -1e30  # running-max seed: finite, so exp(m - m) stays 1 for an untouched state
+
+
+def write_kv(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slots: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Writes this step's keys and values into their pages.
+
+    Args:
+      k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim].
+      k, v: [T, kv_heads, head_dim], cast to the pages' dtype.
+      slots: i32[T], `page * page_size + offset`; an out-of-range slot (>= num_pages*page_size,
+        used for padding tokens) writes nothing.
+    Returns:
+      The updated (k_pages, v_pages). Donate the inputs to update in place.
+    """
+    shape = k_pages.shape
+    flat = (shape[0] * shape[1],) + shape[2:]
+    k_pages = k_pages.reshape(flat).at[slots].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.reshape(flat).at[slots].set(v.astype(v_pages.dtype), mode="drop")
+    return k_pages.reshape(shape), v_pages.reshape(shape)
+
+
+def _visible(key_pos: jax.Array, positions: jax.Array, sliding_window: int | None) -> jax.Array:
+    """bool[T, K]: key at key_pos[..., K] is visible to the token at positions[T]."""
+    pos = positions[:, None]
+    mask = (key_pos <= pos) & (pos >= 0)
+    if sliding_window is not None:
+        mask &= key_pos > pos - sliding_window
+    return mask
+
+
+def _soft_cap(s: jax.Array, soft_cap: float | None) -> jax.Array:
+    return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
+
+
+def reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    seq_ids: jax.Array,
+    positions: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Plain gather-and-softmax: q[T, heads, D] -> [T, heads, D] in q's dtype.
+
+    Gathers every token's whole page row, so memory is O(T * pages_per_seq * page_size): for tests
+    and the backward pass of the differentiable scorer, not for serving.
+    """
+    num_tokens, heads, head_dim = q.shape
+    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    group = heads // kv_heads
+    max_len = page_table.shape[1] * page_size
+    key_pos = jnp.arange(max_len)
+    pages = page_table[seq_ids][:, key_pos // page_size]  # [T, L]
+    slots = pages * page_size + key_pos % page_size
+    k = k_pages.reshape(-1, kv_heads, head_dim)[slots].astype(jnp.float32)  # [T, L, kvh, D]
+    v = v_pages.reshape(-1, kv_heads, head_dim)[slots].astype(jnp.float32)
+    mask = _visible(key_pos[None, :], positions, sliding_window)  # [T, L]
+    v = jnp.where(mask[:, :, None, None], v, 0.0)
+    qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim)
+    s = jnp.einsum("tkgd,tlkd->tkgl", qg, k) * sm_scale
+    s = _soft_cap(s, soft_cap)
+    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("tkgl,tlkd->tkgd", p, v) / jnp.where(denom > 0, denom, 1.0)
+    return out.reshape(num_tokens, heads, head_dim).astype(q.dtype)
+
+
+def _attend_tile(
+    q: jax.Array,
+    rows: jax.Array,
+    positions: jax.Array,
+    k_flat: jax.Array,
+    v_flat: jax.Array,
+    *,
+    page_size: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> jax.Array:
+    """One query tile: q[Q, heads, D], rows i32[Q, pages_per_seq] -> f32[Q, heads, D]."""
+    num_q, heads, head_dim = q.shape
+    kv_heads = k_flat.shape[1]
+    group = heads // kv_heads
+    pages_per_seq = rows.shape[1]
+    qg = q.astype(jnp.float32).reshape(num_q, kv_heads, group, head_dim)
+    last = jnp.max(positions)
+    first = jnp.int32(0)
+    if sliding_window is not None:  # skip blocks no token of the tile can see; each is a no-op
+        live = jnp.where(positions >= 0, positions, last)
+        first = jnp.maximum(jnp.min(live) - sliding_window + 1, 0) // KV_BLOCK
+    num_blocks = jnp.where(last >= 0, last // KV_BLOCK + 1, 0)
+    offsets = jnp.arange(KV_BLOCK)
+
+    def body(carry):
+        b, m, l, acc = carry
+        key_pos = b * KV_BLOCK + offsets  # [B]
+        page_idx = jnp.minimum(key_pos // page_size, pages_per_seq - 1)
+        slots = rows[:, page_idx] * page_size + key_pos % page_size  # [Q, B]
+        mask = _visible(key_pos[None, :], positions, sliding_window)  # [Q, B]
+        k = k_flat[slots].astype(jnp.float32)  # [Q, B, kvh, D]
+        v = jnp.where(mask[:, :, None, None], v_flat[slots].astype(jnp.float32), 0.0)
+        s = jnp.einsum("tkgd,tbkd->tkgb", qg, k) * sm_scale
+        s = _soft_cap(s, soft_cap)
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [Q, kvh, G]
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l_new = l * alpha + jnp.sum(p, axis=-1)
+        acc_new = acc * alpha[..., None] + jnp.einsum("tkgb,tbkd->tkgd", p, v)
+        seen = jnp.any(mask, axis=-1)[:, None, None]  # an all-masked block keeps the state as is
+        return (
+            b + 1,
+            jnp.where(seen, m_new, m),
+            jnp.where(seen, l_new, l),
+            jnp.where(seen[..., None], acc_new, acc),
+        )
+
+    state = (
+        first,
+        jnp.full((num_q, kv_heads, group), _NEG, jnp.float32),
+        jnp.zeros((num_q, kv_heads, group), jnp.float32),
+        jnp.zeros((num_q, kv_heads, group, head_dim), jnp.float32),
+    )
+    _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, state)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.reshape(num_q, heads, head_dim)
+
+
+def cpu(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    seq_ids: jax.Array,
+    positions: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Fixed-block online-softmax attention in plain JAX; same signature as `reference`.
+
+    Each Q_TILE-token tile walks only the KV blocks its own tokens can see (up to its largest
+    position), so a decode step reads each sequence's live keys once and no masked tail.
+    """
+    page_size, kv_heads, head_dim = k_pages.shape[1:]
+    k_flat = k_pages.reshape(-1, kv_heads, head_dim)
+    v_flat = v_pages.reshape(-1, kv_heads, head_dim)
+    rows = page_table[seq_ids]  # [T, pages_per_seq]
+    positions = jnp.where(seq_ids >= 0, positions, -1)
+    tile = functools.partial(
+        _attend_tile,
+        k_flat=k_flat,
+        v_flat=v_flat,
+        page_size=page_size,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    # Padding rows added by the tiling sit at position 0 of row 0: their outputs are dropped and
+    # the blocks they add for their tile are no-ops for every real token.
+    out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
+    return out.astype(q.dtype)

@@ -1,0 +1,26 @@
+"""Batch-invariant RMSNorm (Hugging Face Llama semantics).
+
+`y = w * (x32 * rsqrt(mean(x32^2) + eps)).astype(x.dtype)`, statistics in fp32. The CPU lowering
+reduces each row inside a fixed `[ROW_TILE, H]` tile so the reduction order never depends on the
+row count (sglang-jax traced a batch dependence to RMSNorm's HLO tiling).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.tiling import map_row_tiles
+
+
+def reference(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """x[M, H], w[H] -> [M, H] in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return w.astype(x.dtype) * y
+
+
+def cpu(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """`reference`, one fixed `[ROW_TILE, H]` tile at a time (x may also be [M, heads, D])."""
+    return map_row_tiles(lambda t: reference(t, w, eps), x)

@@ -1,0 +1,27 @@
+"""Shared fixtures: the tiny random model (built in-process, never downloaded)."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from jengine import Model, ModelConfig, init_params  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Model:
+    cfg = ModelConfig.named("tiny")
+    return Model(cfg, init_params(cfg, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_bf16() -> Model:
+    cfg = ModelConfig.named("tiny").replace(dtype="bfloat16")
+    return Model(cfg, init_params(cfg, seed=0))
+
+
+def random_prompts(n: int, vocab: int, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(2, vocab, rng.integers(lo, hi)))) for _ in range(n)]
