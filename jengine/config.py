@@ -18,6 +18,7 @@ LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw
 NUMERICS = ("invariant", "fast")
 LM_HEAD_DTYPES = ("float32", "bfloat16", "model")
 PARAM_DTYPES = ("float32", "bfloat16")
+MIN_TEMPERATURE = 1e-5  # smallest nonzero temperature; below it raw/T can overflow fp32
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -127,6 +128,15 @@ class ModelConfig:
         for t in self.eos_token_ids:
             if not _is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"eos_token_ids contains {t!r}, outside [0, {self.vocab_size})")
+        for field in ("qkv_bias", "qk_norm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{field}={getattr(self, field)!r} must be a bool")
+        if self.bos_token_id is not None and (
+            not _is_int(self.bos_token_id) or not 0 <= self.bos_token_id < self.vocab_size
+        ):
+            raise ValueError(f"bos_token_id={self.bos_token_id!r} must be None or in [0, {self.vocab_size})")
+        if not isinstance(self.name, str):
+            raise TypeError(f"name={self.name!r} must be a str")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling")
 
@@ -249,7 +259,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check_float("temperature", self.temperature, lo=0.0)
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # raw / T overflows fp32: NaN logprobs
+            raise ValueError(
+                f"temperature={self.temperature!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}"
+            )
         _check_int("top_k", self.top_k, lo=0)
+        if self.top_k >= 2**31:  # the device holds it as int32
+            raise ValueError(f"top_k={self.top_k} must be < 2**31 (0 = off)")
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0)
         if self.top_p <= 0.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
@@ -294,6 +310,11 @@ class EngineConfig:
         on TPU/GPU. 'pallas_interpret' runs the Pallas kernels in interpret mode (tests).
       seed: engine seed; a request without its own seed gets fold(seed, arrival index).
       check_finite: finish requests whose logits are non-finite with finish_reason='error'.
+      column_blocks: tensor-parallel-invariant numerics (see `jengine.sharding`): every matmul's
+        output columns, the lm_head's vocabulary and attention's heads are computed in this many
+        fixed blocks, so any tensor_parallel_size dividing it gives the same bits. None means
+        tensor_parallel_size (1: the fast single-device path). Numerics-relevant: score with the
+        same value (`jengine.score(..., column_blocks=...)`).
     """
 
     page_size: int = 16
@@ -311,6 +332,7 @@ class EngineConfig:
     kernel_backend: str = "auto"
     check_finite: bool = True
     trace_path: str | None = None
+    column_blocks: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("page_size", self.page_size, lo=1)
@@ -333,9 +355,20 @@ class EngineConfig:
             raise TypeError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
         _check_int("data_parallel_size", self.data_parallel_size, lo=1)
+        if self.column_blocks is not None:
+            _check_int("column_blocks", self.column_blocks, lo=1)
+            if self.column_blocks % self.tensor_parallel_size:
+                raise ValueError(
+                    f"column_blocks={self.column_blocks} must be a multiple of "
+                    f"tensor_parallel_size={self.tensor_parallel_size}"
+                )
         _check_int("seed", self.seed, lo=0)
         _check_choice("numerics", self.numerics, NUMERICS)
         _check_choice("kernel_backend", self.kernel_backend, ("auto", "cpu", "pallas", "pallas_interpret"))
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite={self.check_finite!r} must be a bool")
+        if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):
+            raise TypeError(f"trace_path={self.trace_path!r} must be a path (str) or None")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -26,7 +26,7 @@ import numpy as np
 
 from jengine.config import EngineConfig, SamplingParams
 from jengine.kv_cache import BlockAllocator
-from jengine.models.transformer import Model, Params, empty_kv_cache
+from jengine.models.transformer import Model, Params, empty_kv_cache, param_shapes
 from jengine.runner import Runner
 from jengine.scheduler import Scheduled, Scheduler
 from jengine.scheduler import Sequence as Seq
@@ -62,6 +62,30 @@ def _bytes_per_page(model: Model, page_size: int) -> int:
     return 2 * c.num_layers * page_size * c.num_kv_heads * c.head_dim * itemsize
 
 
+def _check_model_params(model: Model) -> None:
+    """Refuses a Model whose params do not fit its config (tree, shapes) or are non-finite,
+    before any engine state exists: otherwise the first step() would crash or every request
+    would error."""
+    want, want_def = jax.tree_util.tree_flatten(
+        param_shapes(model.config), is_leaf=lambda x: isinstance(x, tuple)
+    )
+    got_paths, got_def = jax.tree_util.tree_flatten_with_path(model.params)
+    if got_def != want_def:
+        raise ValueError(
+            f"model.params do not match model.config ({model.config.name!r}): tree structure "
+            f"{got_def} vs {want_def}"
+        )
+    for (path, leaf), shape in zip(got_paths, want):
+        name = jax.tree_util.keystr(path)
+        if tuple(getattr(leaf, "shape", ())) != tuple(shape):
+            raise ValueError(
+                f"model.params{name} has shape {getattr(leaf, 'shape', None)}, model.config "
+                f"says {shape}"
+            )
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"model.params{name} holds non-finite values")
+
+
 def _kv_budget_bytes() -> int:
     """Half the first device's free memory when the platform reports it, else 2 GiB."""
     try:
@@ -75,14 +99,28 @@ def _kv_budget_bytes() -> int:
 
 
 class Engine:
-    """A rollout engine over one model. Not thread-safe: call it from one thread."""
+    """A rollout engine over one model. Not thread-safe: call it from one thread.
 
-    def __init__(self, model: Model, config: EngineConfig | None = None):
+    `mesh`: an optional ('data', 'model') `jax.sharding.Mesh` of shape (data_parallel_size,
+    tensor_parallel_size); by default one is built from `jax.devices()` when tp * dp > 1. With
+    data_parallel_size > 1 the constructor returns a `jengine.sharding` DataParallelEngine (an
+    Engine: dp replicas behaving as one). See `jengine.sharding` for the bitwise design.
+    """
+
+    def __new__(cls, model: Model = None, config: EngineConfig | None = None, **kwargs: Any):
+        if cls is Engine and isinstance(config, EngineConfig) and config.data_parallel_size > 1:
+            from jengine.sharding import data_parallel_engine_class
+
+            return super().__new__(data_parallel_engine_class())
+        return super().__new__(cls)
+
+    def __init__(self, model: Model, config: EngineConfig | None = None, *, mesh: Any = None):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jengine Model, got {type(model).__name__}")
         config = config or EngineConfig()
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        _check_model_params(model)
         mc = model.config
         max_model_len = config.max_model_len or mc.max_position_embeddings
         if max_model_len > mc.max_position_embeddings:
@@ -90,10 +128,29 @@ class Engine:
                 f"max_model_len={max_model_len} exceeds the model's "
                 f"max_position_embeddings={mc.max_position_embeddings}"
             )
-        if config.tensor_parallel_size * config.data_parallel_size > 1:
-            raise NotImplementedError(
-                "tensor/data parallelism: construct the engine through jengine.sharding"
-            )
+        if config.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1: construct it as Engine(model, config)")
+        column_blocks = config.column_blocks or config.tensor_parallel_size
+        self.mesh = None
+        parallel = None
+        if config.tensor_parallel_size > 1 or mesh is not None:
+            from jengine import sharding
+
+            self.mesh = sharding.engine_mesh(config, mesh)
+            sharding.check_model(mc, config.tensor_parallel_size, column_blocks)
+            model = Model(mc, sharding.shard_params(model.params, mc, self.mesh))
+            if config.tensor_parallel_size > 1:
+                parallel = sharding.TensorParallel(self.mesh, column_blocks)
+        elif column_blocks > 1:
+            from jengine import sharding
+
+            sharding.check_model(mc, 1, column_blocks)
+        if self.mesh is None:
+            # Commit the params to their device now: `update_weights` places new params with
+            # `device_put(new, old.sharding)`, which commits them, and a committed argument is a
+            # different jit cache key than an uncommitted one -- every bucket would silently
+            # recompile after the first update.
+            model = Model(mc, jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding) if hasattr(x, "sharding") else x, model.params))
         self.model = model
         self.config = config
         self.max_model_len = max_model_len
@@ -103,7 +160,11 @@ class Engine:
             want = config.max_num_seqs * self.pages_per_seq
             num_pages = max(1, min(want, _kv_budget_bytes() // _bytes_per_page(model, config.page_size)))
         self.num_pages = num_pages
-        self.numerics = Numerics(mode=config.numerics, backend=default_backend(config.kernel_backend))
+        self.numerics = Numerics(
+            mode=config.numerics,
+            backend=default_backend(config.kernel_backend),
+            column_blocks=column_blocks,
+        )
         self.allocator = BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
@@ -111,7 +172,14 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             pages_per_seq=self.pages_per_seq,
         )
-        kv = empty_kv_cache(mc, num_pages, config.page_size, model.params["embed"].dtype)
+        if self.mesh is not None:
+            kv = sharding.empty_kv_cache(
+                mc, num_pages, config.page_size, model.params["embed"].dtype, self.mesh
+            )
+        else:
+            kv = empty_kv_cache(mc, num_pages, config.page_size, model.params["embed"].dtype)
+            # committed like the KV every step returns: else the second step recompiles its bucket
+            kv = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), kv)
         self.runner = Runner(
             mc,
             model.params,
@@ -121,6 +189,7 @@ class Engine:
             logprobs_mode=config.logprobs_mode,
             max_tokens=config.max_num_batched_tokens,
             max_seqs=config.max_num_seqs,
+            parallel=parallel,
         )
         self.policy_version = 0
         self.paused = False
@@ -154,6 +223,27 @@ class Engine:
             )
         return [int(t) for t in prompt]
 
+    def _validate_request(
+        self, prompt_token_ids: Any, sampling_params: Any
+    ) -> tuple[list[int], SamplingParams, int]:
+        """Checks one request without changing any state; returns (prompt, params, max_len)."""
+        prompt = self._validate_prompt(prompt_token_ids)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids holds {bad}, outside [0, {vocab})")
+        max_len = min(len(prompt) + params.max_tokens, self.max_model_len)
+        pages_needed = -(-max_len // self.config.page_size)
+        if pages_needed > self.num_pages:
+            raise ValueError(
+                f"request needs up to {pages_needed} KV pages ({max_len} tokens) but the pool has "
+                f"{self.num_pages}: it could never run; raise num_pages or lower max_tokens"
+            )
+        return prompt, params, max_len
+
     def add_request(
         self,
         prompt_token_ids: Sequence[int],
@@ -168,26 +258,15 @@ class Engine:
         finishes the request with finish_reason='stop'. An exception it raises finishes only this
         request, with finish_reason='error'.
         """
-        prompt = self._validate_prompt(prompt_token_ids)
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids holds {bad}, outside [0, {vocab})")
+        prompt, params, max_len = self._validate_request(prompt_token_ids, sampling_params)
         if stop is not None and not callable(stop):
             raise TypeError(f"stop={stop!r} must be callable")
-        max_len = min(len(prompt) + params.max_tokens, self.max_model_len)
-        pages_needed = -(-max_len // self.config.page_size)
-        if pages_needed > self.num_pages:
-            raise ValueError(
-                f"request needs up to {pages_needed} KV pages ({max_len} tokens) but the pool has "
-                f"{self.num_pages}: it could never run; raise num_pages or lower max_tokens"
-            )
         if request_id is None:
-            request_id = f"req-{next(self._arrivals)}"
-            arrival = int(request_id[4:])
+            arrival = next(self._arrivals)
+            request_id, k = f"req-{arrival}", 0
+            while request_id in self._seqs or request_id in self._finished_ids:
+                k += 1  # a caller already used this id: never overwrite a live request
+                request_id = f"req-{arrival}-{k}"
         else:
             if not isinstance(request_id, str) or not request_id:
                 raise TypeError(f"request_id={request_id!r} must be a non-empty str")
@@ -206,6 +285,8 @@ class Engine:
         Returns that output; None if the request already finished (a no-op). Raises KeyError for
         an id the engine never saw.
         """
+        if not isinstance(request_id, str):
+            raise TypeError(f"abort: request_id={request_id!r} must be a str")
         seq = self._seqs.get(request_id)
         if seq is None:
             if request_id in self._finished_ids:
@@ -275,6 +356,11 @@ class Engine:
             if self.config.check_finite and not sel.finite[r]:
                 finished.append(self._finish(seq, "error", "non-finite logits"))
                 continue
+            if self.config.check_finite and not np.isfinite(sel.value[r]):
+                # finite logits but a NaN/inf number for the sampled token (fp32 overflow in
+                # processing): never hand the trainer a non-finite logprob
+                finished.append(self._finish(seq, "error", "non-finite logprob"))
+                continue
             token = int(sel.token[r])
             seq.tokens.append(token)
             seq.logprobs.append(float(sel.value[r]))
@@ -306,6 +392,7 @@ class Engine:
             "policy_version": self.policy_version,
             "compiled": compiled_now,
             "step_seconds": round(seconds, 6),
+            "compile_seconds": round(seconds, 6) if compiled_now else 0.0,
             "pages_free": self.allocator.num_free,
             "preemptions": self.scheduler.num_preemptions,
         }
@@ -332,9 +419,11 @@ class Engine:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling_params")
-        for i, p in enumerate(prompts):
+        if self.paused:  # checked before queuing anything: the requests could never finish
+            raise RuntimeError("generate() on a paused engine would never finish; resume()")
+        for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
-                self._validate_prompt(p)
+                self._validate_request(p, sp)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"prompts[{i}]: {e}") from None
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -371,7 +460,14 @@ class Engine:
         old_leaves, old_def = jax.tree_util.tree_flatten_with_path(old)
         new_leaves, new_def = jax.tree_util.tree_flatten_with_path(params)
         if old_def != new_def:
-            raise ValueError(f"update_weights: params tree structure differs: {new_def} vs {old_def}")
+            old_names = [jax.tree_util.keystr(p) for p, _ in old_leaves]
+            new_names = [jax.tree_util.keystr(p) for p, _ in new_leaves]
+            missing = [n for n in old_names if n not in set(new_names)]
+            extra = [n for n in new_names if n not in set(old_names)]
+            raise ValueError(
+                "update_weights: params tree structure differs: "
+                f"missing leaves {missing[:10]}, unexpected leaves {extra[:10]}"
+            )
         for (path, a), (_, b) in zip(old_leaves, new_leaves):
             name = jax.tree_util.keystr(path)
             if not hasattr(b, "shape") or tuple(b.shape) != tuple(a.shape):

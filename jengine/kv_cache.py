@@ -71,10 +71,18 @@ class BlockAllocator:
         return out
 
     def free(self, pages: Sequence[int]) -> None:
-        """Drops one reference to each page; a page with none left becomes free (keeps its key)."""
+        """Drops one reference to each page; a page with none left becomes free (keeps its key).
+
+        Checks every page first: a bad list (a page not held, or dropped more times than held)
+        raises before any refcount changes.
+        """
+        drops: dict[int, int] = {}
         for page in pages:
-            if self.refcount[page] <= 0:
+            drops[page] = drops.get(page, 0) + 1
+        for page, n in drops.items():
+            if not 0 <= page < self.num_pages or self.refcount[page] < n:
                 raise AssertionError(f"page {page} freed while not owned")
+        for page in pages:
             self.refcount[page] -= 1
             if self.refcount[page] == 0:
                 self._is_free[page] = True

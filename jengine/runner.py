@@ -27,7 +27,7 @@ MIN_TOKEN_BUCKET = 16
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "numerics", "lm_head_dtype", "logprobs_mode", "top_n"),
+    static_argnames=("config", "numerics", "lm_head_dtype", "logprobs_mode", "top_n", "parallel"),
     donate_argnames=("kv",),
 )
 def model_step(
@@ -41,8 +41,20 @@ def model_step(
     lm_head_dtype: str,
     logprobs_mode: str,
     top_n: int,
+    parallel: Any = None,
 ) -> tuple[sampling.Selected, KVCache]:
-    """One step: write this step's K/V, compute logits of `batch.logit_rows`, select tokens."""
+    """One step: write this step's K/V, compute logits of `batch.logit_rows`, select tokens.
+
+    `parallel`: None (one device, or params committed to one device), or a
+    `jengine.sharding.TensorParallel`: the same step under shard_map over its mesh's 'model' axis.
+    """
+    if parallel is not None:
+        from jengine.sharding import sharded_step
+
+        return sharded_step(
+            parallel, params, kv, batch, rows, config=config, numerics=numerics,
+            lm_head_dtype=lm_head_dtype, logprobs_mode=logprobs_mode, top_n=top_n,
+        )
     logits, kv = forward(params, config, batch, kv, numerics, lm_head_dtype)
     return sampling.select(logits, rows, logprobs_mode, top_n), kv
 
@@ -124,7 +136,9 @@ class Runner:
         logprobs_mode: str,
         max_tokens: int,
         max_seqs: int,
+        parallel: Any = None,
     ):
+        self.parallel = parallel  # jengine.sharding.TensorParallel or None
         self.config = model_config
         self.params = params
         self.kv = kv
@@ -175,6 +189,7 @@ class Runner:
             lm_head_dtype=self.lm_head_dtype,
             logprobs_mode=self.logprobs_mode,
             top_n=top_n,
+            parallel=self.parallel,
         )
         sel = jax.tree_util.tree_map(np.asarray, sel)
         seconds = time.perf_counter() - start

@@ -28,7 +28,7 @@ def _is_token_list(x) -> bool:
 
 
 def _validate_tokens(name: str, ids: Sequence[int], vocab: int, allow_empty: bool) -> None:
-    if not _is_token_list(ids):
+    if not _is_token_list(ids) or any(isinstance(t, (bool, np.bool_)) for t in ids):
         raise TypeError(f"{name} must be a list of ints, got {type(ids).__name__}")
     if not allow_empty and len(ids) == 0:
         raise ValueError(f"{name} is empty")
@@ -93,6 +93,8 @@ def score(
     lm_head_dtype: str = "float32",
     numerics: str = "invariant",
     kernel_backend: str = "auto",
+    column_blocks: int | None = None,
+    mesh=None,
 ):
     """Each completion token's number under `logprobs_mode`, teacher-forced, in one forward pass.
 
@@ -106,6 +108,12 @@ def score(
         'raw_logits' (vLLM's names).
       lm_head_dtype, numerics, kernel_backend: as in `EngineConfig`; match the engine's to get
         its bits.
+      column_blocks: the tensor-parallel-invariant numerics setting (`EngineConfig.column_blocks`);
+        pass the engine's `engine.numerics.column_blocks` to get its bits. None means the mesh's
+        'model' size (1 without a mesh).
+      mesh: optional ('data', 'model') `jax.sharding.Mesh`: params are sharded over 'model'
+        (tensor parallel, `jengine.sharding`) and the sequences split over 'data'. Any mesh whose
+        'model' size divides column_blocks gives the same bits as one device.
     Returns:
       f32[len(completion)] for one sequence, or a list of them for a batch. Tokens a filter
       dropped score -inf under the processed modes.
@@ -116,6 +124,16 @@ def score(
         raise ValueError(f"lm_head_dtype={lm_head_dtype!r} must be one of {LM_HEAD_DTYPES}")
     if numerics not in NUMERICS:
         raise ValueError(f"numerics={numerics!r} must be one of {NUMERICS}")
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a jengine Model, got {type(model).__name__}")
+    for name, ids in (("prompt_token_ids", prompt_token_ids), ("completion_token_ids", completion_token_ids)):
+        if not isinstance(ids, (list, tuple, np.ndarray)) or not (
+            _is_token_list(ids) or all(isinstance(x, (list, tuple, np.ndarray)) for x in ids)
+        ):
+            raise TypeError(
+                f"{name} must be a list of ints (one sequence) or a list of such lists, got "
+                f"{type(ids).__name__}"
+            )
     single = _is_token_list(prompt_token_ids)
     prompts = [prompt_token_ids] if single else list(prompt_token_ids)
     completions = [completion_token_ids] if single else list(completion_token_ids)
@@ -139,26 +157,73 @@ def score(
         if len(per_seq) != len(prompts) or not all(isinstance(s, SamplingParams) for s in per_seq):
             raise ValueError("sampling_params must be one SamplingParams or one per sequence")
 
+    tp, groups = 1, [(None, list(range(len(prompts))))]
+    if mesh is None:  # params already sharded (e.g. `engine.model` of a tensor-parallel engine)
+        sharding_ = getattr(model.params["embed"], "sharding", None)
+        if isinstance(sharding_, jax.sharding.NamedSharding) and sharding_.mesh.size > 1:
+            mesh = sharding_.mesh
+    if mesh is not None:
+        from jengine import sharding
+
+        mesh = sharding.normalize_mesh(mesh)
+        dp, tp = sharding.mesh_sizes(mesh)
+        subs = sharding.replica_meshes(mesh)
+        groups = [(subs[g], list(range(g, len(prompts), dp))) for g in range(dp)]
+        groups = [(m, idx) for m, idx in groups if idx]
+    blocks = tp if column_blocks is None else column_blocks
+    num = Numerics(mode=numerics, backend=default_backend(kernel_backend), column_blocks=blocks)
+    if mesh is not None or blocks > 1:
+        from jengine import sharding
+
+        sharding.check_model(model.config, tp, blocks)
+    # dispatch every data group's step before reading any (they run concurrently)
+    pending = []
+    for sub, idx in groups:
+        pending.append(_score_group(
+            model, sub, [prompts[i] for i in idx], [completions[i] for i in idx],
+            [per_seq[i] for i in idx], num, lm_head_dtype, logprobs_mode,
+        ))
+    out: list = [None] * len(prompts)
+    for (sub, idx), values in zip(groups, pending):
+        values = np.asarray(jax.device_get(values))
+        start = 0
+        for i in idx:
+            n = len(completions[i])
+            out[i] = values[start : start + n].astype(np.float32)
+            start += n
+    return out[0] if single else out
+
+
+def _score_group(model, mesh, prompts, completions, per_seq, num, lm_head_dtype, logprobs_mode):
+    """Dispatches one scoring step (on `mesh`, a (1, tp) sub-mesh, or the default device);
+    returns the device array of values."""
+    params, parallel = model.params, None
     inputs, num_pages = build_score_inputs(prompts, completions, per_seq)
+    if mesh is not None:
+        from jengine import sharding
+
+        params = sharding.shard_params(model.params, model.config, mesh)
+        kv = sharding.empty_kv_cache(
+            model.config, num_pages, _SCRATCH_PAGE, model.params["embed"].dtype, mesh
+        )
+        if sharding.mesh_sizes(mesh)[1] > 1:
+            parallel = sharding.TensorParallel(mesh, num.column_blocks)
+    else:
+        kv = empty_kv_cache(model.config, num_pages, _SCRATCH_PAGE, model.params["embed"].dtype)
     num_tokens = next_pow2(len(inputs.tokens), 16)
     num_seqs = next_pow2(len(prompts))
     num_rows = next_pow2(len(inputs.logit_rows), 16)
-    kv = empty_kv_cache(model.config, num_pages, _SCRATCH_PAGE, model.params["embed"].dtype)
     batch, rows = pad_inputs(inputs, num_tokens, num_seqs, num_pages * _SCRATCH_PAGE, num_rows)
     sel, _ = model_step(
-        model.params,
+        params,
         kv,
         batch,
         rows,
         config=model.config,
-        numerics=Numerics(mode=numerics, backend=default_backend(kernel_backend)),
+        numerics=num,
         lm_head_dtype=lm_head_dtype,
         logprobs_mode=logprobs_mode,
         top_n=0,
+        parallel=parallel,
     )
-    values = np.asarray(jax.device_get(sel.value))
-    out, start = [], 0
-    for c in completions:
-        out.append(values[start : start + len(c)].astype(np.float32))
-        start += len(c)
-    return out[0] if single else out
+    return sel.value

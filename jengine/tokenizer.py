@@ -30,8 +30,13 @@ _QWEN2_SPLIT = (
 )
 _GPT2_PRE = ("default", "gpt2", "gpt-2")
 _DIGITS_THEN_GPT2_PRE = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp: "\p{N}" first
-_SPLIT_PRE = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-              "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}  # fmt: skip
+_SPLIT_PRE = {
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -67,8 +72,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def _token(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.backend.id_to_token(token_id) or ""
+
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
     ) -> str:
         """The chat template rendered as text (tokenize it with `encode`).
 
@@ -77,13 +88,12 @@ class Tokenizer:
         """
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template")
-        token = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         return _compile(self.chat_template).render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
-            bos_token=token(self.bos_token_id) or "",
-            eos_token=token(eos) or "",
+            bos_token=self._token(self.bos_token_id),
+            eos_token=self._token(eos),
             **kwargs,
         )
 
@@ -97,8 +107,9 @@ def _compile(template: str):
         raise ValueError(f"chat template: {message}")
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)  # fmt: skip
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
@@ -157,8 +168,11 @@ def _from_tokenizer_json(path: str) -> Tokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (the byte-level BPE alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -176,10 +190,12 @@ def _pre_tokenizer(pre: str | None, source: str):
     if pre in _DIGITS_THEN_GPT2_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in _SPLIT_PRE:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])  # fmt: skip
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     known = sorted([*_GPT2_PRE, *_DIGITS_THEN_GPT2_PRE, *_SPLIT_PRE])
     raise ValueError(f"{source}: unsupported tokenizer.ggml.pre={pre!r}; supported: {known}")
 
@@ -193,7 +209,9 @@ def _gguf_backend(meta: Mapping[str, Any], source: str) -> tokenizers.Tokenizer:
     """
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{source}: tokenizer.ggml.model={kind!r}; jengine reads byte-level 'gpt2' BPE")
+        raise ValueError(
+            f"{source}: tokenizer.ggml.model={kind!r}; jengine reads byte-level 'gpt2' BPE"
+        )
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     spelling = _bytes_to_unicode()
@@ -206,18 +224,26 @@ def _gguf_backend(meta: Mapping[str, Any], source: str) -> tokenizers.Tokenizer:
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([
-        AddedToken(t, special=True, normalized=False)
-        for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet
-    ])  # fmt: skip
-    backend.add_tokens([
-        AddedToken(t, special=False, normalized=False)
-        for t, kind in zip(tokens, types) if kind == _USER_DEFINED
-    ])  # fmt: skip
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, types)
+            if kind == _CONTROL and set(t) <= alphabet
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, types)
+            if kind == _USER_DEFINED
+        ]
+    )
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)]
+            single=f"{tokens[bos]} $A",
+            pair=f"{tokens[bos]} $A $B",
+            special_tokens=[(tokens[bos], bos)],
         )
     return backend
 
@@ -230,7 +256,9 @@ def _from_gguf(path: str) -> Tokenizer:
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    eos = [
+        meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
+    ]
     return Tokenizer(
         backend=_gguf_backend(meta, path),
         chat_template=meta.get("tokenizer.chat_template"),

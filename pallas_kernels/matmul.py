@@ -70,3 +70,42 @@ def cpu_nt(x: jax.Array, w: jax.Array, vocab_tile: int = VOCAB_TILE) -> jax.Arra
         return cols
 
     return map_row_tiles(row_tile, x)
+
+
+# -- column blocks (tensor-parallel-invariant numerics) ---------------------------------------
+# XLA's CPU dot is row-invariant with fixed row tiles but NOT column-invariant: a column's bits
+# change with the number of columns N of the dot. With `column_blocks = C` every output column is
+# computed by a fixed `[ROW_TILE, K] @ [K, N / C]` dot, so a device holding N / tp columns
+# (C / tp blocks) and a single device holding all N columns (C blocks) produce the same bits.
+
+
+def column_blocked(fn, x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
+    """f32[M, N] = concat_b fn(x, w[:, b-th block of N / blocks columns]) (any backend's matmul)."""
+    n = w.shape[1]
+    if n % blocks:
+        raise ValueError(f"column_blocks={blocks} does not divide the {n} output columns")
+    tn = n // blocks
+    return jnp.concatenate([fn(x, w[:, b * tn : (b + 1) * tn]) for b in range(blocks)], axis=1)
+
+
+def cpu_column_blocked(x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
+    """`cpu` in fixed `[ROW_TILE, K] @ [K, N / blocks]` dots (one row-tile loop, blocks inside)."""
+    n = w.shape[1]
+    if n % blocks:
+        raise ValueError(f"column_blocks={blocks} does not divide the {n} output columns")
+    tn = n // blocks
+    ws = [w[:, b * tn : (b + 1) * tn] for b in range(blocks)]
+
+    def tile(t: jax.Array) -> jax.Array:
+        return jnp.concatenate([jnp.dot(t, wb, preferred_element_type=jnp.float32) for wb in ws], axis=1)
+
+    return map_row_tiles(tile, x)
+
+
+def vocab_blocked_nt(fn, x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
+    """f32[M, V] = concat_b fn(x, w[b-th block of V / blocks vocabulary rows]) (contiguous rows)."""
+    vocab = w.shape[0]
+    if vocab % blocks:
+        raise ValueError(f"column_blocks={blocks} does not divide vocab_size={vocab}")
+    tv = vocab // blocks
+    return jnp.concatenate([fn(x, w[b * tv : (b + 1) * tv]) for b in range(blocks)], axis=1)

@@ -35,8 +35,16 @@ class Numerics:
 
     mode: str = "invariant"
     backend: str = "cpu"
+    # Tensor-parallel-invariant numerics (jengine.sharding): every matmul's output columns (and the
+    # lm_head's vocabulary) are computed in `column_blocks` fixed blocks, qk-norm per (token, head)
+    # row and attention per fixed unit of heads, so a device holding 1/tp of the columns/heads
+    # (column_blocks / tp blocks) computes bitwise what one device holding all of them computes.
+    # 1 (default) is the fast single-device path, unchanged.
+    column_blocks: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.column_blocks, bool) or not isinstance(self.column_blocks, int) or self.column_blocks < 1:
+            raise ValueError(f"column_blocks={self.column_blocks!r} must be an int >= 1")
         if self.mode not in ("invariant", "fast"):
             raise ValueError(f"mode={self.mode!r} must be 'invariant' or 'fast'")
         if self.backend not in BACKENDS:
@@ -81,6 +89,14 @@ def _pallas(module_name: str, backend: str, fn: str = "kernel") -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _matmul_fn(numerics: Numerics) -> Callable:
+    if numerics.column_blocks > 1:
+        blocks = numerics.column_blocks
+        if numerics.mode == "invariant" and numerics.backend == "cpu":
+            fwd = functools.partial(_matmul.cpu_column_blocked, blocks=blocks)
+        else:
+            base = _matmul_fn(dataclasses.replace(numerics, column_blocks=1))
+            fwd = functools.partial(_matmul.column_blocked, base, blocks=blocks)
+        return with_reference_grad(fwd, _matmul.reference)
     if numerics.mode == "fast":
         return _matmul.reference
     fwd = _matmul.cpu if numerics.backend == "cpu" else _pallas("pallas_matmul", numerics.backend)
@@ -89,6 +105,10 @@ def _matmul_fn(numerics: Numerics) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _lm_head_fn(numerics: Numerics) -> Callable:
+    if numerics.column_blocks > 1:
+        base = _lm_head_fn(dataclasses.replace(numerics, column_blocks=1))
+        fwd = functools.partial(_matmul.vocab_blocked_nt, base, blocks=numerics.column_blocks)
+        return with_reference_grad(fwd, _matmul.reference_nt)
     if numerics.mode == "fast":
         return _matmul.reference_nt
     if numerics.backend == "cpu":
@@ -115,7 +135,10 @@ def _rms_norm_fn(numerics: Numerics, eps: float) -> Callable:
 def _log_softmax_fn(numerics: Numerics) -> Callable:
     if numerics.mode == "fast":
         return _log_softmax.reference
-    fwd = _log_softmax.cpu if numerics.backend == "cpu" else _pallas("pallas_log_softmax", numerics.backend)
+    if numerics.backend == "cpu":
+        fwd = _log_softmax.cpu
+    else:
+        fwd = _pallas("pallas_log_softmax", numerics.backend)
     return with_reference_grad(fwd, _log_softmax.reference)
 
 
@@ -125,6 +148,8 @@ def _attention_fn(
 ) -> Callable:
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     ref = functools.partial(_rpa.reference, **kw)
+    if numerics.column_blocks > 1:
+        return _head_unit_attention(numerics, ref, kw)
     if numerics.mode == "fast":
         return ref
     if numerics.backend == "cpu":
@@ -134,13 +159,64 @@ def _attention_fn(
         module = "tpu_ragged_paged_attention" if on_tpu else "pallas_ragged_paged_attention"
         fwd = functools.partial(_pallas(module, numerics.backend), **kw)
 
+    # The integer metadata (page_table, seq_ids, positions) is passed through the custom_vjp as
+    # arguments, not closed over: a closure over tracers (an outer jit building the metadata)
+    # cannot be differentiated. It gets no cotangent (None).
+    @jax.custom_vjp
+    def op(q, k_pages, v_pages, page_table, seq_ids, positions):
+        return fwd(q, k_pages, v_pages, page_table, seq_ids, positions)
+
+    def op_fwd(*args):
+        return fwd(*args), args
+
+    def op_bwd(args, g):
+        meta = args[3:]
+        _, vjp = jax.vjp(lambda q, k, v: ref(q, k, v, *meta), *args[:3])
+        return (*vjp(g), None, None, None)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def head_unit(heads: int, kv_heads: int, column_blocks: int) -> int:
+    """Query heads per attention unit under `column_blocks` (heads and kv_heads: those held)."""
+    return max(1, min(heads // column_blocks, heads // kv_heads))
+
+
+def _head_unit_attention(numerics: Numerics, ref: Callable, kw: dict) -> Callable:
+    """Attention in fixed head units (numerics.column_blocks > 1); see `Numerics.column_blocks`."""
+    base = _attention_fn(dataclasses.replace(numerics, column_blocks=1), **kw)
+
     def split(q, k_pages, v_pages, page_table, seq_ids, positions):
-        # integer metadata carries no gradient: close over it
-        g = with_reference_grad(
-            lambda q, k, v: fwd(q, k, v, page_table, seq_ids, positions),
-            lambda q, k, v: ref(q, k, v, page_table, seq_ids, positions),
-        )
-        return g(q, k_pages, v_pages)
+        heads, kv_heads = q.shape[1], k_pages.shape[2]
+        unit = head_unit(heads, kv_heads, numerics.column_blocks)
+        if numerics.mode == "invariant" and numerics.backend == "cpu":
+            fwd = functools.partial(_rpa.cpu_head_units, unit=unit, **kw)
+        else:  # generic: one call per unit on that unit's heads (slices the pages: slow)
+            group = heads // kv_heads
+
+            def fwd(q, k, v, *meta):
+                outs = []
+                for u0 in range(0, heads, unit):
+                    h = u0 // group
+                    outs.append(base(q[:, u0 : u0 + unit], k[:, :, h : h + 1], v[:, :, h : h + 1], *meta))
+                return jax.numpy.concatenate(outs, axis=1)
+
+        # metadata passed through the custom_vjp as arguments (no cotangent), as `_attention_fn`
+        @jax.custom_vjp
+        def op(q, k_pages, v_pages, page_table, seq_ids, positions):
+            return fwd(q, k_pages, v_pages, page_table, seq_ids, positions)
+
+        def op_fwd(*args):
+            return fwd(*args), args
+
+        def op_bwd(args, g):
+            meta = args[3:]
+            _, vjp = jax.vjp(lambda q, k, v: ref(q, k, v, *meta), *args[:3])
+            return (*vjp(g), None, None, None)
+
+        op.defvjp(op_fwd, op_bwd)
+        return op(q, k_pages, v_pages, page_table, seq_ids, positions)
 
     return split
 
@@ -157,6 +233,9 @@ def lm_head(x: jax.Array, w: jax.Array, numerics: Numerics) -> jax.Array:
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, numerics: Numerics) -> jax.Array:
     """RMSNorm over the last axis of x[M, H] (or [M, heads, D] with w[D]); x's dtype out."""
+    if numerics.column_blocks > 1 and x.ndim == 3:  # one row per (token, head): head-count invariant
+        m, heads, d = x.shape
+        return _rms_norm_fn(numerics, float(eps))(x.reshape(m * heads, d), w).reshape(m, heads, d)
     return _rms_norm_fn(numerics, float(eps))(x, w)
 
 

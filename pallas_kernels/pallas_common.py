@@ -21,7 +21,11 @@ from jax.experimental.pallas import triton as pltriton
 
 def compiler_params() -> pltriton.CompilerParams | None:
     """Triton's parameters on a GPU platform, None (Mosaic TPU / interpreter defaults) elsewhere."""
-    return pltriton.CompilerParams(num_warps=4, num_stages=2) if jax.default_backend() == "gpu" else None
+    return (
+        pltriton.CompilerParams(num_warps=4, num_stages=2)
+        if jax.default_backend() == "gpu"
+        else None
+    )
 
 
 def pow2_block(size: int, cap: int) -> int:

@@ -49,7 +49,9 @@ def _matmul(x: jax.Array, w: jax.Array, *, transposed: bool, interpret: bool) ->
     rows, k = x.shape
     w_k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
     if w_k != k:
-        raise ValueError(f"x{x.shape} and w{w.shape} ({transposed=}) disagree on the contracted axis")
+        raise ValueError(
+            f"x{x.shape} and w{w.shape} ({transposed=}) disagree on the contracted axis"
+        )
     bk = pow2_block(k, BLOCK_K)
     if bk < _MIN_BLOCK or n < _MIN_BLOCK:
         raise ValueError(f"{k=} must be a multiple of {_MIN_BLOCK} and {n=} at least {_MIN_BLOCK}")

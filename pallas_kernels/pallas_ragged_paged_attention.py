@@ -87,14 +87,18 @@ def kernel(
     return out[:, :, :group].reshape(num_tokens, heads, head_dim)
 
 
-def validate(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, sliding_window: int | None) -> int:
+def validate(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, sliding_window: int | None
+) -> int:
     """Checks shapes at trace time; returns the GQA group size `heads // kv_heads`."""
     heads, head_dim = q.shape[1:]
     page_size, kv_heads, kv_dim = k_pages.shape[1:]
     if v_pages.shape != k_pages.shape:
         raise ValueError(f"{v_pages.shape=} must equal {k_pages.shape=}")
     if kv_dim != head_dim or heads % kv_heads:
-        raise ValueError(f"q{q.shape} does not match pages{k_pages.shape} (heads % kv_heads, head_dim)")
+        raise ValueError(
+            f"q{q.shape} does not match pages{k_pages.shape} (heads % kv_heads, head_dim)"
+        )
     if KV_BLOCK % page_size and page_size % KV_BLOCK:
         raise ValueError(f"{page_size=} must divide or be a multiple of {KV_BLOCK=}")
     if sliding_window is not None and sliding_window < 1:
@@ -148,7 +152,11 @@ def absorb_block(
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new)
     v = jnp.where(visible.reshape(KV_BLOCK, 1), v.astype(jnp.float32), 0.0)
-    return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + _dot(p, v, contract_rhs=0)
+    return (
+        m_new,
+        l * alpha + jnp.sum(p, axis=1, keepdims=True),
+        acc * alpha + _dot(p, v, contract_rhs=0),
+    )
 
 
 def finish(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:

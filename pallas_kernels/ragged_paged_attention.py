@@ -121,10 +121,14 @@ def _attend_tile(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    kv_head: jax.Array | None = None,
 ) -> jax.Array:
-    """One query tile: q[Q, heads, D], rows i32[Q, pages_per_seq] -> f32[Q, heads, D]."""
+    """One query tile: q[Q, heads, D], rows i32[Q, pages_per_seq] -> f32[Q, heads, D].
+
+    With `kv_head` (i32[Q]), every query row attends to that one KV head only (see `cpu_head_units`).
+    """
     num_q, heads, head_dim = q.shape
-    kv_heads = k_flat.shape[1]
+    kv_heads = k_flat.shape[1] if kv_head is None else 1
     group = heads // kv_heads
     pages_per_seq = rows.shape[1]
     qg = q.astype(jnp.float32).reshape(num_q, kv_heads, group, head_dim)
@@ -142,8 +146,13 @@ def _attend_tile(
         page_idx = jnp.minimum(key_pos // page_size, pages_per_seq - 1)
         slots = rows[:, page_idx] * page_size + key_pos % page_size  # [Q, B]
         mask = _visible(key_pos[None, :], positions, sliding_window)  # [Q, B]
-        k = k_flat[slots].astype(jnp.float32)  # [Q, B, kvh, D]
-        v = jnp.where(mask[:, :, None, None], v_flat[slots].astype(jnp.float32), 0.0)
+        if kv_head is None:
+            k = k_flat[slots].astype(jnp.float32)  # [Q, B, kvh, D]
+            v = jnp.where(mask[:, :, None, None], v_flat[slots].astype(jnp.float32), 0.0)
+        else:  # the row's own KV head: [Q, B, 1, D]
+            k = k_flat[slots, kv_head[:, None]][:, :, None].astype(jnp.float32)
+            v_rows = v_flat[slots, kv_head[:, None]][:, :, None].astype(jnp.float32)
+            v = jnp.where(mask[:, :, None, None], v_rows, 0.0)
         s = jnp.einsum("tkgd,tbkd->tkgb", qg, k) * sm_scale
         s = _soft_cap(s, soft_cap)
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
@@ -206,3 +215,56 @@ def cpu(
     # the blocks they add for their tile are no-ops for every real token.
     out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
     return out.astype(q.dtype)
+
+
+def cpu_head_units(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    seq_ids: jax.Array,
+    positions: jax.Array,
+    *,
+    unit: int,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """`cpu` computed per fixed head unit: same signature as `cpu` plus `unit` (query heads).
+
+    XLA's CPU reductions are not invariant to the number of heads in a tile, so a device holding a
+    slice of the heads (tensor parallelism) would change bits. Here the flat rows are
+    (token, unit of `unit` query heads) pairs, each attending to its one KV head with a fixed
+    `[Q_TILE, unit, D]` computation: a row's bits depend only on its own query heads and KV head,
+    not on how many heads the caller holds. `unit` must divide the query heads per KV head.
+    """
+    num_tokens, heads, head_dim = q.shape
+    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    group = heads // kv_heads
+    if heads % unit or group % unit:
+        raise ValueError(f"unit={unit} must divide heads={heads} and heads per KV head={group}")
+    units = heads // unit
+    k_flat = k_pages.reshape(-1, kv_heads, head_dim)
+    v_flat = v_pages.reshape(-1, kv_heads, head_dim)
+    positions = jnp.where(seq_ids >= 0, positions, -1)
+    rows = jnp.repeat(page_table[seq_ids], units, axis=0)  # [T * units, pages_per_seq]
+    unit_pos = jnp.repeat(positions, units)
+    kv_head = jnp.tile(jnp.arange(units, dtype=jnp.int32) * unit // group, num_tokens)
+    tile = functools.partial(
+        _attend_tile,
+        k_flat=k_flat,
+        v_flat=v_flat,
+        page_size=page_size,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    out = map_row_tiles(
+        lambda qt, rt, pt, ht: tile(qt, rt, pt, kv_head=ht),
+        q.reshape(num_tokens * units, unit, head_dim),
+        rows,
+        unit_pos,
+        kv_head,
+        tile=Q_TILE,
+    )
+    return out.reshape(num_tokens, heads, head_dim).astype(q.dtype)

@@ -71,7 +71,11 @@ def kernel(
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(num_tokens, kv_heads),
-            in_specs=[head_block, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[
+                head_block,
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec(memory_space=pl.ANY),
+            ],
             out_specs=head_block,
             scratch_shapes=[
                 pltpu.VMEM((KV_BLOCK, head_dim), k_pages.dtype),

@@ -29,34 +29,56 @@ from jengine.config import PARAM_DTYPES, ModelConfig
 from jengine.models.transformer import Model, Params, init_params, param_shapes
 
 ParamPath = tuple[str | int, ...]  # ("embed",) or ("layers", 3, "wq")
-# A pytree of shardings shaped like the params, or (dotted path "layers.3.wq", shape) -> Sharding.
-Shardings = Any | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
+# None, a pytree of Shardings shaped like the params, or a callable
+# (dotted param path like "layers.3.wq", shape) -> Sharding.
+Shardings = Any
 Reader = Callable[[ParamPath, tuple[int, ...]], np.ndarray]
 
 JENGINE_CONFIG = "jengine_config.json"
 ORBAX_PARAMS = "params"
 
-_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-           "lm_head": "lm_head.weight"}
+_HF_TOP = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
 _HF_LAYER = {
     "attn_norm": "input_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
-    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
-    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
     "mlp_norm": "post_attention_layernorm.weight",
-    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
-}  # fmt: skip
-_GGUF_TOP = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
-             "lm_head": "output.weight"}
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+_GGUF_TOP = {
+    "embed": "token_embd.weight",
+    "final_norm": "output_norm.weight",
+    "lm_head": "output.weight",
+}
 _GGUF_LAYER = {
     "attn_norm": "attn_norm.weight",
-    "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight", "wo": "attn_output.weight",
-    "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
-    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "bq": "attn_q.bias",
+    "bk": "attn_k.bias",
+    "bv": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
     "mlp_norm": "ffn_norm.weight",
-    "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
-}  # fmt: skip
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
+}
 _GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # F16: upcast
 
@@ -101,7 +123,9 @@ def _resolve_dtype(dtype: Any) -> str | None:
     return name
 
 
-def _sharding_for(shardings: Shardings, path: ParamPath, shape: tuple[int, ...]):
+def _sharding_for(
+    shardings: Shardings, path: ParamPath, shape: tuple[int, ...]
+) -> jax.sharding.Sharding | None:
     if shardings is None:
         return None
     if callable(shardings):
@@ -144,7 +168,7 @@ def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Sharding
     """
     return _build(
         config,
-        lambda path, shape: _place(read(path, shape), dtype, _sharding_for(shardings, path, shape)),
+        lambda p, shape: _place(read(p, shape), dtype, _sharding_for(shardings, p, shape)),
     )
 
 
@@ -163,7 +187,7 @@ def _place_all(params: Params, shardings: Shardings) -> Params:
 
 
 def _safetensors_files(directory: str) -> dict[str, str]:
-    """Tensor name -> file path, from model.safetensors.index.json or the single model.safetensors."""
+    """Tensor name -> file path, from model.safetensors.index.json or a single model.safetensors."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index_path):
         with open(index_path) as f:
@@ -179,7 +203,7 @@ def _safetensors_files(directory: str) -> dict[str, str]:
     if not os.path.exists(single):
         raise CheckpointError(f"{directory}: neither model.safetensors nor its index.json found")
     with _open_safetensors(single) as f:
-        return {name: single for name in f.keys()}
+        return dict.fromkeys(f.keys(), single)
 
 
 def _open_safetensors(file: str):
@@ -205,8 +229,9 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
         handles.setdefault(file, _open_safetensors(file))
         stored = handles[file].get_slice(name).get_dtype()
         if stored not in _SAFETENSORS_DTYPES:
+            supported = sorted(_SAFETENSORS_DTYPES)
             raise CheckpointError(
-                f"{file}: tensor {name} has dtype {stored}; supported: {sorted(_SAFETENSORS_DTYPES)}"
+                f"{file}: tensor {name} has dtype {stored}; supported: {supported}"
             )
         return stored
 
@@ -279,12 +304,16 @@ def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str]) -> ModelCon
     head_dim = key("attention.key_length", hidden // heads)
     rotary = key("rope.dimension_count", head_dim)
     if rotary != head_dim:
-        raise CheckpointError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
-                              f"head_dim={head_dim}) is not supported")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
+            f"head_dim={head_dim}) is not supported"
+        )
     vocab = key("vocab_size", meta.get("tokenizer.ggml.tokens"))
     if vocab is None:
         raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens found")
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    eos = [
+        meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
+    ]
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -387,8 +416,10 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
             except (KeyError, IndexError, TypeError):
                 raise CheckpointError(f"{params_dir}: param {_dotted(path)} is missing") from None
             if tuple(node.shape) != shape:
-                raise CheckpointError(f"{params_dir}: param {_dotted(path)} has shape "
-                                      f"{list(node.shape)}, config needs {list(shape)}")  # fmt: skip
+                raise CheckpointError(
+                    f"{params_dir}: param {_dotted(path)} has shape "
+                    f"{list(node.shape)}, config needs {list(shape)}"
+                )
             sharding = _sharding_for(shardings, path, shape) or default
             return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
@@ -435,7 +466,8 @@ def load_model(
         if len(ggufs) == 1:
             return _load_gguf(os.path.join(path, ggufs[0]), dtype, shardings)
         raise CheckpointError(
-            f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file (found {sorted(entries)})"
+            f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file "
+            f"(found {sorted(entries)})"
         )
     if path.endswith(".gguf"):
         if not os.path.exists(path):

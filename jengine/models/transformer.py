@@ -95,22 +95,19 @@ def param_shapes(config: ModelConfig) -> Params:
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype: str | None = None) -> Params:
-    """Random params from `seed`: matrices ~ N(0, 0.02), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.02)."""
+    """Random params from `seed` (numpy's PCG64, so no per-shape compile): matrices ~ N(0, 0.02),
+    norm weights ~ 1 + N(0, 0.1), biases ~ N(0, 0.02)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = []
-    for key, shape, path in zip(keys, leaves, paths):
-        noise = jax.random.normal(key, shape, jnp.float32)
-        if "norm" in path:
-            value = 1.0 + 0.1 * noise
-        else:
-            value = 0.02 * noise
-        out.append(value.astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    rng = np.random.default_rng(seed)
+
+    def init(path, shape) -> jax.Array:
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        scale_shift = (0.1, 1.0) if "norm" in jax.tree_util.keystr(path) else (0.02, 0.0)
+        return jnp.asarray(scale_shift[0] * noise + scale_shift[1], dtype=dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        init, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -159,14 +156,19 @@ def _layer(
     config: ModelConfig,
     numerics: Numerics,
     inv_freq: np.ndarray,
+    tp: Any = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     num_tokens = h.shape[0]
     d = config.head_dim
     eps = config.rms_norm_eps
     x = ops.rms_norm(h, layer["attn_norm"], eps, numerics)
-    q = _linear(x, layer["wq"], layer.get("bq"), numerics).reshape(num_tokens, config.num_heads, d)
-    k = _linear(x, layer["wk"], layer.get("bk"), numerics).reshape(num_tokens, config.num_kv_heads, d)
-    v = _linear(x, layer["wv"], layer.get("bv"), numerics).reshape(num_tokens, config.num_kv_heads, d)
+    # heads held here: all of them, or this device's slice under tensor parallelism (`tp`)
+    q = _linear(x, layer["wq"], layer.get("bq"), numerics).reshape(num_tokens, -1, d)
+    kv_numerics = numerics if tp is None else tp.kv_numerics
+    k = _linear(x, layer["wk"], layer.get("bk"), kv_numerics).reshape(num_tokens, -1, d)
+    v = _linear(x, layer["wv"], layer.get("bv"), kv_numerics).reshape(num_tokens, -1, d)
+    if tp is not None:
+        k, v = tp.local_kv(k), tp.local_kv(v)
     if config.qk_norm:
         q = ops.rms_norm(q, layer["q_norm"], eps, numerics)
         k = ops.rms_norm(k, layer["k_norm"], eps, numerics)
@@ -183,11 +185,12 @@ def _layer(
         numerics,
         sm_scale=1.0 / math.sqrt(d),
     )
-    h = h + _linear(attn.reshape(num_tokens, -1), layer["wo"], None, numerics)
+    gather = (lambda a: a) if tp is None else tp.gather  # all-gather columns: no partial sums
+    h = h + gather(_linear(gather(attn.reshape(num_tokens, -1)), layer["wo"], None, numerics))
     x = ops.rms_norm(h, layer["mlp_norm"], eps, numerics)
     gate = _linear(x, layer["w_gate"], None, numerics)
     up = _linear(x, layer["w_up"], None, numerics)
-    h = h + _linear(jax.nn.silu(gate) * up, layer["w_down"], None, numerics)
+    h = h + gather(_linear(gather(jax.nn.silu(gate) * up), layer["w_down"], None, numerics))
     return h, (k_pages, v_pages)
 
 
@@ -202,6 +205,7 @@ def forward(
     kv: KVCache,
     numerics: Numerics,
     lm_head_dtype: str = "float32",
+    tp: Any = None,
 ) -> tuple[jax.Array, KVCache]:
     """One ragged step.
 
@@ -213,21 +217,25 @@ def forward(
       numerics: which kernel lowering every op uses (static).
       lm_head_dtype: 'float32' upcasts the final hidden state and the head weight and accumulates
         in fp32; 'bfloat16' computes the head in bf16 inputs; 'model' uses the params' dtype.
+      tp: None, or (inside `jengine.sharding`'s shard_map) the tensor-parallel context: params,
+        kv and heads are this device's shards and `tp` all-gathers activations between them.
     Returns:
       (f32[R, vocab] logits of `batch.logit_rows`, the KV cache with this step's K/V written).
     """
     dtype = params["embed"].dtype
     inv_freq = rope_inv_freq(config)
-    h = params["embed"][batch.tokens]
+    h = params["embed"][batch.tokens] if tp is None else tp.embed(params["embed"], batch.tokens)
     new_kv = []
     for layer, layer_kv in zip(params["layers"], kv):
-        h, layer_kv = _layer(layer, h, layer_kv, batch, config, numerics, inv_freq)
+        h, layer_kv = _layer(layer, h, layer_kv, batch, config, numerics, inv_freq, tp)
         new_kv.append(layer_kv)
     h = h[batch.logit_rows]
     h = ops.rms_norm(h, params["final_norm"], config.rms_norm_eps, numerics)
     head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[lm_head_dtype]
     w = lm_head_weight(params, config)
     logits = ops.lm_head(h.astype(head_dtype), w.astype(head_dtype), numerics)
+    if tp is not None:
+        logits = tp.gather(logits)
     return logits, new_kv
 
 

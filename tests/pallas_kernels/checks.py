@@ -53,5 +53,7 @@ def lower_for(platform: str, fn: Callable, *args) -> str:
         mock.patch.object(tpu_info, "get_device_kind", lambda: "TPU v5e"),
         mock.patch.object(tpu_info, "get_num_device_cores", lambda: 1),
     ):
-        exporter = export.export(jax.jit(lambda *a: fn(*a)), platforms=[platform], disabled_checks=[triton])
+        exporter = export.export(
+            jax.jit(lambda *a: fn(*a)), platforms=[platform], disabled_checks=[triton]
+        )
         return exporter(*args).mlir_module()

@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m jengine.examples.rl_toy`."""

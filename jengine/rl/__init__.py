@@ -1,0 +1,41 @@
+"""jengine.rl: the trainer side of an RL loop over jengine rollouts.
+
+  token_logprobs    differentiable, batched logprobs; forward values bitwise the engine's
+  completion_mask   which output columns are completion tokens
+  pack              host-side padding of (prompt, completion, rollout logprobs) into arrays
+  mismatch_metrics  ratio / clip / k1 / k3 / |r| / ESS / bitwise-equal counts, as trainers log them
+  truncated_is, masked_is, token_ratios, sequence_ratios   opt-in corrections (TIS, MIS, GSPO)
+  group_advantages, grpo_loss, gspo_loss                   GRPO / GSPO objectives
+"""
+
+from jengine.rl.corrections import (
+    log_ratios,
+    masked_is,
+    sequence_log_ratios,
+    sequence_ratios,
+    token_ratios,
+    truncated_is,
+)
+from jengine.rl.logprobs import completion_mask, fixed_layout, pack, sampling_arrays, token_logprobs
+from jengine.rl.losses import group_advantages, grpo_loss, gspo_loss
+from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
+
+__all__ = [
+    "bitwise_equal",
+    "completion_mask",
+    "fixed_layout",
+    "group_advantages",
+    "grpo_loss",
+    "gspo_loss",
+    "log_ratios",
+    "masked_is",
+    "mismatch_metrics",
+    "pack",
+    "sampling_arrays",
+    "sequence_log_ratios",
+    "sequence_ratios",
+    "to_host",
+    "token_logprobs",
+    "token_ratios",
+    "truncated_is",
+]

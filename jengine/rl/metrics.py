@@ -1,0 +1,88 @@
+"""Train/rollout mismatch metrics, defined the way RL trainers log them.
+
+With r = logp_new - logp_old per token (masked), w = exp(r):
+  ratio_mean, ratio_max      mean / max of w
+  clip_frac_low / _high      fraction of tokens with w < 1 - eps_low / w > 1 + eps_high
+  clip_frac                  their sum (PPO's clip indicator)
+  k1                         mean(-r)          (verl's mismatch_kl with new=rollout, old=train)
+  k3 (= kl_new_old)          mean(w - r - 1)   (the k3 estimator; >= 0)
+  mean_abs_log_ratio         mean |r|
+  max_abs_diff               max |r|           (TorchTitan's bit_wise/logprob_diff/max)
+  ess                        (sum w)^2 / sum w^2, and ess_frac = ess / num_tokens
+                             (verl's 1 / mean(w^2) when mean(w) = 1)
+  bitwise_equal              tokens whose float32 bit patterns agree; num_tokens the mask count
+All are jnp scalars (jit-able); `to_host` turns the dict into Python floats/ints.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _mask(mask, like: jax.Array) -> jax.Array:
+    if mask is None:
+        return jnp.ones(like.shape, jnp.bool_)
+    return jnp.asarray(mask).astype(jnp.bool_)
+
+
+def bitwise_equal(a: jax.Array, b: jax.Array, mask=None) -> jax.Array:
+    """i32 count of masked entries whose float32 bit patterns are identical."""
+    a32 = jax.lax.bitcast_convert_type(jnp.asarray(a, jnp.float32), jnp.uint32)
+    b32 = jax.lax.bitcast_convert_type(jnp.asarray(b, jnp.float32), jnp.uint32)
+    return jnp.sum((a32 == b32) & _mask(mask, a32)).astype(jnp.int32)
+
+
+def mismatch_metrics(
+    logp_new: jax.Array,
+    logp_old: jax.Array,
+    mask=None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> dict[str, jax.Array]:
+    """Mismatch/ratio metrics of logp_new against logp_old over the masked tokens (see module)."""
+    logp_new = jnp.asarray(logp_new, jnp.float32)
+    logp_old = jnp.asarray(logp_old, jnp.float32)
+    m = _mask(mask, logp_new)
+    mf = m.astype(jnp.float32)
+    n = jnp.sum(mf)
+    denom = jnp.maximum(n, 1.0)
+    r = jnp.where(m, logp_new - logp_old, 0.0)
+    w = jnp.where(m, jnp.exp(r), 0.0)
+
+    def mean(x):
+        return jnp.sum(jnp.where(m, x, 0.0)) / denom
+
+    low = mean((w < 1.0 - eps_low).astype(jnp.float32))
+    high = mean((w > 1.0 + eps_high).astype(jnp.float32))
+    sum_w = jnp.sum(w)
+    sum_w2 = jnp.sum(w * w)
+    ess = jnp.where(sum_w2 > 0, sum_w * sum_w / jnp.where(sum_w2 > 0, sum_w2, 1.0), 0.0)
+    k3 = mean(jnp.expm1(r) - r)  # = w - r - 1, with less cancellation near r = 0
+    return {
+        "ratio_mean": mean(w),
+        "ratio_max": jnp.max(jnp.where(m, w, -jnp.inf)),
+        "clip_frac_low": low,
+        "clip_frac_high": high,
+        "clip_frac": low + high,
+        "k1": mean(-r),
+        "k3": k3,
+        "kl_new_old": k3,
+        "mean_abs_log_ratio": mean(jnp.abs(r)),
+        "max_abs_diff": jnp.max(jnp.where(m, jnp.abs(r), 0.0)),
+        "ess": ess,
+        "ess_frac": ess / denom,
+        "bitwise_equal": bitwise_equal(logp_new, logp_old, m),
+        "num_tokens": n.astype(jnp.int32),
+    }
+
+
+def to_host(metrics: dict[str, jax.Array]) -> dict[str, float | int]:
+    """Python numbers (ints for counts) from a metrics dict."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(jax.device_get(v))
+        out[k] = int(v) if np.issubdtype(v.dtype, np.integer) else float(v)
+    return out

@@ -1,0 +1,287 @@
+"""Ragged paged attention: the CPU lowering, the generic Pallas kernel (interpret mode) and the
+Mosaic TPU kernel (TPU interpret mode) against the plain reference and against JAX's own
+`ref_ragged_paged_attention`; bitwise invariance to batch, row, page placement and chunking.
+
+Every batch is built from fixed logical content (K/V/Q per sequence position), so the same
+token can be placed in different batches, pages and chunks. Slots that were never written,
+pages past a sequence's length and spare pages hold NaN: a stray read shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
+
+from pallas_kernels import Numerics, ops, pallas_ragged_paged_attention, tpu_ragged_paged_attention
+from pallas_kernels import ragged_paged_attention as rpa
+from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
+
+KV_HEADS = 2
+SM_SCALE = 0.125
+BACKENDS = ("cpu", "pallas_interpret")
+PAD = (-1, -1)  # a padding token: no sequence, no position
+
+# A ragged step over sequences of 150, 131, 3, 70 and 64 keys: decode tokens, a chunk that
+# crosses a KV block boundary (position 128), a whole fresh prompt, a chunk ending on a block's
+# last position, and padding tokens in between (a valid sequence with position -1 is padding too).
+LENS = (150, 131, 3, 70, 64)
+MIXED = [
+    (0, 149),
+    *[(1, p) for p in range(107, 131)],
+    PAD,
+    (3, 69),
+    *[(2, p) for p in range(3)],
+    (0, -1),
+    *[(4, p) for p in range(60, 64)],
+    PAD,
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Content:
+    """Logical K/V (and a query) for every (sequence, position), whatever page holds it."""
+
+    k: np.ndarray  # f32[seqs, max_len, kv_heads, head_dim]
+    v: np.ndarray  # f32[seqs, max_len, kv_heads, head_dim]
+    q: np.ndarray  # f32[seqs, max_len, heads, head_dim]
+
+
+def make_content(seed: int, *, group: int, head_dim: int, lens=LENS) -> Content:
+    rng = np.random.default_rng(seed)
+    shape = (len(lens), max(lens), KV_HEADS, head_dim)
+    q_shape = (len(lens), max(lens), KV_HEADS * group, head_dim)
+    return Content(*(rng.standard_normal(s, np.float32) for s in (shape, shape, q_shape)))
+
+
+def assemble(content: Content, tokens, *, page_size: int, dtype, written=LENS, page_seed: int = 0):
+    """Arguments of `attention` for `tokens` [(seq, position)].
+
+    Sequence s has its first `written[s]` positions' K/V in pages drawn in a random order
+    (`page_seed`) from a pool with spare pages; everything else in the pool is NaN.
+    """
+    num_seqs, max_len, kv_heads, head_dim = content.k.shape
+    pages_per_seq = -(-max_len // page_size)
+    num_pages = num_seqs * pages_per_seq + 3
+    table = np.random.default_rng(page_seed).permutation(num_pages)[: num_seqs * pages_per_seq]
+    table = table.reshape(num_seqs, pages_per_seq).astype(np.int32)
+    k_pages = np.full((num_pages, page_size, kv_heads, head_dim), np.nan, np.float32)
+    v_pages = k_pages.copy()
+    for s, n in enumerate(written):
+        pos = np.arange(n)
+        k_pages[table[s, pos // page_size], pos % page_size] = content.k[s, :n]
+        v_pages[table[s, pos // page_size], pos % page_size] = content.v[s, :n]
+    seq_ids, positions = (np.asarray(a, np.int32) for a in zip(*tokens, strict=True))
+    q = np.where((positions >= 0)[:, None, None], content.q[seq_ids, positions], 0.0)
+    return (
+        jnp.asarray(q, dtype),
+        jnp.asarray(k_pages, dtype),
+        jnp.asarray(v_pages, dtype),
+        jnp.asarray(table),
+        jnp.asarray(seq_ids),
+        jnp.asarray(positions),
+    )
+
+
+@functools.cache
+def _attention(backend: str, sliding_window: int | None = None, soft_cap: float | None = None):
+    kw = {"sm_scale": SM_SCALE, "sliding_window": sliding_window, "soft_cap": soft_cap}
+    return jax.jit(lambda *a: ops.attention(*a, Numerics(backend=backend), **kw))
+
+
+def _reference(*args, sliding_window=None, soft_cap=None):
+    kw = {"sm_scale": SM_SCALE, "sliding_window": sliding_window, "soft_cap": soft_cap}
+    return rpa.reference(*args, **kw)
+
+
+CASES = [  # page sizes 4/8/16, GQA 1/2/4/8, head_dim 64/128, fp32/bf16, window, soft cap
+    {"page_size": 4, "group": 1, "head_dim": 64, "dtype": jnp.float32},
+    {"page_size": 8, "group": 2, "head_dim": 128, "dtype": jnp.bfloat16},
+    {"page_size": 16, "group": 4, "head_dim": 64, "dtype": jnp.float32, "sliding_window": 40},
+    {"page_size": 8, "group": 8, "head_dim": 64, "dtype": jnp.bfloat16, "soft_cap": 20.0},
+    {"page_size": 16, "group": 8, "head_dim": 128, "dtype": jnp.float32},
+    {"page_size": 4, "group": 4, "head_dim": 128, "dtype": jnp.bfloat16, "sliding_window": 70},
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "-".join(f"{k}={getattr(v, '__name__', v)}" for k, v in c.items())
+)
+def test_matches_reference_on_a_mixed_batch(case, backend):
+    case = dict(case)
+    page_size, dtype = case.pop("page_size"), case.pop("dtype")
+    group, head_dim = case.pop("group"), case.pop("head_dim")
+    args = assemble(
+        make_content(0, group=group, head_dim=head_dim), MIXED, page_size=page_size, dtype=dtype
+    )
+    out = _attention(backend, **case)(*args)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    expected = _reference(*args, **case)
+    assert_close(out, expected, dtype)
+    padding = np.asarray(args[5]) < 0
+    assert not np.any(np.asarray(out, np.float32)[padding])  # padding tokens give zeros
+
+
+def _row(tokens, token) -> int:
+    return tokens.index(token)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_is_bitwise_invariant(backend):
+    """A token's output bits do not depend on its batch, its row, page placement, or on whether
+    it was computed inside a prefill chunk (of any length) or as a decode step."""
+    content = make_content(1, group=2, head_dim=64)
+    build = functools.partial(assemble, content, page_size=8, dtype=jnp.bfloat16)
+    attention = _attention(backend)
+    full = attention(*build(MIXED))
+
+    def output_of(token, tokens, **kw):
+        return attention(*build(tokens, **kw))[_row(tokens, token)]
+
+    probes = [(0, 149), (1, 107), (1, 127), (1, 128), (1, 130), (2, 0), (4, 63)]
+    for token in probes:
+        want = full[_row(MIXED, token)]
+        assert_bitwise(output_of(token, [token]), want)  # alone
+        # decode step: only the keys up to the token written, the rest of its pages still NaN
+        written = tuple(token[1] + 1 if s == token[0] else n for s, n in enumerate(LENS))
+        assert_bitwise(output_of(token, [token], written=written), want)
+    # another batch size, every row moved, pages placed elsewhere
+    moved = [PAD, *MIXED[::-1], (3, 50), PAD]
+    out = attention(*build(moved, page_seed=7))
+    for token in MIXED:
+        assert_bitwise(out[_row(moved, token)], full[_row(MIXED, token)])
+    # a shorter chunk of the same sequence
+    chunk = [(1, p) for p in range(120, 131)]
+    out = attention(*build(chunk, page_seed=3))
+    for token in chunk:
+        assert_bitwise(out[_row(chunk, token)], full[_row(MIXED, token)])
+
+
+def _tpu_attention(*args):
+    with pltpu.force_tpu_interpret_mode():
+        return tpu_ragged_paged_attention.kernel(*args, sm_scale=SM_SCALE)
+
+
+def test_tpu_kernel_in_tpu_interpret_mode():
+    """Tiny (TPU interpret mode is slow): matches the reference; a token is bitwise the same in
+    another batch with other pages, and as a decode step vs inside a chunk."""
+    lens = (70, 6)
+    content = make_content(2, group=2, head_dim=64, lens=lens)
+    build = functools.partial(assemble, content, page_size=16, dtype=jnp.float32, written=lens)
+    tokens = [(0, 69), (1, 4), (1, 5), PAD]
+    args = build(tokens)
+    out = _tpu_attention(*args)
+    assert_close(out, _reference(*args), jnp.float32)
+    moved = [(1, 5), PAD, (0, 69)]
+    out_moved = _tpu_attention(*build(moved, page_seed=5))
+    for token in moved:
+        assert_bitwise(out_moved[_row(moved, token)], out[_row(tokens, token)])
+    decode = _tpu_attention(*build([(1, 4)], written=(70, 5)))
+    assert_bitwise(decode[0], out[_row(tokens, (1, 4))])
+
+
+@pytest.mark.parametrize(
+    "platform,module",
+    [("tpu", tpu_ragged_paged_attention), ("gpu", pallas_ragged_paged_attention)],
+)
+def test_pallas_backend_picks_the_kernel_for_the_platform(monkeypatch, platform, module):
+    calls = []
+
+    def spy(q, *args, **kwargs):
+        calls.append(kwargs)
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(module, "kernel", spy)
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    ops._attention_fn.cache_clear()  # its choice is cached per Numerics
+    try:
+        args = assemble(
+            make_content(3, group=2, head_dim=64), [(0, 5)], page_size=8, dtype=jnp.float32
+        )
+        ops.attention(*args, Numerics(backend="pallas"), sm_scale=SM_SCALE)
+    finally:
+        ops._attention_fn.cache_clear()
+    assert calls == [
+        {"sm_scale": SM_SCALE, "sliding_window": None, "soft_cap": None, "interpret": False}
+    ]
+
+
+@pytest.mark.parametrize("window_and_cap", [(None, None), (40, 20.0)])
+def test_reference_agrees_with_jax_ref_ragged_paged_attention(window_and_cap):
+    """JAX's reference takes sequences in order, queries = the last q_len positions of kv_len,
+    and K/V interleaved on one head axis (K at even, V at odd heads)."""
+    sliding_window, soft_cap = window_and_cap
+    content = make_content(4, group=2, head_dim=128)
+    q_lens = (1, 24, 3, 1, 4)
+    tokens = [(s, p) for s, (n, q_len) in enumerate(zip(LENS, q_lens)) for p in range(n - q_len, n)]
+    args = assemble(content, tokens, page_size=8, dtype=jnp.float32)
+    q, k_pages, v_pages, table, _, _ = args
+    kv_pages = jnp.stack([k_pages, v_pages], axis=3).reshape(*k_pages.shape[:2], 2 * KV_HEADS, -1)
+    # its per-sequence Python loop needs concrete lengths: close over them and jit the rest
+    theirs = jax.jit(
+        lambda q, kv_pages, table: jax_rpa.ref_ragged_paged_attention(
+            q,
+            kv_pages,
+            np.asarray(LENS, np.int32),
+            table,
+            np.cumsum((0, *q_lens), dtype=np.int32),
+            np.asarray([len(LENS)], np.int32),
+            sm_scale=SM_SCALE,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
+    )(q, kv_pages, table)
+    assert_close(
+        _reference(*args, sliding_window=sliding_window, soft_cap=soft_cap), theirs, jnp.float32
+    )
+
+
+def test_gradient_is_the_reference_gradient():
+    args = assemble(make_content(5, group=2, head_dim=64), MIXED, page_size=8, dtype=jnp.float32)
+    q, k_pages, v_pages, *meta = (jnp.nan_to_num(a) for a in args)  # NaN * 0 would poison dq
+    cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape, np.float32))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, *meta) * cotangent)
+
+    def invariant(*a):
+        return ops.attention(*a, Numerics(backend="cpu"), sm_scale=SM_SCALE)
+
+    got = jax.jit(jax.grad(loss(invariant), (0, 1, 2)))(q, k_pages, v_pages)
+    want = jax.jit(jax.grad(loss(_reference), (0, 1, 2)))(q, k_pages, v_pages)
+    for g, e in zip(got, want, strict=True):
+        assert_close(g, e, jnp.float32)
+
+
+def test_kernels_reject_mismatched_heads():
+    args = assemble(make_content(6, group=2, head_dim=64), [(0, 5)], page_size=8, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="heads"):
+        pallas_ragged_paged_attention.kernel(
+            args[0][:, :3], *args[1:], sm_scale=SM_SCALE, interpret=True
+        )
+
+
+@pytest.mark.parametrize(
+    "platform,module,target",
+    [
+        ("cuda", pallas_ragged_paged_attention, "xla.gpu.triton"),
+        ("tpu", tpu_ragged_paged_attention, "tpu_custom_call"),
+    ],
+)
+@pytest.mark.parametrize("page_size", [16, 128])  # a block spans pages / lies inside one page
+def test_kernel_lowers_for_its_platform(platform, module, target, page_size):
+    # SmolLM2-135M: 9 heads over 3 kv heads (group 3 is not a power of two), head_dim 64
+    q = jnp.zeros((40, 9, 64), jnp.bfloat16)
+    pages = jnp.zeros((50, page_size, 3, 64), jnp.bfloat16)
+    meta = jnp.zeros((8, 12), jnp.int32), jnp.zeros((40,), jnp.int32), jnp.zeros((40,), jnp.int32)
+    attention = functools.partial(
+        module.kernel, sm_scale=SM_SCALE, sliding_window=100, soft_cap=30.0
+    )
+    assert target in lower_for(platform, attention, q, pages, pages, *meta)

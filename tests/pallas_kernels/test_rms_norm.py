@@ -1,0 +1,82 @@
+"""Batch-invariant RMSNorm: the fixed-tile CPU lowering and the Pallas kernel (interpret mode),
+both reached through `ops`, for hidden states [M, H] and per-head q/k norms [M, heads, D]."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import Numerics, ops, pallas_rms_norm, rms_norm
+from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
+
+EPS = 1e-6
+BACKENDS = ("cpu", "pallas_interpret")
+SHAPES = {"hidden": (576,), "per_head": (3, 64)}  # 576 = SmolLM2's hidden: 9 chunks of 64
+
+
+def _normal(rng, shape, dtype) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * 3.0, dtype)
+
+
+@functools.cache
+def _jitted(backend: str):
+    return jax.jit(lambda x, w: ops.rms_norm(x, w, EPS, Numerics(backend=backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype, backend):
+    rng = np.random.default_rng(0)
+    x = _normal(rng, (37, *SHAPES[shape]), dtype)
+    w = _normal(rng, SHAPES[shape][-1:], dtype)
+    out = _jitted(backend)(x, w)
+    assert out.dtype == dtype
+    assert_close(out, rms_norm.reference(x, w, EPS), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_row_is_bitwise_invariant_to_batch_and_position(shape, backend):
+    rng = np.random.default_rng(1)
+    x = _normal(rng, (70, *SHAPES[shape]), jnp.bfloat16)
+    w = _normal(rng, SHAPES[shape][-1:], jnp.bfloat16)
+    probe = _normal(rng, (1, *SHAPES[shape]), jnp.bfloat16)
+    op = _jitted(backend)
+    alone = op(probe, w)[0]
+    for rows, at in [(7, 3), (16, 15), (33, 32), (70, 45)]:
+        batch = x[:rows].at[at].set(probe[0])
+        assert_bitwise(op(batch, w)[at], alone)
+
+
+def test_gradient_is_the_reference_gradient():
+    rng = np.random.default_rng(2)
+    x, w, cotangent = (_normal(rng, s, jnp.float32) for s in [(9, 64), (64,), (9, 64)])
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * cotangent)
+
+    invariant = lambda x, w: ops.rms_norm(x, w, EPS, Numerics(backend="cpu"))
+    got = jax.jit(jax.grad(loss(invariant), (0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(lambda x, w: rms_norm.reference(x, w, EPS)), (0, 1)))(x, w)
+    for g, e in zip(got, want, strict=True):
+        assert_close(g, e, jnp.float32)
+
+
+def test_kernel_rejects_mismatched_weight():
+    with pytest.raises(ValueError, match="last axis"):
+        pallas_rms_norm.kernel(jnp.zeros((4, 64)), jnp.zeros((32,)), EPS, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "platform,target", [("cuda", "xla.gpu.triton"), ("tpu", "tpu_custom_call")]
+)
+def test_kernel_lowers_for_gpu_and_tpu(platform, target):
+    norm = functools.partial(pallas_rms_norm.kernel, eps=EPS)
+    x, w = jnp.zeros((40, 576), jnp.bfloat16), jnp.zeros((576,), jnp.bfloat16)
+    assert target in lower_for(platform, norm, x, w)
+    assert target in lower_for(platform, norm, x.reshape(40, 9, 64), w[:64])

@@ -1,0 +1,34 @@
+"""`python -m jengine.bench` at its smallest size completes and prints every table (no speed checks)."""
+
+import os
+import subprocess
+import sys
+
+from jengine import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_tiny_runs_and_prints_tables():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run(
+        [sys.executable, "-m", "jengine.bench", "--size", "tiny"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    for header in bench.HEADERS:
+        assert f"## {header}" in p.stdout, (header, p.stdout[-3000:])
+    assert (
+        "| engine |" in p.stdout and "jengine invariant" in p.stdout and "jengine fast" in p.stdout
+    )
+
+
+def test_table_formats_rows():
+    out = bench.table("T", [{"a": 1, "b": 2.5}, {"a": 3}])
+    assert out.splitlines()[0] == "## T"
+    assert "| a | b |" in out and "| 3 |  |" in out
+    assert "(no rows)" in bench.table("Empty", [])
