@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jengine import bench  # noqa: E402
+from jengine import bench
 
 
 def main(argv=None) -> int:
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="invariant,fast,hf")
     ap.add_argument("--workloads", default="uniform,mixed")
     ap.add_argument("--wait-quiet", type=float, default=0.0)
+    ap.add_argument("--no-parity", action="store_true", help="skip the torch-vs-jengine weight check")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     print("model:", desc, flush=True)
     tok = bench._tokenizer_for(model)
     vocab = model.config.vocab_size
-    mk = lambda seed, mixed: bench.rl_workload(  # noqa: E731
+    mk = lambda seed, mixed: bench.rl_workload(
         vocab, num_prompts=args.prompts, group=args.group, max_tokens=args.max_tokens,
         mixed_max_tokens=mixed, seed=seed, tokenizer=tok)
     warm = mk(1, False)
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
         tm = bench.torch_model_from(model)
         results["hf_build_s"] = round(time.perf_counter() - t, 2)
         try:
+            if args.no_parity:
+                raise RuntimeError("skipped (--no-parity)")
             results["hf_parity_max_abs_logprob_diff"] = bench.hf_parity(model, tm, warm.prompts[0][:48])
         except Exception as e:  # parity is a sanity check, not the benchmark
             results["hf_parity_error"] = repr(e)

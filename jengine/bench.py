@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,14 +49,13 @@ def wait_for_quiet(threshold: float = 1.5, max_wait_s: float = 0.0, poll_s: floa
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     flags = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line
-                    break
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line
+                break
     isa = [x for x in ("avx512f", "avx2", "fma") if f" {x} " in flags + " "]
     mem = 0
     with contextlib.suppress(OSError, ValueError):
@@ -111,8 +109,8 @@ def table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = No
 def smollm2(dtype: str = "float32", prefer_real: bool = True):
     """(Model, description): the shipped SmolLM2-135M-Instruct GGUF when found, else random
     weights of the same shape."""
-    from jengine.models.transformer import Model, init_params
     from jengine.config import ModelConfig
+    from jengine.models.transformer import Model, init_params
 
     if prefer_real:
         try:
@@ -430,8 +428,8 @@ def hf_parity(model, tm, prompt: list[int]) -> float:
     import jax
     import torch
 
-    from jengine.engine import Engine
     from jengine.config import EngineConfig, SamplingParams
+    from jengine.engine import Engine
 
     with torch.no_grad():
         lt = torch.log_softmax(tm(torch.tensor([prompt])).logits[0].float(), -1).numpy()
@@ -681,7 +679,7 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
         out[k] = _timeit(fn, iters)
         cpu[k] = _CPU_MS[id(fn)]
     runner.run(inputs)
-    whole = lambda: runner.run(inputs)  # noqa: E731
+    whole = lambda: runner.run(inputs)
     total = _timeit(whole, iters)
     total_cpu = _CPU_MS[id(whole)]
     rows_out = [{"op": k, "ms": round(v, 2), "cpu_ms": round(cpu[k], 2)} for k, v in out.items()]
@@ -811,7 +809,7 @@ print("JSON" + json.dumps(r))
 def load_memory(path: str, dtype: str = "float32") -> dict[str, Any]:
     """Peak host RSS growth while `load_model(path)` runs, in a fresh process, vs the params' bytes."""
     load0 = loadavg()
-    out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path, dtype], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path, dtype], check=False, capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
     line = [x for x in out.stdout.splitlines() if x.startswith("JSON")]
     if not line:
@@ -839,13 +837,13 @@ def load_memory(path: str, dtype: str = "float32") -> dict[str, Any]:
 SIZES = {
     # smallest: the tiny random model; the test runs this
     "tiny": dict(model="tiny", prompts=2, group=2, max_tokens=8, budget=16, batches=(4,), hf=False,
-                 compile_requests=0, max_model_len=64),
+                 compile_requests=0, max_model_len=64, prompt_len=(8, 24)),
     # `python -m jengine bench`: the tiny model, a real RL-shaped workload, the torch baseline
-    "small": dict(model="tiny", prompts=8, group=4, max_tokens=32, budget=256, batches=(1, 8, 32), hf=True,
-                  compile_requests=100, max_model_len=256),
+    "small": dict(model="tiny", prompts=8, group=4, max_tokens=32, budget=128, batches=(1, 8, 32), hf=True,
+                  compile_requests=100, max_model_len=256, prompt_len=(16, 96)),
     # SmolLM2-135M (real weights when the GGUF is installed)
     "full": dict(model="smollm2", prompts=8, group=4, max_tokens=64, budget=512, batches=(1, 8, 32, 64), hf=True,
-                 compile_requests=100, max_model_len=256),
+                 compile_requests=100, max_model_len=256, prompt_len=(16, 96)),
 }
 
 HEADERS = ("Rollout throughput", "Cost of invariance", "Decode step vs roofline", "Batch scaling", "Compile",
@@ -866,9 +864,9 @@ def run_all(size: str, out: Callable[[str], None] = print) -> dict[str, Any]:
     vocab = model.config.vocab_size
     tok = _tokenizer_for(model)
     wl = rl_workload(vocab, num_prompts=s["prompts"], group=s["group"], max_tokens=s["max_tokens"],
-                     mixed_max_tokens=True, seed=0, tokenizer=tok)
+                     mixed_max_tokens=True, seed=0, tokenizer=tok, prompt_len=s["prompt_len"])
     warm = rl_workload(vocab, num_prompts=s["prompts"], group=s["group"], max_tokens=s["max_tokens"],
-                       mixed_max_tokens=True, seed=1, tokenizer=tok)
+                       mixed_max_tokens=True, seed=1, tokenizer=tok, prompt_len=s["prompt_len"])
     rows = []
     kw = dict(max_num_batched_tokens=s["budget"], max_model_len=s["max_model_len"])
     inv, inv_engine = run_jengine(model, wl, numerics="invariant", warm=warm, **kw)
@@ -905,8 +903,8 @@ def run_all(size: str, out: Callable[[str], None] = print) -> dict[str, Any]:
     scale = []
     for b in s["batches"]:
         done = [r for r in roof if r["batch"] == b]
-        r = {"step_ms": done[0]["step_ms"], "load": done[0]["load"]} if done else decode_step(model, b, ctx, "invariant", 3)
-        scale.append({"batch": b, "decode_step_ms": r["step_ms"], "tok_s": round(b / (r["step_ms"] / 1000), 1),
+        r = {"step_ms_min": done[0]["step_ms_min"], "load": done[0]["load"]} if done else decode_step(model, b, ctx, "invariant", 3)
+        scale.append({"batch": b, "decode_step_ms": r["step_ms_min"], "tok_s": round(b / (r["step_ms_min"] / 1000), 1),
                       "load": r["load"]})
     out(table("Batch scaling", scale))
     results["scaling"] = scale

@@ -201,8 +201,10 @@ def mismatch_metrics(
     Returns:
       num_sequences, num_tokens, bitwise_equal (tokens whose float32 bits agree),
       bitwise_equal_fraction, sequences_bitwise_equal, max_abs_diff, mean_abs_diff, rms_diff,
-      mean_diff (mean(trainer - rollout)), non_finite_diffs, first_mismatch ([sequence, token]
-      or None), and with w = e^r the ratio metrics named as `jengine.rl.metrics` names them:
+      mean_diff (mean(trainer - rollout)); these four over the finite differences, and
+      non_finite_diffs counts the rest (a token one side's filters dropped: -inf there, so its
+      ratio is 0 or inf and k1/k3 become inf); first_mismatch ([sequence, token] or None); and
+      with w = e^r the ratio metrics named as `jengine.rl.metrics` names them:
       ratio_mean, ratio_min, ratio_max, k1 (mean(-r)), k3 (mean(w - r - 1)), clip_frac (w
       outside [1 - clip_eps, 1 + clip_eps]), ess ((sum w)^2 / sum w^2), ess_frac (ess / n),
       mean_abs_log_ratio (None for logit modes).
@@ -372,8 +374,8 @@ def format_parity_report(report: dict[str, Any], keys: Iterable[str] | None = No
     """A human-readable block of `parity_report`'s metrics, one per line."""
     keys = list(keys) if keys is not None else [
         "num_sequences", "num_tokens", "bitwise_equal", "sequences_bitwise_equal", "max_abs_diff",
-        "mean_abs_diff", "rms_diff", "mean_diff", "ratio_mean", "ratio_min", "ratio_max", "k1", "k3",
-        "clip_frac", "ess_frac", "first_mismatch",
+        "mean_abs_diff", "rms_diff", "mean_diff", "non_finite_diffs", "ratio_mean", "ratio_min",
+        "ratio_max", "k1", "k3", "clip_frac", "ess_frac", "first_mismatch",
     ]  # fmt: skip
     lines = []
     for key in keys:

@@ -29,7 +29,6 @@ concurrently (threads; jax releases the GIL while a device computes).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +65,9 @@ def make_mesh(
             f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
             f"needs {need} devices; {len(devices)} available"
         )
-    grid = np.asarray(devices[:need], dtype=object).reshape(data_parallel_size, tensor_parallel_size)
+    grid = np.asarray(devices[:need], dtype=object).reshape(
+        data_parallel_size, tensor_parallel_size
+    )
     return Mesh(grid, (DATA, MODEL))
 
 
@@ -155,7 +156,9 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
         group = heads // kvh
         unit = head_unit(heads, kvh, c)
         if group % unit:
-            problems.append(f"attention head unit {unit} does not divide the {group} heads per KV head")
+            problems.append(
+                f"attention head unit {unit} does not divide the {group} heads per KV head"
+            )
     if problems:
         raise ValueError("cannot shard this model bitwise: " + "; ".join(problems))
 
@@ -199,7 +202,9 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
     mesh = normalize_mesh(mesh)
     _, tp = mesh_sizes(mesh)
     return jax.tree_util.tree_map(
-        lambda s: NamedSharding(mesh, s), param_specs(config, tp), is_leaf=lambda x: isinstance(x, P)
+        lambda s: NamedSharding(mesh, s),
+        param_specs(config, tp),
+        is_leaf=lambda x: isinstance(x, P),
     )
 
 
@@ -396,11 +401,15 @@ def _make_data_parallel_engine():
         def policy_version(self) -> int:
             return self.replicas[0].policy_version
 
-        def add_request(self, prompt_token_ids, sampling_params=None, request_id=None, *, stop=None):
+        def add_request(
+            self, prompt_token_ids, sampling_params=None, request_id=None, *, stop=None
+        ):
             arrival = self._next_arrival
             params = sampling_params if sampling_params is not None else SamplingParams()
             if isinstance(params, SamplingParams):
-                params = dataclasses.replace(params, seed=request_seed(self.config, params, arrival))
+                params = dataclasses.replace(
+                    params, seed=request_seed(self.config, params, arrival)
+                )
             if request_id is None:
                 request_id = f"req-{arrival}"
             if request_id in self._owner:
@@ -505,13 +514,14 @@ def tp_scaling(
     prompt_len: int = 32,
     max_tokens: int = 32,
     column_blocks: int | None = None,
-    repeats: int = 2,
+    repeats: int = 5,
     baseline: bool = True,
 ) -> list[dict[str, Any]]:
-    """Generation throughput per tp on this host's devices (buckets compiled first, best of
-    `repeats`). Every tp run uses the same `column_blocks` (default max(tp_sizes)), so their
-    outputs are bitwise equal (checked: `same_tokens`); `baseline` adds tp=1 with
-    column_blocks=1 (today's fast single-device numerics) to show what the blocks cost.
+    """Generation throughput per tp on this host's devices: all buckets compiled first, then
+    `repeats` interleaved timed runs per configuration (median and best reported). Every tp run
+    uses the same `column_blocks` (default max(tp_sizes)), so their outputs are bitwise equal
+    (checked: `same_tokens`); `baseline` adds tp=1 with column_blocks=1 (today's fast
+    single-device numerics) to show what the blocks cost.
     """
     from jengine.models.transformer import Model, init_params
 
@@ -520,10 +530,12 @@ def tp_scaling(
     blocks = column_blocks or max(tp_sizes)
     model = Model(cfg, init_params(cfg, seed=0))
     rng = np.random.default_rng(0)
-    prompts = [list(map(int, rng.integers(2, cfg.vocab_size, prompt_len))) for _ in range(num_requests)]
+    prompts = [
+        list(map(int, rng.integers(2, cfg.vocab_size, prompt_len))) for _ in range(num_requests)
+    ]
     sp = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=7)
     runs = [(tp, blocks) for tp in tp_sizes] + ([(1, 1)] if baseline else [])
-    results, first = [], None
+    engines = []
     for tp, c in runs:
         ec = EngineConfig(
             tensor_parallel_size=tp,
@@ -535,35 +547,53 @@ def tp_scaling(
         )
         engine = Engine(model, ec)
         engine.warmup()
-        best = None
-        for _ in range(repeats):
+        engines.append(engine)
+    # interleaved repeats: a noisy (shared) host slows every configuration alike
+    times: list[list[float]] = [[] for _ in runs]
+    tokens: list[Any] = [None] * len(runs)
+    for _ in range(repeats):
+        for i, engine in enumerate(engines):
             t0 = time.perf_counter()
             outs = engine.generate(prompts, sp, progress=False)
-            dt = time.perf_counter() - t0
-            best = dt if best is None else min(best, dt)
-        tokens = [o.token_ids for o in outs]
-        if c == blocks:
-            first = tokens if first is None else first
-        n = sum(len(t) for t in tokens)
+            times[i].append(time.perf_counter() - t0)
+            tokens[i] = [o.token_ids for o in outs]
+    first = tokens[0]
+    results = []
+    for (tp, c), ts, toks in zip(runs, times, tokens):
+        n = sum(len(t) for t in toks)
+        best, median = min(ts), float(np.median(ts))
         results.append(
-            dict(tp=tp, column_blocks=c, seconds=round(best, 3), tokens=n,
-                 tokens_per_s=round(n / best, 1),
-                 same_tokens=(tokens == first) if c == blocks else None)
+            {
+                "tp": tp,
+                "column_blocks": c,
+                "best_s": round(best, 3),
+                "median_s": round(median, 3),
+                "tokens": n,
+                "tokens_per_s_best": round(n / best, 1),
+                "tokens_per_s_median": round(n / median, 1),
+                "same_tokens": (toks == first) if c == blocks else None,
+            }
         )
     return results
 
 
-def _main() -> None:  # python -m jengine.sharding [tp ...]  (XLA_FLAGS must force CPU devices first)
+def _main() -> None:
+    """`python -m tests.tp_scaling [tp ...]` (XLA_FLAGS must force CPU devices before jax loads)."""
     import sys
 
     sizes = tuple(int(a) for a in sys.argv[1:]) or (1, 2, 4)
     dev = jax.devices()
-    print(f"devices: {len(dev)} x {dev[0].platform}; model: tiny; 16 requests x (32 prompt + 32 new)")
-    print("| tp | column_blocks | seconds | tokens/s | bitwise same tokens |")
+    print(
+        f"devices: {len(dev)} x {dev[0].platform}; model: tiny; 16 requests x (32 prompt + 32 new)"
+    )
+    print("| tp | column_blocks | tokens/s (median) | tokens/s (best) | bitwise same tokens |")
     print("|---|---|---|---|---|")
     for r in tp_scaling(sizes):
-        print(f"| {r['tp']} | {r['column_blocks']} | {r['seconds']} | {r['tokens_per_s']} | "
-              f"{'n/a (different numerics)' if r['same_tokens'] is None else r['same_tokens']} |")
+        same = "n/a (other numerics)" if r["same_tokens"] is None else r["same_tokens"]
+        print(
+            f"| {r['tp']} | {r['column_blocks']} | {r['tokens_per_s_median']} | "
+            f"{r['tokens_per_s_best']} | {same} |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ def _set_devices(n: int) -> None:
 
 CONFIGS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (2, 4)]
 COLUMN_BLOCKS = 8
-ENGINE = dict(
-    max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, column_blocks=COLUMN_BLOCKS
-)
+ENGINE = {
+    "max_model_len": 96,
+    "max_num_seqs": 4,
+    "max_num_batched_tokens": 16,
+    "column_blocks": COLUMN_BLOCKS,
+}
 
 
 def workload(vocab: int):

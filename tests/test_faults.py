@@ -136,9 +136,9 @@ def test_non_finite_logits_finish_only_the_affected_requests(untied, value):
 def test_non_finite_logprob_from_finite_logits_is_an_error(tiny_model):
     engine = Engine(tiny_model, EngineConfig(**CFG))
     ok = engine.add_request(CLEAN_PROMPTS[0], _params(0))
-    # a temperature SamplingParams now refuses (raw / T overflows fp32): smuggled past validation
+    # a temperature SamplingParams refuses, smuggled past validation: finite logits, NaN logprobs
     sp = SamplingParams(max_tokens=4, seed=3, top_p=0.9)
-    object.__setattr__(sp, "temperature", 1e-12)
+    object.__setattr__(sp, "temperature", float("nan"))
     bad = engine.add_request(CLEAN_PROMPTS[1], sp)
     outs = _drain(engine)
     assert outs[bad].finish_reason == "error", outs[bad]

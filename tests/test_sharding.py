@@ -31,6 +31,7 @@ def run_check(*args: str) -> dict:
         capture_output=True,
         text=True,
         timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,9 +100,8 @@ def test_qwen_family_kv_split_and_replicated_paths():
 
 @pytest.mark.parametrize("name", ["tiny", "qwen3-0.6b", "qwen2.5-0.5b", "llama-3.2-1b"])
 def test_param_specs_cover_every_param(name):
-    from jax.sharding import PartitionSpec as P
-
     import jax
+    from jax.sharding import PartitionSpec as P
 
     from jengine import sharding
 
@@ -109,7 +109,7 @@ def test_param_specs_cover_every_param(name):
     for tp in (1, 2, 4):
         specs = sharding.param_specs(cfg, tp)
         shapes = param_shapes(cfg)
-        is_shape = lambda x: isinstance(x, tuple) and not isinstance(x, P)  # noqa: E731
+        is_shape = lambda x: isinstance(x, tuple) and not isinstance(x, P)
         s_paths = [k for k, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]]
         p_leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[
             0
@@ -164,7 +164,14 @@ def test_column_blocks_numerics_are_invariant_to_the_slice_a_device_holds():
 
     rng = np.random.default_rng(0)
     c = 8
-    full_n, local = Numerics(column_blocks=c), lambda tp: Numerics(column_blocks=c // tp)  # noqa: E731
+    full_n = Numerics(column_blocks=c)
+
+    def local(tp):
+        return Numerics(column_blocks=c // tp)
+
+    def jitted(op, numerics):
+        return jax.jit(lambda *arrays: op(*arrays, numerics))
+
     x = jnp.asarray(rng.standard_normal((40, 128)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((128, 384)), jnp.float32)
     lm = jnp.asarray(rng.standard_normal((512, 128)), jnp.float32)
@@ -173,11 +180,14 @@ def test_column_blocks_numerics_are_invariant_to_the_slice_a_device_holds():
     np.testing.assert_allclose(y, np.asarray(x @ w), rtol=1e-4, atol=1e-4)
     for tp in (2, 8):
         n, v = 384 // tp, 512 // tp
-        mm = jax.jit(lambda x, w: ops.matmul(x, w, local(tp)))  # noqa: B023
-        head = jax.jit(lambda x, w: ops.lm_head(x, w, local(tp)))  # noqa: B023
+        mm, head = jitted(ops.matmul, local(tp)), jitted(ops.lm_head, local(tp))
         for d in (0, tp - 1):
-            assert np.array_equal(np.asarray(mm(x, w[:, d * n : (d + 1) * n])), y[:, d * n : (d + 1) * n])
-            assert np.array_equal(np.asarray(head(x, lm[d * v : (d + 1) * v])), logits[:, d * v : (d + 1) * v])
+            assert np.array_equal(
+                np.asarray(mm(x, w[:, d * n : (d + 1) * n])), y[:, d * n : (d + 1) * n]
+            )
+            assert np.array_equal(
+                np.asarray(head(x, lm[d * v : (d + 1) * v])), logits[:, d * v : (d + 1) * v]
+            )
 
     # attention and per-head RMSNorm: 8 query heads, 2 KV heads (the tiny model's GQA)
     q = jnp.asarray(rng.standard_normal((24, 8, 16)), jnp.float32)
@@ -188,7 +198,9 @@ def test_column_blocks_numerics_are_invariant_to_the_slice_a_device_holds():
     pos = jnp.asarray(np.r_[np.arange(12) + 30, np.arange(12)], jnp.int32)
 
     def attn(numerics):
-        return jax.jit(lambda q, k, v: ops.attention(q, k, v, table, seq_ids, pos, numerics, sm_scale=0.25))
+        return jax.jit(
+            lambda q, k, v: ops.attention(q, k, v, table, seq_ids, pos, numerics, sm_scale=0.25)
+        )
 
     out = np.asarray(attn(full_n)(q, kp, vp))
     ref = np.asarray(attn(Numerics(mode="fast"))(q, kp, vp))
@@ -200,9 +212,13 @@ def test_column_blocks_numerics_are_invariant_to_the_slice_a_device_holds():
         fn = attn(local(tp))
         for d in (0, tp - 1):
             kv0 = d * 2 // tp
-            part = fn(q[:, d * heads : (d + 1) * heads], kp[:, :, kv0 : kv0 + 1], vp[:, :, kv0 : kv0 + 1])
+            part = fn(
+                q[:, d * heads : (d + 1) * heads], kp[:, :, kv0 : kv0 + 1], vp[:, :, kv0 : kv0 + 1]
+            )
             assert np.array_equal(np.asarray(part), out[:, d * heads : (d + 1) * heads]), (tp, d)
-        part = jax.jit(lambda q: ops.rms_norm(q, g, 1e-6, local(tp)))(q[:, :heads])
+        part = jitted(lambda q, numerics: ops.rms_norm(q, g, 1e-6, numerics), local(tp))(
+            q[:, :heads]
+        )
         assert np.array_equal(np.asarray(part), normed[:, :heads])
 
     # differentiable like the default path (the backward pass is the reference's)
