@@ -88,8 +88,17 @@ def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
     greedy = rp.temperature == 0.0
     temp = jnp.where(greedy, 1.0, rp.temperature)[:, None]
     z = raw / temp
-    probs = _softmax(z)
-    z = jnp.where(probs >= rp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), z, -jnp.inf)
+
+    def min_p_filter(z: jax.Array) -> jax.Array:
+        probs = _softmax(z)
+        keep = probs >= rp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+        return jnp.where(keep, z, -jnp.inf)
+
+    # Each filter runs only when a sampling row of the tile uses it; for the other rows the
+    # filter keeps every token, so skipping it changes no bit. Greedy and padding rows ignore
+    # filters (their processed logits are the raw ones).
+    sampled = ~greedy
+    z = jax.lax.cond(jnp.any(sampled & (rp.min_p > 0.0)), min_p_filter, lambda z: z, z)
 
     def filters(z: jax.Array) -> jax.Array:
         vocab = z.shape[-1]
@@ -103,7 +112,7 @@ def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
         threshold = jnp.take_along_axis(p_desc, (kept - 1)[:, None], axis=-1)
         return jnp.where((rp.top_p[:, None] < 1.0) & (p < threshold), -jnp.inf, z)
 
-    needs_sort = jnp.any((rp.top_k > 0) | (rp.top_p < 1.0))
+    needs_sort = jnp.any(sampled & ((rp.top_k > 0) | (rp.top_p < 1.0)))
     z = jax.lax.cond(needs_sort, filters, lambda z: z, z)
     return jnp.where(greedy[:, None], raw, z)
 

@@ -159,9 +159,17 @@ def _attention_fn(
         module = "tpu_ragged_paged_attention" if on_tpu else "pallas_ragged_paged_attention"
         fwd = functools.partial(_pallas(module, numerics.backend), **kw)
 
-    # The integer metadata (page_table, seq_ids, positions) is passed through the custom_vjp as
-    # arguments, not closed over: a closure over tracers (an outer jit building the metadata)
-    # cannot be differentiated. It gets no cotangent (None).
+    return _attention_with_reference_grad(fwd, ref)
+
+
+def _attention_with_reference_grad(fwd: Callable, ref: Callable) -> Callable:
+    """Attention with `fwd`'s values and `ref`'s gradient in q, k_pages, v_pages.
+
+    The integer metadata (page_table, seq_ids, positions) is passed through the custom_vjp as
+    arguments, not closed over: a closure over tracers (an outer jit building the metadata)
+    cannot be differentiated. It gets no cotangent (None).
+    """
+
     @jax.custom_vjp
     def op(q, k_pages, v_pages, page_table, seq_ids, positions):
         return fwd(q, k_pages, v_pages, page_table, seq_ids, positions)
@@ -202,20 +210,7 @@ def _head_unit_attention(numerics: Numerics, ref: Callable, kw: dict) -> Callabl
                     outs.append(base(q[:, u0 : u0 + unit], k[:, :, h : h + 1], v[:, :, h : h + 1], *meta))
                 return jax.numpy.concatenate(outs, axis=1)
 
-        # metadata passed through the custom_vjp as arguments (no cotangent), as `_attention_fn`
-        @jax.custom_vjp
-        def op(q, k_pages, v_pages, page_table, seq_ids, positions):
-            return fwd(q, k_pages, v_pages, page_table, seq_ids, positions)
-
-        def op_fwd(*args):
-            return fwd(*args), args
-
-        def op_bwd(args, g):
-            meta = args[3:]
-            _, vjp = jax.vjp(lambda q, k, v: ref(q, k, v, *meta), *args[:3])
-            return (*vjp(g), None, None, None)
-
-        op.defvjp(op_fwd, op_bwd)
+        op = _attention_with_reference_grad(fwd, ref)
         return op(q, k_pages, v_pages, page_table, seq_ids, positions)
 
     return split
