@@ -50,6 +50,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
 
 
+def check_numerics_settings(logprobs_mode: str, lm_head_dtype: str, numerics: str) -> None:
+    """Validates the numerics-relevant settings shared by the engine and the trainer-side scorers."""
+    _check_choice("logprobs_mode", logprobs_mode, LOGPROBS_MODES)
+    _check_choice("lm_head_dtype", lm_head_dtype, LM_HEAD_DTYPES)
+    _check_choice("numerics", numerics, NUMERICS)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """Llama-3 style RoPE frequency scaling (`rope_type="llama3"` in HF configs)."""
@@ -349,8 +356,6 @@ class EngineConfig:
             )
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, lo=2)
-        _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
-        _check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
@@ -363,7 +368,7 @@ class EngineConfig:
                     f"tensor_parallel_size={self.tensor_parallel_size}"
                 )
         _check_int("seed", self.seed, lo=0)
-        _check_choice("numerics", self.numerics, NUMERICS)
+        check_numerics_settings(self.logprobs_mode, self.lm_head_dtype, self.numerics)
         _check_choice("kernel_backend", self.kernel_backend, ("auto", "cpu", "pallas", "pallas_interpret"))
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite={self.check_finite!r} must be a bool")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jengine import sampling
-from jengine.config import LM_HEAD_DTYPES, LOGPROBS_MODES, NUMERICS, SamplingParams
+from jengine.config import SamplingParams, check_numerics_settings
 from jengine.models.transformer import Model, empty_kv_cache
 from jengine.runner import StepInputs, model_step, next_pow2, pad_inputs
 from pallas_kernels.ops import Numerics, default_backend
@@ -118,12 +118,7 @@ def score(
       f32[len(completion)] for one sequence, or a list of them for a batch. Tokens a filter
       dropped score -inf under the processed modes.
     """
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
-    if lm_head_dtype not in LM_HEAD_DTYPES:
-        raise ValueError(f"lm_head_dtype={lm_head_dtype!r} must be one of {LM_HEAD_DTYPES}")
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics={numerics!r} must be one of {NUMERICS}")
+    check_numerics_settings(logprobs_mode, lm_head_dtype, numerics)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jengine Model, got {type(model).__name__}")
     for name, ids in (("prompt_token_ids", prompt_token_ids), ("completion_token_ids", completion_token_ids)):

@@ -180,6 +180,26 @@ def _attend_tile(
     return out.reshape(num_q, heads, head_dim)
 
 
+def _tile_fn(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    """`_attend_tile` bound to one layer's pages, viewed as flat slots [pages * page_size, ...]."""
+    page_size, kv_heads, head_dim = k_pages.shape[1:]
+    return functools.partial(
+        _attend_tile,
+        k_flat=k_pages.reshape(-1, kv_heads, head_dim),
+        v_flat=v_pages.reshape(-1, kv_heads, head_dim),
+        page_size=page_size,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+
+
 def cpu(
     q: jax.Array,
     k_pages: jax.Array,
@@ -197,20 +217,9 @@ def cpu(
     Each Q_TILE-token tile walks only the KV blocks its own tokens can see (up to its largest
     position), so a decode step reads each sequence's live keys once and no masked tail.
     """
-    page_size, kv_heads, head_dim = k_pages.shape[1:]
-    k_flat = k_pages.reshape(-1, kv_heads, head_dim)
-    v_flat = v_pages.reshape(-1, kv_heads, head_dim)
     rows = page_table[seq_ids]  # [T, pages_per_seq]
     positions = jnp.where(seq_ids >= 0, positions, -1)
-    tile = functools.partial(
-        _attend_tile,
-        k_flat=k_flat,
-        v_flat=v_flat,
-        page_size=page_size,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-    )
+    tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
     # Padding rows added by the tiling sit at position 0 of row 0: their outputs are dropped and
     # the blocks they add for their tile are no-ops for every real token.
     out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
@@ -239,26 +248,16 @@ def cpu_head_units(
     not on how many heads the caller holds. `unit` must divide the query heads per KV head.
     """
     num_tokens, heads, head_dim = q.shape
-    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    kv_heads = k_pages.shape[2]
     group = heads // kv_heads
     if heads % unit or group % unit:
         raise ValueError(f"unit={unit} must divide heads={heads} and heads per KV head={group}")
     units = heads // unit
-    k_flat = k_pages.reshape(-1, kv_heads, head_dim)
-    v_flat = v_pages.reshape(-1, kv_heads, head_dim)
     positions = jnp.where(seq_ids >= 0, positions, -1)
     rows = jnp.repeat(page_table[seq_ids], units, axis=0)  # [T * units, pages_per_seq]
     unit_pos = jnp.repeat(positions, units)
     kv_head = jnp.tile(jnp.arange(units, dtype=jnp.int32) * unit // group, num_tokens)
-    tile = functools.partial(
-        _attend_tile,
-        k_flat=k_flat,
-        v_flat=v_flat,
-        page_size=page_size,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-    )
+    tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
     out = map_row_tiles(
         lambda qt, rt, pt, ht: tile(qt, rt, pt, kv_head=ht),
         q.reshape(num_tokens * units, unit, head_dim),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine import sampling
-from jengine.config import LM_HEAD_DTYPES, LOGPROBS_MODES, NUMERICS, ModelConfig, SamplingParams
+from jengine.config import ModelConfig, SamplingParams, check_numerics_settings
 from jengine.models.transformer import Batch, Params, empty_kv_cache, forward
 from pallas_kernels.ops import Numerics, default_backend
 
@@ -230,12 +230,7 @@ def token_logprobs(
     Jit-able and differentiable w.r.t. params; every argument except params, tokens, lengths and
     sampling arrays is static.
     """
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
-    if lm_head_dtype not in LM_HEAD_DTYPES:
-        raise ValueError(f"lm_head_dtype={lm_head_dtype!r} must be one of {LM_HEAD_DTYPES}")
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics={numerics!r} must be one of {NUMERICS}")
+    check_numerics_settings(logprobs_mode, lm_head_dtype, numerics)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, L] with L >= 2, got shape {tokens.shape}")
