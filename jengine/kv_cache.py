@@ -112,6 +112,15 @@ class BlockAllocator:
             hits.append(page)
         return hits
 
+    def num_cached(self, keys: Sequence[PageKey]) -> int:
+        """How many of `keys`, from the start, `lookup` would hit (takes nothing)."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        while n < len(keys) and keys[n] in self._cached:
+            n += 1
+        return n
+
     def register(self, page: int, key: PageKey) -> None:
         """Records that `page` (owned, full) holds the KV of prefix `key`."""
         if not self.enable_prefix_caching or key in self._cached or page in self._key_of:

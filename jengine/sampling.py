@@ -10,9 +10,12 @@ Semantics (vLLM V1's order, on fp32 logits):
      threshold; ties at it are kept). top_p = 1 keeps everything.
   Dropped tokens get -inf. The processed distribution is softmax(z) over the survivors.
 
-Sampling is Gumbel-max on the processed logits with noise drawn from
+Sampling is inverse-CDF on the processed distribution with one uniform draw per row from
 `fold_in(key(seed), position)`: a function of the request's seed and the sampled token's position
-only, so a request's draws never depend on its batch.
+only, so a request's draws never depend on its batch. The CDF is summed in a fixed order (blocks of
+`CDF_BLOCK` tokens, then within the chosen block) and a token the filters dropped (probability 0)
+is never chosen. One draw per row instead of a Gumbel draw per vocabulary entry: on the CPU this
+is ~2 ms instead of ~30 ms for 32 rows of a 49k vocabulary.
 
 Everything per row runs inside one fixed `[ROW_TILE, vocab]` tile (`map_row_tiles`), and the engine
 and `jengine.score` call the same `select` function: a rollout's logprob and the trainer-side
@@ -117,14 +120,47 @@ def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
     return jnp.where(greedy[:, None], raw, z)
 
 
-def gumbel_noise(seed: jax.Array, position: jax.Array, vocab: int) -> jax.Array:
-    """f32[R, V] Gumbel noise, row r a function of (seed[r], position[r]) only."""
+CDF_BLOCK = 256  # tokens per first-level CDF block; part of the sampling contract
+
+
+def uniform_draw(seed: jax.Array, position: jax.Array) -> jax.Array:
+    """f32[R] in [0, 1), row r a function of (seed[r], position[r]) only."""
 
     def one(s, p):
         key = jax.random.fold_in(jax.random.key(s, impl="threefry2x32"), p)
-        return jax.random.gumbel(key, (vocab,), jnp.float32)
+        return jax.random.uniform(key, (), jnp.float32)
 
     return jax.vmap(one)(seed, position)
+
+
+def _last_positive(mass: jax.Array) -> jax.Array:
+    """i32[R]: index of the last entry of mass[R, N] that is > 0 (0 when none is)."""
+    return jnp.max(jnp.where(mass > 0, jnp.arange(mass.shape[-1]), 0), axis=-1)
+
+
+def inverse_cdf(z: jax.Array, u: jax.Array) -> jax.Array:
+    """i32[R]: per row, the first token whose cumulative probability under softmax(z) exceeds u.
+
+    z: f32[R, V] processed logits (-inf = dropped), u: f32[R] in [0, 1). Two levels, each summed
+    in a fixed order for a given V: CDF_BLOCK-token block masses, then the chosen block's entries.
+    Where rounding leaves the target at or past a level's total, the last entry with positive mass
+    is taken, so a dropped token is never returned.
+    """
+    rows, vocab = z.shape
+    num_blocks = -(-vocab // CDF_BLOCK)
+    mass = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # unnormalised; dropped tokens 0
+    mass = jnp.pad(mass, ((0, 0), (0, num_blocks * CDF_BLOCK - vocab)))
+    mass = mass.reshape(rows, num_blocks, CDF_BLOCK)
+    block_mass = jnp.sum(mass, axis=-1)  # [R, num_blocks]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = u * block_cdf[:, -1]
+    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), _last_positive(block_mass))
+    before = jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], axis=-1)[:, 0]
+    rest = target - jnp.where(block > 0, before, 0.0)
+    in_block = jnp.take_along_axis(mass, block[:, None, None], axis=1)[:, 0]  # [R, CDF_BLOCK]
+    cdf = jnp.cumsum(in_block, axis=-1)
+    index = jnp.minimum(jnp.sum(cdf <= rest[:, None], axis=-1), _last_positive(in_block))
+    return (block * CDF_BLOCK + index).astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -151,8 +187,8 @@ def _select_tile(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int) 
         "raw_logits": lambda: safe_raw,
     }[logprobs_mode]()
     greedy = rp.temperature == 0.0
-    noisy = z + gumbel_noise(rp.seed, rp.position, raw.shape[-1])
-    sampled = jnp.where(greedy, jnp.argmax(safe_raw, axis=-1), jnp.argmax(noisy, axis=-1))
+    drawn = inverse_cdf(z, uniform_draw(rp.seed, rp.position))
+    sampled = jnp.where(greedy, jnp.argmax(safe_raw, axis=-1), drawn)
     token = jnp.where(rp.use_target, rp.target, sampled).astype(jnp.int32)
     value = jnp.take_along_axis(values, token[:, None], axis=-1)[:, 0]
     if top_n:
@@ -173,4 +209,4 @@ def select(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int = 0) ->
         return _select_tile(raw_t, RowParams(*fields), logprobs_mode, top_n)
 
     fields = [getattr(rp, f.name) for f in dataclasses.fields(RowParams)]
-    return map_row_tiles(tile, raw, *fields)
+    return map_row_tiles(tile, raw, *fields, differentiable=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from jengine import sampling
 from jengine.config import SamplingParams
-from jengine.kv_cache import BlockAllocator, OutOfPages, page_keys
+from jengine.kv_cache import BlockAllocator, OutOfPages, PageKey, page_keys
 from jengine.runner import StepInputs
 
 
@@ -114,15 +114,26 @@ class Scheduler:
         if need > 0:
             seq.pages.extend(self.allocator.allocate(need))
 
-    def _admit(self, seq: Sequence) -> None:
-        """Prefix-cache lookup for a sequence about to run; never covers its last token."""
+    def _cacheable_keys(self, seq: Sequence) -> list[PageKey]:
+        """Prefix keys of `seq`'s full pages, never covering its last token."""
         keys = page_keys(seq.tokens, self.page_size, self.version)
-        keys = keys[: (len(seq.tokens) - 1) // self.page_size]
+        return keys[: (len(seq.tokens) - 1) // self.page_size]
+
+    def _admit(self, seq: Sequence, keys: list[PageKey]) -> None:
+        """Prefix-cache lookup for a sequence about to run (`keys`: its `_cacheable_keys`)."""
         hits = self.allocator.lookup(keys)
         seq.pages = list(hits)
         seq.num_computed = len(hits) * self.page_size
         seq.kv_version = self.version
         self.prefix_hit_tokens += seq.num_computed
+
+    def _keys_registered_by(self, seq: Sequence, n: int) -> list[PageKey]:
+        """Prefix keys `commit` will register once `seq` has computed `n` more tokens."""
+        before = seq.num_computed // self.page_size
+        after = (seq.num_computed + n) // self.page_size
+        if after <= before or seq.kv_version != self.version:
+            return []
+        return page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)[before:after]
 
     def schedule(self) -> Scheduled | None:
         """Plans the next step, preempting as needed. None when there is nothing to run."""
@@ -144,10 +155,20 @@ class Scheduler:
             plan.append((seq, n))
             budget -= n
             i += 1
-        # 2. admit waiting sequences, first come first served, while seats, budget and pages last
+        # 2. admit waiting sequences, first come first served, while seats, budget and pages last.
+        # A sequence whose next uncached prefix page is being computed in this very step by a
+        # sequence already planned (a GRPO sibling: same prompt) waits one step and then reads
+        # that page from the prefix cache instead of computing it again.
+        in_flight = {k for seq, n in plan for k in self._keys_registered_by(seq, n)}
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            self._admit(seq)
+            seq = self.waiting.pop(0)
+            keys = self._cacheable_keys(seq)
+            num_hits = self.allocator.num_cached(keys)
+            if num_hits < len(keys) and keys[num_hits] in in_flight:
+                deferred.append(seq)
+                continue
+            self._admit(seq, keys)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             try:
                 self._grow(seq, seq.num_computed + n)
@@ -155,11 +176,13 @@ class Scheduler:
                 self.allocator.free(seq.pages)
                 self.prefix_hit_tokens -= seq.num_computed
                 seq.pages, seq.num_computed = [], 0
+                self.waiting.insert(0, seq)
                 break
-            self.waiting.pop(0)
             self.running.append(seq)
             plan.append((seq, n))
+            in_flight.update(self._keys_registered_by(seq, n))
             budget -= n
+        self.waiting[:0] = deferred  # still in arrival order, ahead of every later arrival
         if not plan:
             return None
         return self._build(plan)

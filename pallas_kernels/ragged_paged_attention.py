@@ -22,6 +22,7 @@ Numerical contract (what makes a token's output bitwise independent of its batch
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from pallas_kernels.tiling import map_row_tiles
 
 KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
-Q_TILE = 8  # query tokens per tile on the CPU lowering
+Q_TILE = 16  # query tokens per tile on the CPU lowering
 _NEG = -1e30  # running-max seed: finite, so exp(m - m) stays 1 for an untouched state
 
 
@@ -114,8 +115,8 @@ def _attend_tile(
     q: jax.Array,
     rows: jax.Array,
     positions: jax.Array,
-    k_flat: jax.Array,
-    v_flat: jax.Array,
+    k_units: jax.Array,
+    v_units: jax.Array,
     *,
     page_size: int,
     sm_scale: float,
@@ -128,9 +129,11 @@ def _attend_tile(
     With `kv_head` (i32[Q]), every query row attends to that one KV head only (see `cpu_head_units`).
     """
     num_q, heads, head_dim = q.shape
-    kv_heads = k_flat.shape[1] if kv_head is None else 1
+    kv_heads = k_units.shape[2] if kv_head is None else 1
     group = heads // kv_heads
     pages_per_seq = rows.shape[1]
+    unit = k_units.shape[1]  # key positions per gathered unit (divides page_size and KV_BLOCK)
+    units_per_page, units_per_block = page_size // unit, KV_BLOCK // unit
     qg = q.astype(jnp.float32).reshape(num_q, kv_heads, group, head_dim)
     last = jnp.max(positions)
     first = jnp.int32(0)
@@ -140,19 +143,22 @@ def _attend_tile(
     num_blocks = jnp.where(last >= 0, last // KV_BLOCK + 1, 0)
     offsets = jnp.arange(KV_BLOCK)
 
+    def gather(units_flat: jax.Array, ids: jax.Array) -> jax.Array:
+        """[Q, KV_BLOCK, kvh, D] f32: each token's block, read one contiguous unit at a time."""
+        blocks = units_flat[ids].reshape(num_q, KV_BLOCK, *units_flat.shape[2:])
+        if kv_head is not None:  # the row's own KV head: [Q, B, 1, D]
+            blocks = jnp.take_along_axis(blocks, kv_head[:, None, None, None], axis=2)
+        return blocks.astype(jnp.float32)
+
     def body(carry):
         b, m, l, acc = carry
         key_pos = b * KV_BLOCK + offsets  # [B]
-        page_idx = jnp.minimum(key_pos // page_size, pages_per_seq - 1)
-        slots = rows[:, page_idx] * page_size + key_pos % page_size  # [Q, B]
+        logical = b * units_per_block + jnp.arange(units_per_block)  # the block's units, in order
+        page_idx = jnp.minimum(logical // units_per_page, pages_per_seq - 1)
+        ids = rows[:, page_idx] * units_per_page + logical % units_per_page  # [Q, units_per_block]
         mask = _visible(key_pos[None, :], positions, sliding_window)  # [Q, B]
-        if kv_head is None:
-            k = k_flat[slots].astype(jnp.float32)  # [Q, B, kvh, D]
-            v = jnp.where(mask[:, :, None, None], v_flat[slots].astype(jnp.float32), 0.0)
-        else:  # the row's own KV head: [Q, B, 1, D]
-            k = k_flat[slots, kv_head[:, None]][:, :, None].astype(jnp.float32)
-            v_rows = v_flat[slots, kv_head[:, None]][:, :, None].astype(jnp.float32)
-            v = jnp.where(mask[:, :, None, None], v_rows, 0.0)
+        k = gather(k_units, ids)
+        v = jnp.where(mask[:, :, None, None], gather(v_units, ids), 0.0)
         s = jnp.einsum("tkgd,tbkd->tkgb", qg, k) * sm_scale
         s = _soft_cap(s, soft_cap)
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
@@ -187,12 +193,15 @@ def _tile_fn(
     sliding_window: int | None,
     soft_cap: float | None,
 ):
-    """`_attend_tile` bound to one layer's pages, viewed as flat slots [pages * page_size, ...]."""
+    """`_attend_tile` bound to one layer's pages, viewed as units [-1, unit, kv_heads, head_dim]
+    of `unit = gcd(page_size, KV_BLOCK)` consecutive positions: a KV block is gathered as a few
+    contiguous units, not position by position."""
     page_size, kv_heads, head_dim = k_pages.shape[1:]
+    unit = math.gcd(page_size, KV_BLOCK)
     return functools.partial(
         _attend_tile,
-        k_flat=k_pages.reshape(-1, kv_heads, head_dim),
-        v_flat=v_pages.reshape(-1, kv_heads, head_dim),
+        k_units=k_pages.reshape(-1, unit, kv_heads, head_dim),
+        v_units=v_pages.reshape(-1, unit, kv_heads, head_dim),
         page_size=page_size,
         sm_scale=sm_scale,
         sliding_window=sliding_window,

@@ -1,14 +1,20 @@
 """Fixed-tile plumbing shared by the CPU lowerings.
 
 The rule every CPU lowering follows: the arithmetic that produces one row runs inside one
-fixed-shape computation (a tile of `ROW_TILE` rows), mapped over the rows with `lax.map`. XLA
-compiles the tile body once, so a row's bits depend on its own inputs only, not on how many rows
-there are or where the row sits (tests/pallas_kernels check both, bitwise).
+fixed-shape computation (a tile of `ROW_TILE` rows), run once per tile by a loop. XLA compiles the
+tile body once, so a row's bits depend on its own inputs only, not on how many rows there are or
+where the row sits (tests/pallas_kernels check both, bitwise).
+
+The loop's trip count is hidden from XLA (`optimization_barrier`): a loop XLA can see runs once
+would be inlined into the surrounding program, where fusion and layout choices made for the
+neighbouring ops can change the tile's dot kernels, and so the bits of a batch that fits one tile
+would differ from those of a larger batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +32,40 @@ def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, [(0, padded - rows)] + [(0, 0)] * (x.ndim - 1))
 
 
-def map_row_tiles(fn: Callable[..., jax.Array], *rows: jax.Array, tile: int = ROW_TILE) -> jax.Array:
+def map_row_tiles(
+    fn: Callable[..., jax.Array], *rows: jax.Array, tile: int = ROW_TILE, differentiable: bool = False
+) -> jax.Array:
     """Applies `fn` to `tile`-row slices of every array in `rows` (same leading size) in turn.
 
     Returns the per-tile results (an array or a pytree of arrays with a leading row axis)
     concatenated and trimmed back to the original row count.
+
+    The default loop is opaque to XLA (see the module docstring) and, being a while loop, has no
+    reverse-mode derivative: the kernels give their ops the reference's gradient instead
+    (`ops.with_reference_grad`). `differentiable=True` maps with `lax.map` (scan) instead, for
+    code without dots that is differentiated directly (`sampling.select`).
     """
     n = rows[0].shape[0]
     tiled = [pad_rows(r, tile) for r in rows]
-    tiled = [r.reshape(r.shape[0] // tile, tile, *r.shape[1:]) for r in tiled]
-    out = jax.lax.map(lambda args: fn(*args), tuple(tiled))
+    tiled = tuple(r.reshape(r.shape[0] // tile, tile, *r.shape[1:]) for r in tiled)
+    if differentiable:
+        out = jax.lax.map(lambda args: fn(*args), tiled)
+    else:
+        out = _opaque_map(fn, tiled)
     return jax.tree_util.tree_map(lambda o: o.reshape(o.shape[0] * o.shape[1], *o.shape[2:])[:n], out)
+
+
+def _opaque_map(fn: Callable[..., Any], tiled: tuple[jax.Array, ...]) -> Any:
+    """`lax.map(fn, tiled)` as a while loop whose trip count XLA cannot see."""
+    num_tiles = tiled[0].shape[0]
+    out_shapes = jax.eval_shape(fn, *(t[0] for t in tiled))
+    init = jax.tree_util.tree_map(lambda s: jnp.zeros((num_tiles, *s.shape), s.dtype), out_shapes)
+    count = jax.lax.optimization_barrier(jnp.int32(num_tiles))
+
+    def body(carry):
+        i, acc = carry
+        res = fn(*(jax.lax.dynamic_index_in_dim(t, i, keepdims=False) for t in tiled))
+        acc = jax.tree_util.tree_map(lambda a, r: jax.lax.dynamic_update_index_in_dim(a, r, i, 0), acc, res)
+        return i + 1, acc
+
+    return jax.lax.while_loop(lambda c: c[0] < count, body, (jnp.int32(0), init))[1]

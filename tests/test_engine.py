@@ -128,6 +128,22 @@ def test_prefix_cache_hits_change_nothing(tiny_model):
         assert_same(a, b)
 
 
+def test_siblings_submitted_together_share_the_prompt_prefill(tiny_model):
+    """A GRPO group added at once: one sibling computes the prompt, the others wait one step and
+    read its pages from the prefix cache; outputs are those of a run without prefix caching."""
+    prompt = random_prompts(1, 512, lo=41, hi=42, seed=12)[0]  # 41 tokens: 5 full pages of 8
+    other = random_prompts(1, 512, lo=20, hi=21, seed=13)[0]
+    prompts = [prompt] * 4 + [other] * 2
+    params = [SamplingParams(max_tokens=5, seed=i) for i in range(6)]
+    shared, engine = run(tiny_model, prompts, params, page_size=8, max_num_batched_tokens=256)
+    assert engine.stats["prefix_cache_hit_tokens"] == 3 * 40 + 1 * 16
+    cold, cold_engine = run(tiny_model, prompts, params, page_size=8, max_num_batched_tokens=256,
+                            enable_prefix_caching=False)
+    assert cold_engine.stats["prefix_cache_hit_tokens"] == 0
+    for a, b in zip(cold, shared):
+        assert_same(a, b)
+
+
 def test_compilations_stay_within_bucket_table(tiny_model):
     prompts = random_prompts(200, 512, lo=1, hi=90, seed=11)
     params = [SamplingParams(max_tokens=1 + i % 7, seed=i, temperature=0.8) for i in range(200)]

@@ -126,3 +126,42 @@ def test_greedy_is_argmax_of_raw():
     rp = sampling.row_params([SamplingParams(temperature=0.0)] * 4, [0] * 4, [0] * 4)
     sel = sampling.select(raw, rp, "processed_logprobs")
     assert np.array_equal(np.asarray(sel.token), raw.argmax(-1))
+
+
+def numpy_inverse_cdf(z: np.ndarray, u: float) -> int:
+    """Reference: first token whose float64 cumulative probability exceeds u."""
+    p = np.exp(z.astype(np.float64) - np.max(z[np.isfinite(z)]))
+    p[~np.isfinite(z)] = 0
+    cdf = np.cumsum(p / p.sum())
+    return int(np.searchsorted(cdf, u, side="right"))
+
+
+def test_inverse_cdf_matches_numpy_away_from_boundaries():
+    rng = np.random.default_rng(6)
+    vocab = 1000  # not a multiple of CDF_BLOCK: the padded tail block is exercised
+    z = (rng.standard_normal((64, vocab)) * 2).astype(np.float32)
+    z[:, rng.choice(vocab, 300, replace=False)] = -np.inf  # dropped by a filter
+    u = rng.random(64).astype(np.float32)
+    got = np.asarray(sampling.inverse_cdf(z, u))
+    checked = 0
+    for r in range(64):
+        p = np.exp(z[r].astype(np.float64) - z[r][np.isfinite(z[r])].max())
+        p[~np.isfinite(z[r])] = 0
+        cdf = np.cumsum(p / p.sum())
+        if np.min(np.abs(cdf - u[r])) < 1e-5:  # fp32 rounding may pick a neighbour here
+            continue
+        assert got[r] == numpy_inverse_cdf(z[r], float(u[r])), r
+        checked += 1
+    assert checked > 55
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5, np.nextafter(np.float32(1), np.float32(0))])
+def test_inverse_cdf_never_returns_a_dropped_token(u):
+    vocab = 700
+    z = np.full((3, vocab), -np.inf, np.float32)
+    z[0, 5] = 0.0  # one survivor, in the first block
+    z[1, [3, 511]] = [1.0, 30.0]  # the last survivor sits mid-vocabulary, followed by dropped blocks
+    z[2, vocab - 1] = -3.0  # the very last token
+    got = np.asarray(sampling.inverse_cdf(z, np.full((3,), u, np.float32)))
+    assert got[0] == 5 and got[2] == vocab - 1
+    assert got[1] in (3, 511) and (u < 0.5 or got[1] == 511)
