@@ -5,7 +5,9 @@
 * `Numerics(mode="invariant", backend="pallas")`: the Pallas kernels (`pallas_<op>.py`: Triton on
   GPU, Mosaic on TPU, where attention uses `tpu_ragged_paged_attention`);
   `backend="pallas_interpret"` runs the generic kernels in interpret mode (tests on CPU).
-* `Numerics(mode="fast")`: plain XLA ops, no invariance promise (for comparison and benchmarks).
+* `Numerics(mode="fast")`: plain XLA matmuls, norms and log-softmax, no invariance promise (for
+  comparison and benchmarks); attention runs the same fixed-block kernel as "invariant", the
+  fastest lowering there is.
 
 Every invariant op is differentiable: its backward pass is the vjp of the plain-JAX reference
 (`jax.custom_vjp`), so the trainer-side scorer's forward values are bitwise the rollout's while
@@ -150,8 +152,8 @@ def _attention_fn(
     ref = functools.partial(_rpa.reference, **kw)
     if numerics.column_blocks > 1:
         return _head_unit_attention(numerics, ref, kw)
-    if numerics.mode == "fast":
-        return ref
+    # Both modes run the fixed-block kernel: it is the fastest lowering on every backend (the
+    # gather-everything reference is for tests and gradients), so "fast" gains nothing without it.
     if numerics.backend == "cpu":
         fwd = functools.partial(_rpa.cpu, **kw)
     else:
