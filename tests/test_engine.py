@@ -239,3 +239,12 @@ def test_warmup_compiles_the_whole_table(tiny_model):
     assert before == len(engine.runner.token_buckets)
     engine.generate(random_prompts(6, 512, seed=5), SamplingParams(max_tokens=3, seed=0))
     assert engine.stats["compilations"] == before
+
+
+def test_attention_tiles_divide_every_token_bucket():
+    """The engine never pads an attention query tile (a padded tile compiled inside the full step
+    gave 1-ulp different outputs; see pallas_kernels/ragged_paged_attention.py)."""
+    from jengine.runner import MIN_TOKEN_BUCKET
+    from pallas_kernels.ragged_paged_attention import Q_TILE
+
+    assert MIN_TOKEN_BUCKET % Q_TILE == 0
