@@ -86,6 +86,56 @@ def _softmax(z: jax.Array) -> jax.Array:
     return jnp.exp(_log_softmax.reference(z))
 
 
+# top-k and top-p thresholds by bisection over float bit patterns: 32 passes of a compare and a
+# sum over the row instead of a full-vocabulary sort (XLA:CPU sorts [32, 49152] in ~330 ms).
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """i32 bit patterns of non-negative f32 values: ordered as the values are."""
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """u32 keys ordered exactly as the f32 values x (-inf included; no NaN)."""
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _kth_largest_key(key: jax.Array, k: jax.Array) -> jax.Array:
+    """u32[R, 1]: the k-th largest of key[R, V] per row (k clipped to [1, V]), exact."""
+    k = jnp.clip(k, 1, key.shape[-1])[:, None]
+
+    def step(_, bounds):
+        lo, hi = bounds  # the answer lies in [lo, hi]
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        ok = jnp.sum(key >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    bounds = (jnp.min(key, axis=-1, keepdims=True), jnp.max(key, axis=-1, keepdims=True))
+    return jax.lax.fori_loop(0, 32, step, bounds)[0]
+
+
+def _top_p_threshold_bits(p: jax.Array, top_p: jax.Array) -> jax.Array:
+    """i32[R, 1]: bits of the smallest x with (mass of the p[R, V] entries > x) < top_p.
+
+    Keeping `p >= x` keeps exactly the tokens the rank rule keeps (the mass ranked strictly above
+    a token is below top_p; ties with the smallest kept probability kept): that mass only grows as
+    the token's probability falls. Each mass is summed in vocabulary order, so the rounding is
+    monotone in x and a row's threshold depends on that row only.
+    """
+    p = jax.lax.stop_gradient(p)
+    bits = _bits(p)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits > mid, p, 0.0), axis=-1, keepdims=True) < top_p[:, None]
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    bounds = (jnp.zeros_like(bits[:, :1]), jnp.max(bits, axis=-1, keepdims=True))
+    return jax.lax.fori_loop(0, 32, step, bounds)[0]
+
+
 def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
     """f32[R, V] processed logits (see the module docstring); -inf where a filter dropped a token."""
     greedy = rp.temperature == 0.0
@@ -104,19 +154,14 @@ def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
     z = jax.lax.cond(jnp.any(sampled & (rp.min_p > 0.0)), min_p_filter, lambda z: z, z)
 
     def filters(z: jax.Array) -> jax.Array:
-        vocab = z.shape[-1]
-        desc = -jnp.sort(-z, axis=-1)  # [R, V] descending, -inf last
-        kth = jnp.take_along_axis(desc, jnp.clip(rp.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-        z = jnp.where((rp.top_k[:, None] > 0) & (z < kth), -jnp.inf, z)
+        kth = _kth_largest_key(_order_key(z), rp.top_k)  # [R, 1]
+        z = jnp.where((rp.top_k[:, None] > 0) & (_order_key(z) < kth), -jnp.inf, z)
         p = _softmax(z)
-        p_desc = -jnp.sort(-p, axis=-1)
-        above = jnp.cumsum(p_desc, axis=-1) - p_desc  # mass ranked strictly above each entry
-        kept = jnp.sum(above < rp.top_p[:, None], axis=-1)  # >= 1: the top entry has 0 above it
-        threshold = jnp.take_along_axis(p_desc, (kept - 1)[:, None], axis=-1)
-        return jnp.where((rp.top_p[:, None] < 1.0) & (p < threshold), -jnp.inf, z)
+        threshold = _top_p_threshold_bits(p, rp.top_p)  # [R, 1]
+        return jnp.where((rp.top_p[:, None] < 1.0) & (_bits(p) < threshold), -jnp.inf, z)
 
-    needs_sort = jnp.any(sampled & ((rp.top_k > 0) | (rp.top_p < 1.0)))
-    z = jax.lax.cond(needs_sort, filters, lambda z: z, z)
+    needs_filters = jnp.any(sampled & ((rp.top_k > 0) | (rp.top_p < 1.0)))
+    z = jax.lax.cond(needs_filters, filters, lambda z: z, z)
     return jnp.where(greedy[:, None], raw, z)
 
 

@@ -165,3 +165,19 @@ def test_inverse_cdf_never_returns_a_dropped_token(u):
     got = np.asarray(sampling.inverse_cdf(z, np.full((3,), u, np.float32)))
     assert got[0] == 5 and got[2] == vocab - 1
     assert got[1] in (3, 511) and (u < 0.5 or got[1] == 511)
+
+
+@pytest.mark.parametrize(
+    "sp", [SamplingParams(top_p=0.5), SamplingParams(top_k=2), SamplingParams(top_k=3, top_p=0.7)], ids=str
+)
+def test_filters_keep_ties_at_the_threshold(sp):
+    """Exact ties with the smallest kept value are all kept (the module docstring's rule).
+
+    Row 0 holds probabilities [.4, .2, .2, .1, .1]: top_p=.5 keeps .4 (nothing above it) and the
+    first .2 (.4 above it), so the threshold is .2 and both .2 are kept; top_k=2's 2nd largest is
+    .2; top_k=3 then top_p=.7 renormalises to [.5, .25, .25] and keeps both .25. Row 1 permutes row 0.
+    """
+    raw = np.log(np.array([[0.4, 0.2, 0.2, 0.1, 0.1], [0.1, 0.2, 0.4, 0.2, 0.1]], np.float32))
+    rp = sampling.row_params([sp] * 2, [0, 0], [0, 0])
+    got = np.asarray(sampling.processed_logits(raw, jax.tree_util.tree_map(np.asarray, rp)))
+    assert np.array_equal(np.isfinite(got), [[1, 1, 1, 0, 0], [0, 1, 1, 1, 0]]), got
