@@ -154,8 +154,9 @@ def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
     z = jax.lax.cond(jnp.any(sampled & (rp.min_p > 0.0)), min_p_filter, lambda z: z, z)
 
     def filters(z: jax.Array) -> jax.Array:
-        kth = _kth_largest_key(_order_key(z), rp.top_k)  # [R, 1]
-        z = jnp.where((rp.top_k[:, None] > 0) & (_order_key(z) < kth), -jnp.inf, z)
+        key = _order_key(z)
+        kth = _kth_largest_key(key, rp.top_k)  # [R, 1]
+        z = jnp.where((rp.top_k[:, None] > 0) & (key < kth), -jnp.inf, z)
         p = _softmax(z)
         threshold = _top_p_threshold_bits(p, rp.top_p)  # [R, 1]
         return jnp.where((rp.top_p[:, None] < 1.0) & (_bits(p) < threshold), -jnp.inf, z)

@@ -128,7 +128,8 @@ class Scheduler:
         self.prefix_hit_tokens += seq.num_computed
 
     def _keys_registered_by(self, seq: Sequence, n: int) -> list[PageKey]:
-        """Prefix keys `commit` will register once `seq` has computed `n` more tokens."""
+        """Prefix keys of the pages `seq` fills by computing `n` more tokens, from page
+        `num_computed // page_size` on; none when its KV is keyed under an older version."""
         before = seq.num_computed // self.page_size
         after = (seq.num_computed + n) // self.page_size
         if after <= before or seq.kv_version != self.version:
@@ -233,10 +234,7 @@ class Scheduler:
     def commit(self, scheduled: Scheduled) -> None:
         """Marks the planned tokens computed and registers newly full pages in the prefix cache."""
         for seq, n in zip(scheduled.seqs, scheduled.num_new):
-            before = seq.num_computed // self.page_size
+            first = seq.num_computed // self.page_size
+            for idx, key in enumerate(self._keys_registered_by(seq, n), start=first):
+                self.allocator.register(seq.pages[idx], key)
             seq.num_computed += n
-            after = seq.num_computed // self.page_size
-            if after > before and seq.kv_version == self.version:
-                keys = page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)
-                for idx in range(before, after):
-                    self.allocator.register(seq.pages[idx], keys[idx])
