@@ -249,11 +249,6 @@ def rl_workload(
 # jengine runs
 
 
-def _read_trace(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def run_jengine(
     model,
     workload: Workload,
@@ -273,6 +268,7 @@ def run_jengine(
     time (compile + that step) is excluded from `tok_s_excl_compile`.
     """
     from jengine.config import EngineConfig
+    from jengine.diagnostics import read_trace
     from jengine.engine import Engine
 
     trace = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
@@ -296,7 +292,7 @@ def run_jengine(
         engine.warmup()
         warm_s = time.perf_counter() - t
     c1, s1 = len(engine.runner.compiled), engine.runner.compile_seconds
-    n_trace = len(_read_trace(trace))
+    n_trace = len(read_trace(trace))
     load0 = loadavg()
     cpu0 = time.process_time()
     t = time.perf_counter()
@@ -304,7 +300,7 @@ def run_jengine(
     seconds = time.perf_counter() - t
     cpu_s = time.process_time() - cpu0
     load1 = loadavg()
-    recs = _read_trace(trace)[n_trace:]
+    recs = read_trace(trace)[n_trace:]
     os.unlink(trace)
     engine._trace.close()
     engine._trace = None

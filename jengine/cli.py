@@ -336,22 +336,16 @@ def engine_config(model, defaults: dict[str, Any] | None = None, trace_path: str
 
 
 def read_jsonl(path: str, flag: str) -> list[dict[str, Any]]:
+    from jengine import diagnostics
+
     if not path:
         raise UsageError(f"--{flag} is required")
     if not os.path.isfile(path):
         raise UsageError(f"--{flag}={path}: no such file")
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--{flag}={path}:{lineno}: not JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"--{flag}={path}:{lineno}: each line must be a JSON object")
-            rows.append(row)
+    try:
+        rows = diagnostics.read_trace(path)
+    except diagnostics.TraceError as e:  # names the file and line
+        raise UsageError(f"--{flag}={e}") from None
     if not rows:
         raise UsageError(f"--{flag}={path}: no lines")
     return rows

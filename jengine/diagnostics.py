@@ -66,10 +66,10 @@ class TraceError(ValueError):
 
 
 def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parses a JSONL step trace (blank lines skipped).
+    """Parses a JSONL file of objects, such as a step trace (blank lines skipped).
 
     Raises:
-      TraceError: a line is not a JSON object (names the line number).
+      TraceError: a line is not a JSON object (names the file and the line number).
     """
     records = []
     with open(path) as f:
@@ -81,7 +81,7 @@ def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise TraceError(f"{path}:{lineno}: not JSON ({e})") from None
             if not isinstance(record, dict):
-                raise TraceError(f"{path}:{lineno}: a record must be a JSON object, got {record!r}")
+                raise TraceError(f"{path}:{lineno}: each line must be a JSON object, got {record!r}")
             records.append(record)
     return records
 
