@@ -79,22 +79,24 @@ def cpu_nt(x: jax.Array, w: jax.Array, vocab_tile: int = VOCAB_TILE) -> jax.Arra
 # (C / tp blocks) and a single device holding all N columns (C blocks) produce the same bits.
 
 
-def column_blocked(fn, x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
-    """f32[M, N] = concat_b fn(x, w[:, b-th block of N / blocks columns]) (any backend's matmul)."""
+def _column_blocks(w: jax.Array, blocks: int) -> list[jax.Array]:
+    """w[K, N] split into `blocks` consecutive column blocks of N / blocks columns."""
     n = w.shape[1]
     if n % blocks:
         raise ValueError(f"column_blocks={blocks} does not divide the {n} output columns")
     tn = n // blocks
-    return jnp.concatenate([fn(x, w[:, b * tn : (b + 1) * tn]) for b in range(blocks)], axis=1)
+    return [w[:, b * tn : (b + 1) * tn] for b in range(blocks)]
+
+
+def column_blocked(fn, x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
+    """f32[M, N] = concat_b fn(x, w[:, b-th block of N / blocks columns]) (any backend's matmul)."""
+    return jnp.concatenate([fn(x, wb) for wb in _column_blocks(w, blocks)], axis=1)
 
 
 def cpu_column_blocked(x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
-    """`cpu` in fixed `[ROW_TILE, K] @ [K, N / blocks]` dots (one row-tile loop, blocks inside)."""
-    n = w.shape[1]
-    if n % blocks:
-        raise ValueError(f"column_blocks={blocks} does not divide the {n} output columns")
-    tn = n // blocks
-    ws = [w[:, b * tn : (b + 1) * tn] for b in range(blocks)]
+    """`cpu` in fixed `[ROW_TILE, K] @ [K, N / blocks]` dots (one row-tile loop, blocks inside;
+    the weight blocks are sliced once, outside the loop)."""
+    ws = _column_blocks(w, blocks)
 
     def tile(t: jax.Array) -> jax.Array:
         return jnp.concatenate([jnp.dot(t, wb, preferred_element_type=jnp.float32) for wb in ws], axis=1)
