@@ -655,7 +655,7 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
 
     @jax.jit
     def lm_head(h, w):
-        return ops.lm_head(h, w.astype(jnp.float32), num)
+        return ops.matmul(h, w.astype(jnp.float32), num)
 
     logits = lm_head(h, w)
     rp = jax.tree_util.tree_map(jnp.asarray, rows)

@@ -167,24 +167,25 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
 
 
 def param_specs(config: ModelConfig, tp: int) -> Params:
-    """PartitionSpec per param (the `param_shapes` tree): output columns / vocabulary split."""
-    kv = P(None, MODEL) if config.num_kv_heads % tp == 0 else P()
+    """PartitionSpec per param (the `param_shapes` tree): output rows (columns of the product) and
+    the vocabulary split; every matrix is `[out, in]`."""
+    kv = P(MODEL, None) if config.num_kv_heads % tp == 0 else P()
     kv_bias = P(MODEL) if config.num_kv_heads % tp == 0 else P()
     by_name = {
         "attn_norm": P(),
         "mlp_norm": P(),
         "q_norm": P(),
         "k_norm": P(),
-        "wq": P(None, MODEL),
+        "wq": P(MODEL, None),
         "bq": P(MODEL),
         "wk": kv,
         "wv": kv,
         "bk": kv_bias,
         "bv": kv_bias,
-        "wo": P(None, MODEL),
-        "w_gate": P(None, MODEL),
-        "w_up": P(None, MODEL),
-        "w_down": P(None, MODEL),
+        "wo": P(MODEL, None),
+        "w_gate": P(MODEL, None),
+        "w_up": P(MODEL, None),
+        "w_down": P(MODEL, None),
     }
     shapes = param_shapes(config)
     specs: Params = {

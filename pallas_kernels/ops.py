@@ -1,11 +1,11 @@
-"""The one door the model uses: `ops.matmul`, `ops.lm_head`, `ops.rms_norm`, `ops.log_softmax`,
+"""The one door the model uses: `ops.matmul`, `ops.rms_norm`, `ops.log_softmax`,
 `ops.attention`, each taking a `Numerics` that says which lowering to run.
 
 * `Numerics(mode="invariant", backend="cpu")`: fixed-tile plain JAX (fast on CPU, batch-invariant).
 * `Numerics(mode="invariant", backend="pallas")`: the Pallas kernels (`pallas_<op>.py`: Triton on
   GPU, Mosaic on TPU, where attention uses `tpu_ragged_paged_attention`);
   `backend="pallas_interpret"` runs the generic kernels in interpret mode (tests on CPU).
-* `Numerics(mode="fast")`: plain XLA matmuls, norms and log-softmax, no invariance promise (for
+* `Numerics(mode="fast")`: plain XLA matmuls (untiled), norms and log-softmax, no invariance promise (for
   comparison and benchmarks); attention runs the same fixed-block kernel as "invariant", the
   fastest lowering there is.
 
@@ -100,24 +100,9 @@ def _matmul_fn(numerics: Numerics) -> Callable:
             fwd = functools.partial(_matmul.column_blocked, base, blocks=blocks)
         return with_reference_grad(fwd, _matmul.reference)
     if numerics.mode == "fast":
-        return _matmul.reference
+        return _matmul.fast
     fwd = _matmul.cpu if numerics.backend == "cpu" else _pallas("pallas_matmul", numerics.backend)
     return with_reference_grad(fwd, _matmul.reference)
-
-
-@functools.lru_cache(maxsize=None)
-def _lm_head_fn(numerics: Numerics) -> Callable:
-    if numerics.column_blocks > 1:
-        base = _lm_head_fn(dataclasses.replace(numerics, column_blocks=1))
-        fwd = functools.partial(_matmul.vocab_blocked_nt, base, blocks=numerics.column_blocks)
-        return with_reference_grad(fwd, _matmul.reference_nt)
-    if numerics.mode == "fast":
-        return _matmul.reference_nt
-    if numerics.backend == "cpu":
-        fwd = _matmul.cpu_nt
-    else:
-        fwd = _pallas("pallas_matmul", numerics.backend, "kernel_nt")
-    return with_reference_grad(fwd, _matmul.reference_nt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,13 +204,9 @@ def _head_unit_attention(numerics: Numerics, ref: Callable, kw: dict) -> Callabl
 
 
 def matmul(x: jax.Array, w: jax.Array, numerics: Numerics) -> jax.Array:
-    """f32[M, N] = x[M, K] @ w[K, N], fp32 accumulation; row-invariant unless numerics is fast."""
+    """f32[M, N] = x[M, K] @ w[N, K]^T (every weight is `[out, in]`, the lm_head `[vocab, hidden]`),
+    fp32 accumulation; row-invariant unless numerics is fast."""
     return _matmul_fn(numerics)(x, w)
-
-
-def lm_head(x: jax.Array, w: jax.Array, numerics: Numerics) -> jax.Array:
-    """f32[M, V] = x[M, K] @ w[V, K]^T (the embedding layout), fp32 accumulation."""
-    return _lm_head_fn(numerics)(x, w)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, numerics: Numerics) -> jax.Array:

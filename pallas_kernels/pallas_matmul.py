@@ -1,12 +1,12 @@
-"""Batch-invariant Pallas matmul: `kernel` for layer weights [K, N], `kernel_nt` for the lm_head
-(weight [V, K], contracted on its last axis). Same values as `matmul.reference` / `reference_nt`.
+"""Batch-invariant Pallas matmul: `kernel(x, w)` = x[M, K] @ w[N, K]^T, the layout of every weight
+(layers and lm_head alike, see `matmul`). Same values as `matmul.reference`.
 
 Blocks, chosen from (K, N) only, never from the row count M:
   * rows: BLOCK_M; x is zero-padded to a multiple of it (padded rows are dropped);
   * contraction: bk = the largest power of two <= BLOCK_K dividing K;
   * columns: bn = BLOCK_N, or the largest power of two <= N when N is smaller.
 Each program owns one [BLOCK_M, bn] output block and accumulates, in fp32 and in K order,
-`acc += dot(x[:, kblock], w[kblock, cols])`. A row's value is that fixed sequence of fixed-shape
+`acc += dot(x[:, kblock], w[cols, kblock]^T)`. A row's value is that fixed sequence of fixed-shape
 dots over its own inputs, so it does not depend on M or on where the row sits.
 
 Columns past the last whole block: the last column block is shifted left to end at N (an
@@ -36,22 +36,11 @@ _MIN_BLOCK = 16  # smallest dot dimension Triton accepts
 
 
 def kernel(x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """f32[M, N] = x[M, K] @ w[K, N] with fp32 accumulation."""
-    return _matmul(x, w, transposed=False, interpret=interpret)
-
-
-def kernel_nt(x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """f32[M, V] = x[M, K] @ w[V, K]^T with fp32 accumulation (the embedding layout)."""
-    return _matmul(x, w, transposed=True, interpret=interpret)
-
-
-def _matmul(x: jax.Array, w: jax.Array, *, transposed: bool, interpret: bool) -> jax.Array:
+    """f32[M, N] = x[M, K] @ w[N, K]^T with fp32 accumulation."""
     rows, k = x.shape
-    w_k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
+    n, w_k = w.shape
     if w_k != k:
-        raise ValueError(
-            f"x{x.shape} and w{w.shape} ({transposed=}) disagree on the contracted axis"
-        )
+        raise ValueError(f"x{x.shape} and w{w.shape} disagree on the contracted axis")
     bk = pow2_block(k, BLOCK_K)
     if bk < _MIN_BLOCK or n < _MIN_BLOCK:
         raise ValueError(f"{k=} must be a multiple of {_MIN_BLOCK} and {n=} at least {_MIN_BLOCK}")
@@ -61,13 +50,10 @@ def _matmul(x: jax.Array, w: jax.Array, *, transposed: bool, interpret: bool) ->
     def col(j):  # first column of block j; the last block ends at n
         return jnp.minimum(j * bn, n - bn)
 
-    if transposed:
-        w_spec = pl.BlockSpec((pl.Element(bn), pl.Element(k)), lambda j, i: (col(j), 0))
-    else:
-        w_spec = pl.BlockSpec((pl.Element(k), pl.Element(bn)), lambda j, i: (0, col(j)))
+    w_spec = pl.BlockSpec((pl.Element(bn), pl.Element(k)), lambda j, i: (col(j), 0))
     xp = pad_rows(x, BLOCK_M)
     out = pl.pallas_call(
-        functools.partial(_block_kernel, bk=bk, transposed=transposed),
+        functools.partial(_block_kernel, bk=bk),
         grid=(num_n, xp.shape[0] // BLOCK_M),  # a column block stays put while rows stream
         in_specs=[pl.BlockSpec((BLOCK_M, k), lambda j, i: (i, 0)), w_spec],
         out_specs=pl.BlockSpec((BLOCK_M, bn), lambda j, i: (i, j)),
@@ -81,18 +67,16 @@ def _matmul(x: jax.Array, w: jax.Array, *, transposed: bool, interpret: bool) ->
     return out
 
 
-def _block_kernel(x_ref, w_ref, o_ref, *, bk: int, transposed: bool) -> None:
-    """o[BLOCK_M, bn] = sum over K blocks, in order, of dot(x[:, kb], w[kb, :]) in fp32."""
-    dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+def _block_kernel(x_ref, w_ref, o_ref, *, bk: int) -> None:
+    """o[BLOCK_M, bn] = sum over K blocks, in order, of dot(x[:, kb], w[:, kb]^T) in fp32."""
     dtype = jnp.promote_types(x_ref.dtype, w_ref.dtype)  # fp32 hidden x bf16 weight: upcast here
 
     def step(kb, acc):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        w = w_ref[:, ks] if transposed else w_ref[ks, :]
         part = jax.lax.dot_general(
             x_ref[:, ks].astype(dtype),
-            w.astype(dtype),
-            dims,
+            w_ref[:, ks].astype(dtype),
+            (((1,), (1,)), ((), ())),
             precision=jax.lax.Precision.HIGHEST,  # fp32 stays fp32 (no TF32 on GPU)
             preferred_element_type=jnp.float32,
         )

@@ -62,18 +62,18 @@ def test_params_and_kv_are_really_sharded(multi_device_report):
     s4 = c["4x1"]["shards"]
     assert c["4x1"]["shard_devices"] == 4
     assert s4["embed"] == [[128, 128]]  # vocabulary rows split
-    assert s4["wq"] == [[128, 32]]  # output columns split: 2 heads per device
-    assert s4["w_down"] == [[384, 32]]
-    assert s4["wk"] == [[128, 32]]  # 2 KV heads < tp=4: k/v weights replicated...
+    assert s4["wq"] == [[32, 128]]  # output rows ([out, in]) split: 2 heads per device
+    assert s4["w_down"] == [[32, 384]]
+    assert s4["wk"] == [[32, 128]]  # 2 KV heads < tp=4: k/v weights replicated...
     assert (
         s4["k_pages"][0][2] == 1 and c["4x1"]["kv_shape"][2] == 4
     )  # ...each device stores 1 KV head
     assert s4["final_norm"] == [[128]]
     s2 = c["2x1"]["shards"]
-    assert s2["wk"] == [[128, 16]]  # 2 KV heads over tp=2: split
+    assert s2["wk"] == [[16, 128]]  # 2 KV heads over tp=2: split
     assert s2["k_pages"][0][2] == 1 and c["2x1"]["kv_shape"][2] == 2
     s8 = c["8x1"]["shards"]
-    assert s8["wq"] == [[128, 16]] and s8["embed"] == [[64, 128]]
+    assert s8["wq"] == [[16, 128]] and s8["embed"] == [[64, 128]]
 
 
 def test_data_parallel_replicas_use_disjoint_devices(multi_device_report):
@@ -90,8 +90,8 @@ def test_qwen_family_kv_split_and_replicated_paths():
     r = run_check("--family", "tiny-qwen", "--configs", "2x1,8x1", "--score-meshes", "4x2")
     assert r["score_equals_reference"]
     assert all(v["bitwise_equal"] for v in r["configs"].values()), r["configs"]
-    assert r["configs"]["2x1"]["shards"]["wk"] == [[128, 32]]  # 2 of the 4 KV heads per device
-    assert r["configs"]["8x1"]["shards"]["wk"] == [[128, 64]]  # replicated (4 < 8)
+    assert r["configs"]["2x1"]["shards"]["wk"] == [[32, 128]]  # 2 of the 4 KV heads per device
+    assert r["configs"]["8x1"]["shards"]["wk"] == [[64, 128]]  # replicated (4 < 8)
     assert r["score_mesh_4x2_equals_reference"]
 
 
@@ -174,20 +174,20 @@ def test_column_blocks_numerics_are_invariant_to_the_slice_a_device_holds():
         return jax.jit(lambda *arrays: op(*arrays, numerics))
 
     x = jnp.asarray(rng.standard_normal((40, 128)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((128, 384)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((384, 128)), jnp.float32)
     lm = jnp.asarray(rng.standard_normal((512, 128)), jnp.float32)
     y = np.asarray(jax.jit(lambda x, w: ops.matmul(x, w, full_n))(x, w))
-    logits = np.asarray(jax.jit(lambda x, w: ops.lm_head(x, w, full_n))(x, lm))
-    np.testing.assert_allclose(y, np.asarray(x @ w), rtol=1e-4, atol=1e-4)
+    logits = np.asarray(jax.jit(lambda x, w: ops.matmul(x, w, full_n))(x, lm))
+    np.testing.assert_allclose(y, np.asarray(x @ w.T), rtol=1e-4, atol=1e-4)
     for tp in (2, 8):
         n, v = 384 // tp, 512 // tp
-        mm, head = jitted(ops.matmul, local(tp)), jitted(ops.lm_head, local(tp))
+        mm = jitted(ops.matmul, local(tp))
         for d in (0, tp - 1):
             assert np.array_equal(
-                np.asarray(mm(x, w[:, d * n : (d + 1) * n])), y[:, d * n : (d + 1) * n]
+                np.asarray(mm(x, w[d * n : (d + 1) * n])), y[:, d * n : (d + 1) * n]
             )
             assert np.array_equal(
-                np.asarray(head(x, lm[d * v : (d + 1) * v])), logits[:, d * v : (d + 1) * v]
+                np.asarray(mm(x, lm[d * v : (d + 1) * v])), logits[:, d * v : (d + 1) * v]
             )
 
     # attention and per-head RMSNorm: 8 query heads, 2 KV heads (the tiny model's GQA)

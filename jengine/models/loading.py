@@ -5,8 +5,8 @@ one tensor from the file, checks its shape, converts it to jengine's layout and 
 device(s) and drops the host copy before reading the next. At most one tensor (plus its converted
 copy) is on the host at a time; the full model is never held twice.
 
-Layouts: HF and GGUF store matrices `[out, in]` (nn.Linear); jengine stores them `[in, out]`, so the
-`w*` leaves are transposed on load. The embedding and lm_head stay `[vocab, hidden]`.
+Layouts: HF, GGUF and jengine all store matrices `[out, in]` (nn.Linear's layout), so leaves are
+read as they stand; the embedding and lm_head are `[vocab, hidden]`.
 
 Errors are `CheckpointError` (a `ValueError`) naming the file and the tensor at fault.
 """
@@ -98,20 +98,14 @@ def _name(path: ParamPath, top: dict[str, str], layer: dict[str, str], layer_pre
     return top[path[0]]
 
 
-def _is_matrix(path: ParamPath) -> bool:
-    """Leaves stored [in, out] by jengine and [out, in] by HF/GGUF (transposed on load)."""
-    return str(path[-1]).startswith("w")
-
-
 def _checked(raw: np.ndarray, path: ParamPath, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """`raw` (file layout) checked against `shape` (jengine layout), returned in jengine layout."""
-    want = shape[::-1] if _is_matrix(path) else shape
-    if tuple(raw.shape) != tuple(want):
+    """`raw` checked against `shape`, the config's shape for the leaf (same layout as the file)."""
+    if tuple(raw.shape) != tuple(shape):
         raise CheckpointError(
-            f"{where}: shape {list(raw.shape)}, but the config needs {list(want)} "
-            f"(jengine param {_dotted(path)} {list(shape)})"
+            f"{where}: shape {list(raw.shape)}, but the config needs {list(shape)} "
+            f"(jengine param {_dotted(path)})"
         )
-    return raw.T if _is_matrix(path) else raw
+    return raw
 
 
 def _resolve_dtype(dtype: Any) -> str | None:
@@ -140,11 +134,15 @@ def _sharding_for(
 
 
 def _place(host: np.ndarray, dtype: str, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    """Host array -> device array of `dtype`; with a sharding, each device gets only its slice."""
+    """Host array -> device array of `dtype`; with a sharding, each device gets only its slice.
+
+    Waits for the transfer: an asynchronous one keeps `host` alive until it completes, and a
+    loader racing ahead would then hold many host tensors at once instead of about one.
+    """
     host = host.astype(dtype, copy=False)
     if sharding is None:
-        return jnp.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jnp.asarray(host).block_until_ready()
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]).block_until_ready()
 
 
 def _key_path(key_path: tuple) -> ParamPath:
@@ -360,7 +358,7 @@ def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
         raw = _checked(raw, p, shape, f"{path}: tensor {name}")
         if permuted and p[-1] in ("wq", "wk", "bq", "bk"):
             heads = config.num_heads if p[-1] in ("wq", "bq") else config.num_kv_heads
-            raw = _unpermute_qk(raw.T, heads).T if _is_matrix(p) else _unpermute_qk(raw, heads)
+            raw = _unpermute_qk(raw, heads)
         return raw
 
     return Model(config, _assemble(config, read, dtype, shardings))

@@ -5,17 +5,18 @@ chunks together), `jengine.score` (a whole sequence teacher-forced) and the diff
 scorer. A token's hidden state is computed by the same ops whatever batch it sits in, so the
 logits of a row depend on that row's own tokens only.
 
-Params pytree (HF names in brackets; matrices are `[in, out]` except the embedding/lm_head):
+Params pytree (HF names in brackets; every matrix is `[out, in]`, nn.Linear's layout, applied as
+`x @ w^T`; the embedding doubles as the tied lm_head):
   embed        [vocab, hidden]                  (model.embed_tokens.weight)
   final_norm   [hidden]                         (model.norm.weight)
   lm_head      [vocab, hidden], untied only     (lm_head.weight)
   layers[i]:
     attn_norm  [hidden]                         (input_layernorm.weight)
-    wq [hidden, heads*head_dim]  wk, wv [hidden, kv_heads*head_dim]  wo [heads*head_dim, hidden]
+    wq [heads*head_dim, hidden]  wk, wv [kv_heads*head_dim, hidden]  wo [hidden, heads*head_dim]
     bq, bk, bv [.. out]          qkv_bias only (Qwen2)
     q_norm, k_norm [head_dim]    qk_norm only (Qwen3)
     mlp_norm   [hidden]                         (post_attention_layernorm.weight)
-    w_gate, w_up [hidden, intermediate]  w_down [intermediate, hidden]
+    w_gate, w_up [intermediate, hidden]  w_down [hidden, intermediate]
 """
 
 from __future__ import annotations
@@ -71,14 +72,14 @@ def param_shapes(config: ModelConfig) -> Params:
     q_out, kv_out = config.num_heads * d, config.num_kv_heads * d
     layer = {
         "attn_norm": (h,),
-        "wq": (h, q_out),
-        "wk": (h, kv_out),
-        "wv": (h, kv_out),
-        "wo": (q_out, h),
+        "wq": (q_out, h),
+        "wk": (kv_out, h),
+        "wv": (kv_out, h),
+        "wo": (h, q_out),
         "mlp_norm": (h,),
-        "w_gate": (h, config.intermediate_size),
-        "w_up": (h, config.intermediate_size),
-        "w_down": (config.intermediate_size, h),
+        "w_gate": (config.intermediate_size, h),
+        "w_up": (config.intermediate_size, h),
+        "w_down": (h, config.intermediate_size),
     }
     if config.qkv_bias:
         layer.update(bq=(q_out,), bk=(kv_out,), bv=(kv_out,))
@@ -233,7 +234,7 @@ def forward(
     h = ops.rms_norm(h, params["final_norm"], config.rms_norm_eps, numerics)
     head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[lm_head_dtype]
     w = lm_head_weight(params, config)
-    logits = ops.lm_head(h.astype(head_dtype), w.astype(head_dtype), numerics)
+    logits = ops.matmul(h.astype(head_dtype), w.astype(head_dtype), numerics)
     if tp is not None:
         logits = tp.gather(logits)
     return logits, new_kv

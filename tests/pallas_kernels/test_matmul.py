@@ -1,5 +1,6 @@
-"""Batch-invariant matmul and lm_head: the fixed-tile CPU lowering and the Pallas kernel
-(interpret mode), both reached through `ops` as the model reaches them."""
+"""Batch-invariant matmul `x @ w^T` for a layer weight and for the lm_head (one op, two shapes):
+the fixed-tile CPU lowering and the Pallas kernel (interpret mode), both reached through `ops` as
+the model reaches them."""
 
 from __future__ import annotations
 
@@ -15,11 +16,7 @@ from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
 
 HIDDEN, OUT, VOCAB = 128, 192, 1000  # OUT and VOCAB leave a partial last column block
 BACKENDS = ("cpu", "pallas_interpret")
-OPS = {"matmul": (ops.matmul, matmul.reference), "lm_head": (ops.lm_head, matmul.reference_nt)}
-
-
-def _weight_shape(name: str) -> tuple[int, int]:
-    return (HIDDEN, OUT) if name == "matmul" else (VOCAB, HIDDEN)
+WEIGHT_SHAPES = {"layer": (OUT, HIDDEN), "lm_head": (VOCAB, HIDDEN)}  # [out, in]
 
 
 def _normal(rng, shape, dtype) -> jax.Array:
@@ -27,9 +24,8 @@ def _normal(rng, shape, dtype) -> jax.Array:
 
 
 @functools.cache
-def _jitted(name: str, backend: str):
-    op = OPS[name][0]
-    return jax.jit(lambda x, w: op(x, w, Numerics(backend=backend)))
+def _jitted(backend: str):
+    return jax.jit(lambda x, w: ops.matmul(x, w, Numerics(backend=backend)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -37,26 +33,29 @@ def _jitted(name: str, backend: str):
     "x_dtype,w_dtype",
     [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.bfloat16)],
 )
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", WEIGHT_SHAPES)
 def test_matches_reference(name, x_dtype, w_dtype, backend):
     rng = np.random.default_rng(0)
     x = _normal(rng, (37, HIDDEN), x_dtype)  # 37 rows: a whole row tile and a ragged one
-    w = _normal(rng, _weight_shape(name), w_dtype)
-    out = _jitted(name, backend)(x, w)
-    assert out.dtype == jnp.float32
+    w = _normal(rng, WEIGHT_SHAPES[name], w_dtype)
+    out = _jitted(backend)(x, w)
+    assert out.dtype == jnp.float32 and out.shape == (37, WEIGHT_SHAPES[name][0])
     # bf16 products are exact in fp32 and both accumulate in fp32: fp32 tolerance throughout
-    assert_close(out, OPS[name][1](x, w), jnp.float32)
+    assert_close(out, matmul.reference(x, w), jnp.float32)
+    # and the reference is x @ w^T, computed by numpy in float64
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", WEIGHT_SHAPES)
 def test_row_is_bitwise_invariant_to_batch_and_position(name, backend):
     rng = np.random.default_rng(1)
-    x_dtype = jnp.bfloat16 if name == "matmul" else jnp.float32  # lm_head runs on fp32 hidden
+    x_dtype = jnp.bfloat16 if name == "layer" else jnp.float32  # lm_head runs on fp32 hidden
     x = _normal(rng, (256, HIDDEN), x_dtype)
-    w = _normal(rng, _weight_shape(name), jnp.bfloat16)
+    w = _normal(rng, WEIGHT_SHAPES[name], jnp.bfloat16)
     probe = _normal(rng, (1, HIDDEN), x_dtype)
-    op = _jitted(name, backend)
+    op = _jitted(backend)
     alone = op(probe, w)[0]
     # batch sizes around the 32-row tile, the probe first/last/mid-tile; 256 rows is where XLA's
     # own dot re-blocks on CPU
@@ -65,26 +64,25 @@ def test_row_is_bitwise_invariant_to_batch_and_position(name, backend):
         assert_bitwise(op(batch, w)[at], alone)
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", WEIGHT_SHAPES)
 def test_gradient_is_the_reference_gradient(name):
     rng = np.random.default_rng(2)
     x = _normal(rng, (9, HIDDEN), jnp.float32)
-    w = _normal(rng, _weight_shape(name), jnp.float32)
-    cotangent = _normal(rng, (9, _weight_shape(name)[1 if name == "matmul" else 0]), jnp.float32)
-    op, reference = OPS[name]
+    w = _normal(rng, WEIGHT_SHAPES[name], jnp.float32)
+    cotangent = _normal(rng, (9, WEIGHT_SHAPES[name][0]), jnp.float32)
 
     def loss(fn):
         return lambda x, w: jnp.sum(fn(x, w) * cotangent)
 
-    got = jax.jit(jax.grad(loss(lambda x, w: op(x, w, Numerics(backend="cpu"))), (0, 1)))(x, w)
-    want = jax.jit(jax.grad(loss(reference), (0, 1)))(x, w)
+    got = jax.jit(jax.grad(loss(lambda x, w: ops.matmul(x, w, Numerics(backend="cpu"))), (0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(matmul.reference), (0, 1)))(x, w)
     for g, e in zip(got, want, strict=True):
         assert_close(g, e, jnp.float32)
 
 
 def test_kernel_rejects_mismatched_contraction():
     with pytest.raises(ValueError, match="contracted axis"):
-        pallas_matmul.kernel(jnp.zeros((4, 64)), jnp.zeros((32, 64)), interpret=True)
+        pallas_matmul.kernel(jnp.zeros((4, 64)), jnp.zeros((64, 32)), interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -93,8 +91,8 @@ def test_kernel_rejects_mismatched_contraction():
 def test_kernels_lower_for_gpu_and_tpu(platform, target):
     x = jnp.zeros((40, 576), jnp.float32)  # SmolLM2 shapes; 49157 leaves a partial vocab block
     assert target in lower_for(
-        platform, pallas_matmul.kernel, x.astype(jnp.bfloat16), jnp.zeros((576, 1536), jnp.bfloat16)
+        platform, pallas_matmul.kernel, x.astype(jnp.bfloat16), jnp.zeros((1536, 576), jnp.bfloat16)
     )
     assert target in lower_for(
-        platform, pallas_matmul.kernel_nt, x, jnp.zeros((49157, 576), jnp.bfloat16)
+        platform, pallas_matmul.kernel, x, jnp.zeros((49157, 576), jnp.bfloat16)
     )
