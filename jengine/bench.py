@@ -390,9 +390,8 @@ def torch_model_from(model):
     tm = cls(hf_cfg)  # on CPU (a meta build would leave rotary buffers to rebuild by hand)
     p = model.params
 
-    def t(x, transpose=False):
-        a = np.asarray(x, np.float32)
-        return torch.from_numpy(np.array(a.T if transpose else a, order="C"))
+    def t(x):  # jengine and torch share every layout ([out, in] matrices)
+        return torch.from_numpy(np.array(x, np.float32, order="C"))
 
     sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"])}
     sd["lm_head.weight"] = t(p["lm_head"]) if "lm_head" in p else sd["model.embed_tokens.weight"]
@@ -403,7 +402,7 @@ def torch_model_from(model):
         sd[pre + "input_layernorm.weight"] = t(layer["attn_norm"])
         sd[pre + "post_attention_layernorm.weight"] = t(layer["mlp_norm"])
         for k, n in names.items():
-            sd[pre + n + ".weight"] = t(layer[k], transpose=True)
+            sd[pre + n + ".weight"] = t(layer[k])
         for k, n in (("bq", "q_proj"), ("bk", "k_proj"), ("bv", "v_proj")):
             if k in layer:
                 sd[pre + f"self_attn.{n}.bias"] = t(layer[k])

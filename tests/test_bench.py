@@ -32,3 +32,18 @@ def test_table_formats_rows():
     assert out.splitlines()[0] == "## T"
     assert "| a | b |" in out and "| 3 |  |" in out
     assert "(no rows)" in bench.table("Empty", [])
+
+
+def test_transformers_baseline_holds_the_same_weights():
+    """The rollout baseline's torch model is built from jengine's params; a wrong layout (or a
+    missed tensor) shows up as logprobs far from jengine's."""
+    from jengine import Model, ModelConfig, init_params
+
+    tiny = ModelConfig.named("tiny")
+    for config in (  # Llama, Qwen2 (qkv bias, untied head), Qwen3 (qk-norm)
+        tiny,
+        tiny.replace(qkv_bias=True, tie_word_embeddings=False),
+        tiny.replace(qk_norm=True),
+    ):
+        model = Model(config, init_params(config, seed=0))
+        assert bench.hf_parity(model, bench.torch_model_from(model), [1, 5, 9, 2, 7, 3]) < 1e-4
