@@ -28,10 +28,16 @@ def reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
 
 
-def _weight_first(t: jax.Array, w: jax.Array) -> jax.Array:
-    """f32[ROW_TILE, N] = (w[N, K] @ t[ROW_TILE, K]^T)^T, in that orientation (see module doc)."""
+def _weight_first(t: jax.Array, *ws: jax.Array) -> jax.Array:
+    """f32[ROW_TILE, N] = (w[N, K] @ t[ROW_TILE, K]^T)^T, in that orientation (see module doc).
+
+    With several weights (column blocks), one dot per block and their outputs side by side:
+    f32[ROW_TILE, sum of N] (t and the result are transposed once, not per block).
+    """
     barrier = jax.lax.optimization_barrier
-    return barrier(jax.lax.dot_general(w, barrier(t), _NT, preferred_element_type=jnp.float32)).T
+    t = barrier(t)
+    out = [jax.lax.dot_general(w, t, _NT, preferred_element_type=jnp.float32) for w in ws]
+    return barrier(out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)).T
 
 
 # Above this many rows XLA's own orientation wins on CPU (576 x 1536 to 576 x 49152 weights:
@@ -75,4 +81,4 @@ def cpu_column_blocked(x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
     """`cpu` with one fixed dot per column block (one row-tile loop, blocks inside; the weight
     blocks are sliced once, outside the loop)."""
     ws = _column_blocks(w, blocks)
-    return map_row_tiles(lambda t: jnp.concatenate([_weight_first(t, wb) for wb in ws], axis=1), x)
+    return map_row_tiles(lambda t: _weight_first(t, *ws), x)
