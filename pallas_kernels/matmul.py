@@ -46,8 +46,8 @@ FAST_WEIGHT_FIRST_MAX_ROWS = 64
 
 
 def fast(x: jax.Array, w: jax.Array) -> jax.Array:
-    """f32[M, N]: `reference` in whichever orientation is faster for M rows, untiled (the "fast"
-    numerics: no invariance promise)."""
+    """f32[M, N]: `reference` in whichever orientation is faster on CPU for M rows, untiled (the
+    CPU backend's "fast" numerics: no invariance promise)."""
     return _weight_first(x, w) if x.shape[0] <= FAST_WEIGHT_FIRST_MAX_ROWS else reference(x, w)
 
 

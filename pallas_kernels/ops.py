@@ -5,9 +5,9 @@
 * `Numerics(mode="invariant", backend="pallas")`: the Pallas kernels (`pallas_<op>.py`: Triton on
   GPU, Mosaic on TPU, where attention uses `tpu_ragged_paged_attention`);
   `backend="pallas_interpret"` runs the generic kernels in interpret mode (tests on CPU).
-* `Numerics(mode="fast")`: plain XLA matmuls (untiled), norms and log-softmax, no invariance promise (for
-  comparison and benchmarks); attention runs the same fixed-block kernel as "invariant", the
-  fastest lowering there is.
+* `Numerics(mode="fast")`: plain XLA matmuls (untiled), norms and log-softmax, no invariance
+  promise (for comparison and benchmarks); attention runs the same fixed-block kernel as
+  "invariant", the fastest lowering there is.
 
 Every invariant op is differentiable: its backward pass is the vjp of the plain-JAX reference
 (`jax.custom_vjp`), so the trainer-side scorer's forward values are bitwise the rollout's while
@@ -99,8 +99,8 @@ def _matmul_fn(numerics: Numerics) -> Callable:
             base = _matmul_fn(dataclasses.replace(numerics, column_blocks=1))
             fwd = functools.partial(_matmul.column_blocked, base, blocks=blocks)
         return with_reference_grad(fwd, _matmul.reference)
-    if numerics.mode == "fast":
-        return _matmul.fast
+    if numerics.mode == "fast":  # the weight-first orientation is a CPU measurement
+        return _matmul.fast if numerics.backend == "cpu" else _matmul.reference
     fwd = _matmul.cpu if numerics.backend == "cpu" else _pallas("pallas_matmul", numerics.backend)
     return with_reference_grad(fwd, _matmul.reference)
 

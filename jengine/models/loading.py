@@ -141,8 +141,10 @@ def _place(host: np.ndarray, dtype: str, sharding: jax.sharding.Sharding | None)
     """
     host = host.astype(dtype, copy=False)
     if sharding is None:
-        return jnp.asarray(host).block_until_ready()
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]).block_until_ready()
+        placed = jnp.asarray(host)
+    else:
+        placed = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return placed.block_until_ready()
 
 
 def _key_path(key_path: tuple) -> ParamPath:
