@@ -1,0 +1,26 @@
+"""Every bit of a fixed set of rollouts and trainer-side logprobs is unchanged (tests/golden.py).
+
+The outputs in tests/data/golden.json were recorded before the layered-core redesign; a change
+that alters any of them must say why in its commit and re-record them (`python -m tests.golden
+record`). Runs in a subprocess: the tp / dp cases need 4 forced CPU devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_golden_outputs_are_bitwise_unchanged():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.golden", "check"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert proc.stdout.strip(), proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cases"] >= 13
+    assert report["differences"] == {}, report["differences"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
