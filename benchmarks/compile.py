@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 CHILD = r"""
 import json, sys
-from jengine import bench
+from benchmarks import bench
 name, numerics, requests, max_tokens, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 model = bench.smollm2()[0] if name == "smollm2" else bench.random_model(name)
 r = bench.compile_behaviour(model, num_requests=requests, max_tokens=max_tokens, numerics=numerics,
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out_path = args.out or os.path.join(ROOT, "benchmarks", "results", f"compile_{args.model}.json")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    from jengine import bench
+    from benchmarks import bench
 
     res = {"machine": bench.machine(), "args": vars(args), "rows": []}
     for numerics in args.numerics.split(","):

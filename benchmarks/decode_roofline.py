@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jengine import bench
+from benchmarks import bench
 
 
 def main(argv=None) -> int:

@@ -138,7 +138,7 @@ def run_load(
     wall = time.perf_counter() - start
 
     assert set(outs) == set(info), "a request never finished"
-    leaked = engine.num_pages - engine.allocator.num_free
+    leaked = engine.stats["num_pages"] - engine.stats["num_pages_free"]
     assert leaked == 0, f"{leaked} pages leaked"
     engine.check_invariants()
     stats = engine.stats
@@ -210,6 +210,7 @@ def main(argv=None) -> None:
     ap.add_argument("--abort-prob", type=float, default=0.05)
     ap.add_argument("--compare", type=int, default=10)
     ap.add_argument("--model", default="tiny", help="a shipped config name (random init)")
+    ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args(argv)
     cfg = ModelConfig.named(args.model)
     model = Model(cfg, init_params(cfg, seed=0))
@@ -219,6 +220,9 @@ def main(argv=None) -> None:
     )
     print(summary(r))
     print(json.dumps(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jengine import bench
+from benchmarks import bench
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jengine import bench
+from benchmarks import bench
 
 
 def main(argv=None) -> int:

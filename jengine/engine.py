@@ -4,10 +4,14 @@
     outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, seed=0))
     engine.update_weights(new_params)            # between steps; returns the new version
 
-Guarantees (each tested): every returned logprob is bitwise `jengine.score` of the same tokens
-with the same params and settings; a request's tokens and logprobs do not depend on its batch,
-the step budget, page size or placement, arrival order (given its seed), prefix caching or
-preemption.
+Guarantees (each tested): every returned logprob is bitwise `jengine.score(..., numerics=
+engine.numerics)` of the same tokens with the same params; a request's tokens and logprobs do not
+depend on its batch, the step budget, page size or placement, arrival order (given its seed),
+prefix caching, preemption, or the tensor / data parallel layout (given `column_blocks`).
+
+Layers: the engine owns one host-side `Scheduler` (with its `BlockAllocator`) per data-parallel
+replica and one device-side `Runner`; a step plans every replica, runs their plans as one
+device step, and commits the results back.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import dataclasses
 import itertools
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,13 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jengine import plan as plan_lib
+from jengine import sharding
+from jengine.allocator import BlockAllocator
 from jengine.config import EngineConfig, SamplingParams
-from jengine.kv_cache import BlockAllocator
-from jengine.models.transformer import Model, Params, empty_kv_cache, param_shapes
+from jengine.models.transformer import Model, Params, param_shapes
 from jengine.runner import Runner
 from jengine.scheduler import Scheduled, Scheduler
 from jengine.scheduler import Sequence as Seq
-from pallas_kernels.ops import Numerics, default_backend
 
 FINISH_REASONS = ("stop", "length", "aborted", "error")
 UPDATE_MODES = ("keep", "recompute", "abort")
@@ -56,34 +60,31 @@ class RequestOutput:
     error: str | None = None
 
 
-def _bytes_per_page(model: Model, page_size: int) -> int:
-    c = model.config
-    itemsize = jnp.dtype(model.params["embed"].dtype).itemsize
-    return 2 * c.num_layers * page_size * c.num_kv_heads * c.head_dim * itemsize
-
-
-def _check_model_params(model: Model) -> None:
-    """Refuses a Model whose params do not fit its config (tree, shapes) or are non-finite,
-    before any engine state exists: otherwise the first step() would crash or every request
-    would error."""
-    want, want_def = jax.tree_util.tree_flatten(
-        param_shapes(model.config), is_leaf=lambda x: isinstance(x, tuple)
-    )
-    got_paths, got_def = jax.tree_util.tree_flatten_with_path(model.params)
+def check_params(params: Params, shapes: Params, where: str, dtypes: Params | None = None) -> None:
+    """Raises ValueError naming the first leaf of `params` whose place in the tree, shape or dtype
+    differs from `shapes` (a tree of shape tuples) / `dtypes`, or that holds a non-finite value."""
+    want, want_def = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    got, got_def = jax.tree_util.tree_flatten_with_path(params)
     if got_def != want_def:
+        want_names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}  # fmt: skip
+        got_names = {jax.tree_util.keystr(p) for p, _ in got}
         raise ValueError(
-            f"model.params do not match model.config ({model.config.name!r}): tree structure "
-            f"{got_def} vs {want_def}"
+            f"{where}: params tree structure differs: missing leaves "
+            f"{sorted(want_names - got_names)[:10]}, unexpected leaves "
+            f"{sorted(got_names - want_names)[:10]}"
         )
-    for (path, leaf), shape in zip(got_paths, want):
+    want_dtypes = [None] * len(want) if dtypes is None else jax.tree_util.tree_leaves(dtypes)
+    for (path, leaf), shape, dtype in zip(got, want, want_dtypes):
         name = jax.tree_util.keystr(path)
         if tuple(getattr(leaf, "shape", ())) != tuple(shape):
-            raise ValueError(
-                f"model.params{name} has shape {getattr(leaf, 'shape', None)}, model.config "
-                f"says {shape}"
-            )
-        if not bool(jnp.all(jnp.isfinite(leaf))):
-            raise ValueError(f"model.params{name} holds non-finite values")
+            raise ValueError(f"{where}{name} has shape {getattr(leaf, 'shape', None)}, expected {shape}")
+        if dtype is not None and leaf.dtype != dtype:
+            raise ValueError(f"{where}{name} has dtype {leaf.dtype}, expected {dtype}")
+    finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+    for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]:
+        if not bool(ok):
+            raise ValueError(f"{where}{jax.tree_util.keystr(path)} holds non-finite values")
 
 
 def _kv_budget_bytes() -> int:
@@ -102,17 +103,10 @@ class Engine:
     """A rollout engine over one model. Not thread-safe: call it from one thread.
 
     `mesh`: an optional ('data', 'model') `jax.sharding.Mesh` of shape (data_parallel_size,
-    tensor_parallel_size); by default one is built from `jax.devices()` when tp * dp > 1. With
-    data_parallel_size > 1 the constructor returns a `jengine.sharding` DataParallelEngine (an
-    Engine: dp replicas behaving as one). See `jengine.sharding` for the bitwise design.
+    tensor_parallel_size); by default one is built from `jax.devices()` when tp * dp > 1.
+    Data-parallel replica i serves the requests whose arrival index is i mod dp; all replicas step
+    together in one device step. See `jengine.sharding` for why no layout changes a bit.
     """
-
-    def __new__(cls, model: Model = None, config: EngineConfig | None = None, **kwargs: Any):
-        if cls is Engine and isinstance(config, EngineConfig) and config.data_parallel_size > 1:
-            from jengine.sharding import data_parallel_engine_class
-
-            return super().__new__(data_parallel_engine_class())
-        return super().__new__(cls)
 
     def __init__(self, model: Model, config: EngineConfig | None = None, *, mesh: Any = None):
         if not isinstance(model, Model):
@@ -120,77 +114,46 @@ class Engine:
         config = config or EngineConfig()
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
-        _check_model_params(model)
         mc = model.config
+        check_params(model.params, param_shapes(mc), "model.params")
         max_model_len = config.max_model_len or mc.max_position_embeddings
         if max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={max_model_len} exceeds the model's "
                 f"max_position_embeddings={mc.max_position_embeddings}"
             )
-        if config.data_parallel_size > 1:
-            raise ValueError("data_parallel_size > 1: construct it as Engine(model, config)")
-        column_blocks = config.column_blocks or config.tensor_parallel_size
-        self.mesh = None
-        parallel = None
-        if config.tensor_parallel_size > 1 or mesh is not None:
-            from jengine import sharding
-
-            self.mesh = sharding.engine_mesh(config, mesh)
-            sharding.check_model(mc, config.tensor_parallel_size, column_blocks)
-            model = Model(mc, sharding.shard_params(model.params, mc, self.mesh))
-            if config.tensor_parallel_size > 1:
-                parallel = sharding.TensorParallel(self.mesh, column_blocks)
-        elif column_blocks > 1:
-            from jengine import sharding
-
-            sharding.check_model(mc, 1, column_blocks)
-        if self.mesh is None:
-            # Commit the params to their device now: `update_weights` places new params with
-            # `device_put(new, old.sharding)`, which commits them, and a committed argument is a
-            # different jit cache key than an uncommitted one -- every bucket would silently
-            # recompile after the first update.
-            model = Model(mc, jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding) if hasattr(x, "sharding") else x, model.params))
-        self.model = model
+        self.numerics = config.resolved_numerics()
+        tp, dp = config.tensor_parallel_size, config.data_parallel_size
+        if tp * dp > 1 or mesh is not None:
+            mesh = sharding.engine_mesh(config, mesh)
+        if mesh is not None or self.numerics.column_blocks > 1:
+            sharding.check_model(mc, tp, self.numerics.column_blocks)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.config = config
         self.max_model_len = max_model_len
         self.pages_per_seq = -(-max_model_len // config.page_size)
         num_pages = config.num_pages
         if num_pages is None:
+            c = mc
+            page_bytes = (2 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim
+                          * jnp.dtype(model.params["embed"].dtype).itemsize)  # fmt: skip
             want = config.max_num_seqs * self.pages_per_seq
-            num_pages = max(1, min(want, _kv_budget_bytes() // _bytes_per_page(model, config.page_size)))
-        self.num_pages = num_pages
-        self.numerics = Numerics(
-            mode=config.numerics,
-            backend=default_backend(config.kernel_backend),
-            column_blocks=column_blocks,
-        )
-        self.allocator = BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.allocator,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            pages_per_seq=self.pages_per_seq,
-        )
-        if self.mesh is not None:
-            kv = sharding.empty_kv_cache(
-                mc, num_pages, config.page_size, model.params["embed"].dtype, self.mesh
-            )
-        else:
-            kv = empty_kv_cache(mc, num_pages, config.page_size, model.params["embed"].dtype)
-            # committed like the KV every step returns: else the second step recompiles its bucket
-            kv = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), kv)
+            num_pages = max(1, min(want, _kv_budget_bytes() // page_bytes))
+        self.num_pages = num_pages  # per replica
         self.runner = Runner(
-            mc,
-            model.params,
-            kv,
-            numerics=self.numerics,
-            lm_head_dtype=config.lm_head_dtype,
-            logprobs_mode=config.logprobs_mode,
-            max_tokens=config.max_num_batched_tokens,
-            max_seqs=config.max_num_seqs,
-            parallel=parallel,
-        )
+            model, self.numerics, logprobs_mode=config.logprobs_mode, num_pages=num_pages,
+            page_size=config.page_size, max_tokens=config.max_num_batched_tokens,
+            max_seqs=config.max_num_seqs, mesh=self.mesh,
+        )  # fmt: skip
+        self.schedulers = [
+            Scheduler(
+                BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching),
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                pages_per_seq=self.pages_per_seq,
+            )
+            for _ in range(dp)
+        ]
         self.policy_version = 0
         self.paused = False
         self._arrivals = itertools.count()
@@ -199,7 +162,12 @@ class Engine:
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
         self._step_index = 0
         self._generated = 0
-        self._trace = open(config.trace_path, "a") if config.trace_path else None
+        self._trace = open(config.trace_path, "w") if config.trace_path else None
+
+    @property
+    def model(self) -> Model:
+        """The model as the engine serves it now (params placed on its devices)."""
+        return Model(self.runner.config, self.runner.params)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -210,7 +178,7 @@ class Engine:
             raise TypeError(f"prompt_token_ids must be a list of ints, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError("prompt_token_ids is empty")
-        vocab = self.model.config.vocab_size
+        vocab = self.runner.config.vocab_size
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
                 raise TypeError(f"prompt_token_ids holds {t!r} ({type(t).__name__}), not an int")
@@ -231,7 +199,7 @@ class Engine:
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        vocab = self.model.config.vocab_size
+        vocab = self.runner.config.vocab_size
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise ValueError(f"stop_token_ids holds {bad}, outside [0, {vocab})")
@@ -261,22 +229,23 @@ class Engine:
         prompt, params, max_len = self._validate_request(prompt_token_ids, sampling_params)
         if stop is not None and not callable(stop):
             raise TypeError(f"stop={stop!r} must be callable")
-        if request_id is None:
-            arrival = next(self._arrivals)
-            request_id, k = f"req-{arrival}", 0
-            while request_id in self._seqs or request_id in self._finished_ids:
-                k += 1  # a caller already used this id: never overwrite a live request
-                request_id = f"req-{arrival}-{k}"
-        else:
+        taken = lambda rid: rid in self._seqs or rid in self._finished_ids  # noqa: E731
+        if request_id is not None:
             if not isinstance(request_id, str) or not request_id:
                 raise TypeError(f"request_id={request_id!r} must be a non-empty str")
-            if request_id in self._seqs or request_id in self._finished_ids:
+            if taken(request_id):
                 raise ValueError(f"request_id={request_id!r} is already in use")
-            arrival = next(self._arrivals)
+        arrival = next(self._arrivals)
+        if request_id is None:
+            request_id, k = f"req-{arrival}", 0
+            while taken(request_id):  # a caller already used this id: never overwrite it
+                k += 1
+                request_id = f"req-{arrival}-{k}"
         seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + arrival) % (2**31)
-        seq = Seq(request_id, arrival, prompt, params, seed, max_len, stop)
+        replica = arrival % len(self.schedulers)
+        seq = Seq(request_id, arrival, prompt, params, seed, max_len, stop, replica)
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        self.schedulers[replica].add(seq)
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -300,7 +269,7 @@ class Engine:
     # -- stepping ---------------------------------------------------------------------------
 
     def _finish(self, seq: Seq, reason: str, error: str | None = None) -> RequestOutput:
-        self.scheduler.release(seq)
+        self.schedulers[seq.replica].release(seq)
         del self._seqs[seq.request_id]
         self._finished_ids.add(seq.request_id)
         seq.finish_reason = reason
@@ -319,7 +288,7 @@ class Engine:
 
     def _stop_reason(self, seq: Seq, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token in self.model.config.eos_token_ids:
+        if not p.ignore_eos and token in self.runner.config.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
@@ -332,19 +301,24 @@ class Engine:
         if self.paused:
             return []
         finished, self._undelivered = self._undelivered, []
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
+        planned = [s.schedule() for s in self.schedulers]
+        if all(p is None for p in planned):
             return finished
-        top_n = max((s.params.logprobs for s in scheduled.seqs), default=0)
-        sel, compiled_now, seconds = self.runner.run(scheduled.inputs, top_n=top_n)
-        self.scheduler.commit(scheduled)
-        finished += self._absorb(scheduled, sel, top_n)
+        empty = plan_lib.build([], self.config.page_size, self.pages_per_seq)
+        top_n = max((s.params.logprobs for p in planned if p for s in p.seqs), default=0)
+        sels, compiled_now, seconds = self.runner.run(
+            [p.plan if p else empty for p in planned], top_n=top_n
+        )
+        for scheduler, scheduled, sel in zip(self.schedulers, planned, sels):
+            if scheduled is not None:
+                scheduler.commit(scheduled)
+                finished += self._absorb(scheduled, sel)
         self._step_index += 1
         if self._trace:
-            self._write_trace(scheduled, compiled_now, seconds)
+            self._write_trace([p for p in planned if p], compiled_now, seconds)
         return finished
 
-    def _absorb(self, scheduled: Scheduled, sel, top_n: int) -> list[RequestOutput]:
+    def _absorb(self, scheduled: Scheduled, sel) -> list[RequestOutput]:
         finished = []
         row = 0
         for seq, samples in zip(scheduled.seqs, scheduled.samples):
@@ -380,21 +354,21 @@ class Engine:
                 finished.append(self._finish(seq, reason))
         return finished
 
-    def _write_trace(self, scheduled: Scheduled, compiled_now: bool, seconds: float) -> None:
-        num_tokens, num_seqs = self.runner.bucket(len(scheduled.inputs.tokens))
+    def _write_trace(self, planned: list[Scheduled], compiled_now: bool, seconds: float) -> None:
+        num_tokens, num_seqs = self.runner.bucket(max(p.plan.num_tokens for p in planned))
         record = {
             "step": self._step_index - 1,
             "bucket_tokens": num_tokens,
             "bucket_seqs": num_seqs,
-            "prefill_tokens": scheduled.num_prefill_tokens,
-            "decode_tokens": scheduled.num_decode_tokens,
-            "seqs": len(scheduled.seqs),
+            "prefill_tokens": sum(p.num_prefill_tokens for p in planned),
+            "decode_tokens": sum(p.num_decode_tokens for p in planned),
+            "seqs": sum(len(p.seqs) for p in planned),
             "policy_version": self.policy_version,
             "compiled": compiled_now,
             "step_seconds": round(seconds, 6),
             "compile_seconds": round(seconds, 6) if compiled_now else 0.0,
-            "pages_free": self.allocator.num_free,
-            "preemptions": self.scheduler.num_preemptions,
+            "pages_free": sum(s.allocator.num_free for s in self.schedulers),
+            "preemptions": sum(s.num_preemptions for s in self.schedulers),
         }
         self._trace.write(json.dumps(record) + "\n")
         self._trace.flush()
@@ -409,7 +383,7 @@ class Engine:
         """Runs `prompts` to completion; outputs in prompt order.
 
         Everything is validated before the first request is queued. `progress` shows a tqdm bar
-        (default: when stderr is a terminal).
+        on stderr (default: when stderr is a terminal).
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of token-id lists")
@@ -455,30 +429,6 @@ class Engine:
 
     # -- weights ----------------------------------------------------------------------------
 
-    def _validate_params(self, params: Params) -> None:
-        old = self.runner.params
-        old_leaves, old_def = jax.tree_util.tree_flatten_with_path(old)
-        new_leaves, new_def = jax.tree_util.tree_flatten_with_path(params)
-        if old_def != new_def:
-            old_names = [jax.tree_util.keystr(p) for p, _ in old_leaves]
-            new_names = [jax.tree_util.keystr(p) for p, _ in new_leaves]
-            missing = [n for n in old_names if n not in set(new_names)]
-            extra = [n for n in new_names if n not in set(old_names)]
-            raise ValueError(
-                "update_weights: params tree structure differs: "
-                f"missing leaves {missing[:10]}, unexpected leaves {extra[:10]}"
-            )
-        for (path, a), (_, b) in zip(old_leaves, new_leaves):
-            name = jax.tree_util.keystr(path)
-            if not hasattr(b, "shape") or tuple(b.shape) != tuple(a.shape):
-                raise ValueError(f"update_weights: {name} has shape {getattr(b, 'shape', None)}, expected {a.shape}")
-            if b.dtype != a.dtype:
-                raise ValueError(f"update_weights: {name} has dtype {b.dtype}, expected {a.dtype}")
-        finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
-        for (path, ok) in jax.tree_util.tree_flatten_with_path(finite)[0]:
-            if not bool(ok):
-                raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} holds non-finite values")
-
     def update_weights(self, params: Params, mode: str = "keep") -> int:
         """Swaps in new params between steps; returns the new policy version.
 
@@ -493,23 +443,23 @@ class Engine:
         """
         if mode not in UPDATE_MODES:
             raise ValueError(f"mode={mode!r} must be one of {UPDATE_MODES}")
-        self._validate_params(params)
-        params = jax.tree_util.tree_map(
-            lambda new, old: jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new,
+        old = self.runner.params
+        check_params(
             params,
-            self.runner.params,
+            jax.tree_util.tree_map(lambda x: tuple(x.shape), old),
+            "update_weights: ",
+            jax.tree_util.tree_map(lambda x: x.dtype, old),
         )
-        self.runner.params = params
-        self.model = Model(self.model.config, params)
+        self.runner.set_params(params)
         self.policy_version += 1
-        self.scheduler.version = self.policy_version
-        in_flight = [s for s in self.scheduler.running + self.scheduler.waiting]
-        if mode == "recompute":
-            for seq in in_flight:
-                if seq.pages:
-                    self.scheduler.preempt(seq)
-                    self.scheduler.num_preemptions -= 1  # a recompute is not a preemption
-        elif mode == "abort":
+        for scheduler in self.schedulers:
+            scheduler.version = self.policy_version
+            if mode == "recompute":
+                for seq in scheduler.running + scheduler.waiting:
+                    if seq.pages:
+                        scheduler.preempt(seq)
+                        scheduler.num_preemptions -= 1  # a recompute is not a preemption
+        if mode == "abort":
             self._undelivered += [self._finish(s, "aborted") for s in list(self._seqs.values())]
         return self.policy_version
 
@@ -524,24 +474,27 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, Any]:
+        """Counters of the engine (summed over data-parallel replicas; `num_pages` is the total)."""
+        total = lambda f: sum(f(s) for s in self.schedulers)  # noqa: E731
         return {
             "compilations": len(self.runner.compiled),
             "compile_seconds": round(self.runner.compile_seconds, 3),
             "bucket_table_size": self.runner.bucket_table_size,
-            "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
-            "preemptions": self.scheduler.num_preemptions,
-            "num_pages": self.num_pages,
-            "num_pages_free": self.allocator.num_free,
+            "prefix_cache_hit_tokens": total(lambda s: s.prefix_hit_tokens),
+            "preemptions": total(lambda s: s.num_preemptions),
+            "num_pages": self.num_pages * len(self.schedulers),
+            "num_pages_free": total(lambda s: s.allocator.num_free),
             "generated_tokens": self._generated,
             "steps": self._step_index,
             "policy_version": self.policy_version,
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "running": total(lambda s: len(s.running)),
+            "waiting": total(lambda s: len(s.waiting)),
         }
 
     def check_invariants(self) -> None:
-        """Raises AssertionError if the page books do not balance (tests call this)."""
-        self.allocator.check_invariants(self.scheduler.owners())
+        """Raises AssertionError if any replica's page books do not balance (tests call this)."""
+        for s in self.schedulers:
+            s.allocator.check_invariants(s.owners())
 
     def close(self) -> None:
         if self._trace:

@@ -14,8 +14,8 @@ Sampling is inverse-CDF on the processed distribution with one uniform draw per 
 `fold_in(key(seed), position)`: a function of the request's seed and the sampled token's position
 only, so a request's draws never depend on its batch. The CDF is summed in a fixed order (blocks of
 `CDF_BLOCK` tokens, then within the chosen block) and a token the filters dropped (probability 0)
-is never chosen. One draw per row instead of a Gumbel draw per vocabulary entry: on the CPU this
-is ~2 ms instead of ~30 ms for 32 rows of a 49k vocabulary.
+is never chosen. One draw per row, not a Gumbel draw per vocabulary entry (BUILD.md has the
+costs).
 
 Everything per row runs inside one fixed `[ROW_TILE, vocab]` tile (`map_row_tiles`), and the engine
 and `jengine.score` call the same `select` function: a rollout's logprob and the trainer-side
@@ -28,66 +28,34 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jengine.config import SamplingParams
-from pallas_kernels import log_softmax as _log_softmax
+from jengine import plan
+from jengine.plan import SampleRows
 from pallas_kernels.tiling import map_row_tiles
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class RowParams:
-    """Per-row sampling inputs, each [R].
-
-    position: position the sampled/scored token will take in its sequence (noise counter).
-    target:   token whose value to return when `use_target` (scoring); ignored otherwise.
-    """
-
-    temperature: jax.Array  # f32
-    top_k: jax.Array  # i32, 0 = off
-    top_p: jax.Array  # f32, 1 = off
-    min_p: jax.Array  # f32, 0 = off
-    seed: jax.Array  # u32
-    position: jax.Array  # i32
-    target: jax.Array  # i32
-    use_target: jax.Array  # bool
-
-
-def row_params(
-    params: list[SamplingParams],
-    seeds: list[int],
-    positions: list[int],
-    targets: list[int] | None = None,
-    rows: int | None = None,
-) -> RowParams:
-    """Host-side: numpy `RowParams` for `len(params)` rows, padded to `rows` (padding is greedy)."""
-    rows = rows or len(params)
-    n = len(params)
-
-    def col(values, dtype, fill):
-        out = np.full((rows,), fill, dtype)
-        out[:n] = values
-        return out
-
-    return RowParams(
-        temperature=col([p.temperature for p in params], np.float32, 0.0),
-        top_k=col([p.top_k for p in params], np.int32, 0),
-        top_p=col([p.top_p for p in params], np.float32, 1.0),
-        min_p=col([p.min_p for p in params], np.float32, 0.0),
-        seed=col(seeds, np.uint32, 0),
-        position=col(positions, np.int32, 0),
-        target=col(targets if targets is not None else [0] * n, np.int32, 0),
-        use_target=col([targets is not None] * n, np.bool_, False),
+# The host layer's plan types are pytrees of arrays on the device side.
+for _cls in (plan.SampleRows, plan.StepPlan):
+    jax.tree_util.register_dataclass(
+        _cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[]
     )
 
 
+def log_softmax(z: jax.Array) -> jax.Array:
+    """f32[M, V] log-softmax over the last axis, max subtracted first; -inf entries stay -inf
+    (a row must not be all -inf)."""
+    z = z.astype(jnp.float32)
+    m = jnp.max(z, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True)) + m
+    return z - lse
+
+
 def _softmax(z: jax.Array) -> jax.Array:
-    return jnp.exp(_log_softmax.reference(z))
+    return jnp.exp(log_softmax(z))
 
 
 # top-k and top-p thresholds by bisection over float bit patterns: 32 passes of a compare and a
-# sum over the row instead of a full-vocabulary sort (XLA:CPU sorts [32, 49152] in ~330 ms).
+# sum over the row instead of a full-vocabulary sort (slow on XLA:CPU; BUILD.md has the figures).
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -136,7 +104,7 @@ def _top_p_threshold_bits(p: jax.Array, top_p: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, 32, step, bounds)[0]
 
 
-def processed_logits(raw: jax.Array, rp: RowParams) -> jax.Array:
+def processed_logits(raw: jax.Array, rp: SampleRows) -> jax.Array:
     """f32[R, V] processed logits (see the module docstring); -inf where a filter dropped a token."""
     greedy = rp.temperature == 0.0
     temp = jnp.where(greedy, 1.0, rp.temperature)[:, None]
@@ -221,14 +189,14 @@ class Selected:
     top_values: jax.Array  # f32[R, n]
 
 
-def _select_tile(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int) -> Selected:
+def _select_tile(raw: jax.Array, rp: SampleRows, logprobs_mode: str, top_n: int) -> Selected:
     raw = raw.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(raw), axis=-1)
     safe_raw = jnp.where(jnp.isfinite(raw), raw, 0.0)  # keep the tile well-defined; flagged anyway
     z = processed_logits(safe_raw, rp)
     values = {
-        "processed_logprobs": lambda: _log_softmax.reference(z),
-        "raw_logprobs": lambda: _log_softmax.reference(safe_raw),
+        "processed_logprobs": lambda: log_softmax(z),
+        "raw_logprobs": lambda: log_softmax(safe_raw),
         "processed_logits": lambda: z,
         "raw_logits": lambda: safe_raw,
     }[logprobs_mode]()
@@ -245,14 +213,14 @@ def _select_tile(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int) 
     return Selected(token, value, finite, top_ids.astype(jnp.int32), top_values)
 
 
-def select(raw: jax.Array, rp: RowParams, logprobs_mode: str, top_n: int = 0) -> Selected:
+def select(raw: jax.Array, rp: SampleRows, logprobs_mode: str, top_n: int = 0) -> Selected:
     """Samples (or scores `rp.target`) every row of raw f32[R, V], one fixed tile at a time.
 
     `logprobs_mode` and `top_n` are static. Row r's outputs depend only on raw[r] and rp[r].
     """
 
     def tile(raw_t, *fields):
-        return _select_tile(raw_t, RowParams(*fields), logprobs_mode, top_n)
+        return _select_tile(raw_t, SampleRows(*fields), logprobs_mode, top_n)
 
-    fields = [getattr(rp, f.name) for f in dataclasses.fields(RowParams)]
+    fields = [getattr(rp, f.name) for f in dataclasses.fields(SampleRows)]
     return map_row_tiles(tile, raw, *fields, differentiable=True)

@@ -5,6 +5,9 @@ admitted first-come-first-served by arrival index, and when pages run out the mo
 admitted running sequence is preempted (its pages freed, its tokens recomputed later). Because
 every kernel is batch-invariant and sampling noise depends on (seed, position) only, none of
 these decisions changes a single output bit; they only change speed.
+
+Host-side only (no jax): a step is planned as a `plan.StepPlan`, run by whatever executes plans
+(the engine's device runner, or a fake step in the tests), and committed back.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jengine import sampling
+from jengine import plan
+from jengine.allocator import BlockAllocator, OutOfPages, PageKey, page_keys
 from jengine.config import SamplingParams
-from jengine.kv_cache import BlockAllocator, OutOfPages, PageKey, page_keys
-from jengine.runner import StepInputs
 
 
 @dataclasses.dataclass(eq=False)
@@ -31,6 +33,7 @@ class Sequence:
     seed: int
     max_len: int  # prompt + completion may not exceed this
     stop: Callable[[list[int]], bool] | None = None
+    replica: int = 0  # the data-parallel replica (scheduler) that serves it
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
@@ -51,12 +54,13 @@ class Sequence:
 
 @dataclasses.dataclass
 class Scheduled:
-    """The plan for one step: which sequence feeds how many tokens, and which will sample."""
+    """One planned step: which sequence feeds how many tokens, which of them sample (in the order
+    of the plan's logit rows), and the step plan itself."""
 
     seqs: list[Sequence]
     num_new: list[int]
     samples: list[bool]
-    inputs: StepInputs
+    plan: plan.StepPlan
     num_prefill_tokens: int
     num_decode_tokens: int
 
@@ -139,7 +143,7 @@ class Scheduler:
     def schedule(self) -> Scheduled | None:
         """Plans the next step, preempting as needed. None when there is nothing to run."""
         budget = self.max_num_batched_tokens
-        plan: list[tuple[Sequence, int]] = []
+        planned: list[tuple[Sequence, int]] = []
         # 1. running sequences, oldest admission first; preempt the newest when pages run out
         i = 0
         while i < len(self.running) and budget > 0:
@@ -153,14 +157,14 @@ class Scheduler:
                 if victim is seq:
                     break
                 continue
-            plan.append((seq, n))
+            planned.append((seq, n))
             budget -= n
             i += 1
         # 2. admit waiting sequences, first come first served, while seats, budget and pages last.
         # A sequence whose next uncached prefix page is being computed in this very step by a
         # sequence already planned (a GRPO sibling: same prompt) waits one step and then reads
         # that page from the prefix cache instead of computing it again.
-        in_flight = {k for seq, n in plan for k in self._keys_registered_by(seq, n)}
+        in_flight = {k for seq, n in planned for k in self._keys_registered_by(seq, n)}
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.pop(0)
@@ -180,53 +184,32 @@ class Scheduler:
                 self.waiting.insert(0, seq)
                 break
             self.running.append(seq)
-            plan.append((seq, n))
+            planned.append((seq, n))
             in_flight.update(self._keys_registered_by(seq, n))
             budget -= n
         self.waiting[:0] = deferred  # still in arrival order, ahead of every later arrival
-        if not plan:
+        if not planned:
             return None
-        return self._build(plan)
+        return self._build(planned)
 
-    def _build(self, plan: list[tuple[Sequence, int]]) -> Scheduled:
-        ps = self.page_size
-        tokens, positions, seq_ids, slots, logit_rows = [], [], [], [], []
-        table = np.zeros((len(plan), self.pages_per_seq), np.int32)
-        samp, seeds, sample_pos, samples = [], [], [], []
+    def _build(self, planned: list[tuple[Sequence, int]]) -> Scheduled:
+        chunks, samples = [], []
         prefill = decode = 0
-        for s, (seq, n) in enumerate(plan):
-            table[s, : len(seq.pages)] = seq.pages
+        for seq, n in planned:
             start = seq.num_computed
-            for pos in range(start, start + n):
-                tokens.append(seq.tokens[pos])
-                positions.append(pos)
-                seq_ids.append(s)
-                slots.append(seq.pages[pos // ps] * ps + pos % ps)
             is_last = start + n == len(seq.tokens)
             samples.append(is_last)
             if n == 1 and seq.num_generated > 0 and is_last:
                 decode += 1
             else:
                 prefill += n
-            if is_last:
-                logit_rows.append(len(tokens) - 1)
-                samp.append(seq.params)
-                seeds.append(seq.seed)
-                sample_pos.append(len(seq.tokens))
-        inputs = StepInputs(
-            tokens=np.asarray(tokens, np.int32),
-            positions=np.asarray(positions, np.int32),
-            seq_ids=np.asarray(seq_ids, np.int32),
-            slots=np.asarray(slots, np.int32),
-            page_table=table,
-            logit_rows=np.asarray(logit_rows, np.int32),
-            rows=sampling.row_params(samp, seeds, sample_pos),
-        )
+            rows = [plan.Row(n - 1, seq.params, seq.seed, len(seq.tokens))] if is_last else []
+            chunks.append(plan.Chunk(seq.tokens[start : start + n], start, seq.pages, rows))
         return Scheduled(
-            seqs=[s for s, _ in plan],
-            num_new=[n for _, n in plan],
+            seqs=[s for s, _ in planned],
+            num_new=[n for _, n in planned],
             samples=samples,
-            inputs=inputs,
+            plan=plan.build(chunks, self.page_size, self.pages_per_seq),
             num_prefill_tokens=prefill,
             num_decode_tokens=decode,
         )

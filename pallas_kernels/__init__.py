@@ -1,7 +1,3 @@
 """Batch-invariant kernels for jengine: each op has a plain-JAX reference, a fixed-tile CPU
-lowering and a Pallas kernel (TPU / GPU, interpret mode for tests). Use them through `ops`."""
-
-from pallas_kernels import ops
-from pallas_kernels.ops import Numerics
-
-__all__ = ["ops", "Numerics"]
+lowering and a Pallas kernel (TPU / GPU, interpret mode for tests). Use them through `ops`, with a
+resolved `jengine.config.Numerics` choosing the lowering."""

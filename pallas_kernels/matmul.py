@@ -7,10 +7,10 @@ Invariance: every output row is produced by the same fixed-shape dot. On CPU tha
 `[ROW_TILE, K]` tile of rows at a time (XLA's own dot changes kernels with the row count: a 1-row
 product goes to a matrix-vector kernel, a 256-row one re-blocks K), computed weight-first,
 `(w[N, K] @ t^T[K, ROW_TILE])^T`. That orientation streams the weight once per tile through
-the GEMM's large operand instead of re-packing it as the small one: 1.2x (576 x 1536) to 1.9x
-(896 x 4864) faster than `t @ w^T` at 32 rows, and for the lm_head a single whole-vocabulary
-dot beats vocabulary tiles. The transposes sit behind `optimization_barrier`s, so XLA cannot
-fold them back into the slow orientation; a column's bits are still fixed for a given N.
+the GEMM's large operand instead of re-packing it as the small one (BUILD.md has the measured
+gain), and for the lm_head a single whole-vocabulary dot beats vocabulary tiles. The transposes
+sit behind `optimization_barrier`s, so XLA cannot fold them back into the slow orientation; a
+column's bits are still fixed for a given N.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ def _weight_first(t: jax.Array, *ws: jax.Array) -> jax.Array:
     return barrier(out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)).T
 
 
-# Above this many rows XLA's own orientation wins on CPU (576 x 1536 to 576 x 49152 weights:
-# weight-first is 1.1-1.6x faster at 16-32 rows, even at 64, 1.1-1.5x slower from 128 on).
+# Above this many rows XLA's own orientation wins on CPU (measured per shape: BUILD.md).
 FAST_WEIGHT_FIRST_MAX_ROWS = 64
 
 

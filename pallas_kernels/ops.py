@@ -1,11 +1,11 @@
-"""The one door the model uses: `ops.matmul`, `ops.rms_norm`, `ops.log_softmax`,
-`ops.attention`, each taking a `Numerics` that says which lowering to run.
+"""The one door the model uses: `ops.matmul`, `ops.rms_norm`, `ops.attention` (and
+`ops.write_kv`), each taking a resolved `jengine.config.Numerics` that says which lowering to run.
 
 * `Numerics(mode="invariant", backend="cpu")`: fixed-tile plain JAX (fast on CPU, batch-invariant).
 * `Numerics(mode="invariant", backend="pallas")`: the Pallas kernels (`pallas_<op>.py`: Triton on
   GPU, Mosaic on TPU, where attention uses `tpu_ragged_paged_attention`);
   `backend="pallas_interpret"` runs the generic kernels in interpret mode (tests on CPU).
-* `Numerics(mode="fast")`: plain XLA matmuls (untiled), norms and log-softmax, no invariance
+* `Numerics(mode="fast")`: plain XLA matmuls (untiled) and norms, no invariance
   promise (for comparison and benchmarks); attention runs the same fixed-block kernel as
   "invariant", the fastest lowering there is.
 
@@ -20,46 +20,18 @@ import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 
-from pallas_kernels import log_softmax as _log_softmax
 from pallas_kernels import matmul as _matmul
 from pallas_kernels import ragged_paged_attention as _rpa
 from pallas_kernels import rms_norm as _rms_norm
 
+if TYPE_CHECKING:
+    from jengine.config import Numerics
+
 BACKENDS = ("cpu", "pallas", "pallas_interpret")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Numerics:
-    """Which lowering every op uses. Hashable: a static argument of the jitted step."""
-
-    mode: str = "invariant"
-    backend: str = "cpu"
-    # Tensor-parallel-invariant numerics (jengine.sharding): every matmul's output columns (and the
-    # lm_head's vocabulary) are computed in `column_blocks` fixed blocks, qk-norm per (token, head)
-    # row and attention per fixed unit of heads, so a device holding 1/tp of the columns/heads
-    # (column_blocks / tp blocks) computes bitwise what one device holding all of them computes.
-    # 1 (default) is the fast single-device path, unchanged.
-    column_blocks: int = 1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.column_blocks, bool) or not isinstance(self.column_blocks, int) or self.column_blocks < 1:
-            raise ValueError(f"column_blocks={self.column_blocks!r} must be an int >= 1")
-        if self.mode not in ("invariant", "fast"):
-            raise ValueError(f"mode={self.mode!r} must be 'invariant' or 'fast'")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
-
-
-def default_backend(requested: str = "auto") -> str:
-    """'auto' -> 'cpu' on a CPU platform, 'pallas' on TPU/GPU."""
-    if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"kernel_backend={requested!r} must be 'auto' or one of {BACKENDS}")
-        return requested
-    return "cpu" if jax.default_backend() == "cpu" else "pallas"
 
 
 def with_reference_grad(fast: Callable, reference: Callable) -> Callable:
@@ -89,8 +61,17 @@ def _pallas(module_name: str, backend: str, fn: str = "kernel") -> Callable:
 # Each op: pick the forward for the numerics; wrap invariant forwards with the reference's vjp.
 
 
+def _check_resolved(numerics: Numerics) -> None:
+    if numerics.backend not in BACKENDS:
+        raise ValueError(
+            f"numerics.backend={numerics.backend!r} must be one of {BACKENDS} "
+            "(resolve 'auto' with Numerics.resolved())"
+        )
+
+
 @functools.lru_cache(maxsize=None)
 def _matmul_fn(numerics: Numerics) -> Callable:
+    _check_resolved(numerics)
     if numerics.column_blocks > 1:
         blocks = numerics.column_blocks
         if numerics.mode == "invariant" and numerics.backend == "cpu":
@@ -107,6 +88,7 @@ def _matmul_fn(numerics: Numerics) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _rms_norm_fn(numerics: Numerics, eps: float) -> Callable:
+    _check_resolved(numerics)
     ref = lambda x, w: _rms_norm.reference(x, w, eps)  # noqa: E731
     if numerics.mode == "fast":
         return ref
@@ -119,20 +101,10 @@ def _rms_norm_fn(numerics: Numerics, eps: float) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_softmax_fn(numerics: Numerics) -> Callable:
-    if numerics.mode == "fast":
-        return _log_softmax.reference
-    if numerics.backend == "cpu":
-        fwd = _log_softmax.cpu
-    else:
-        fwd = _pallas("pallas_log_softmax", numerics.backend)
-    return with_reference_grad(fwd, _log_softmax.reference)
-
-
-@functools.lru_cache(maxsize=None)
 def _attention_fn(
     numerics: Numerics, sm_scale: float, sliding_window: int | None, soft_cap: float | None
 ) -> Callable:
+    _check_resolved(numerics)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     ref = functools.partial(_rpa.reference, **kw)
     if numerics.column_blocks > 1:
@@ -215,11 +187,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, numerics: Numerics) -> jax.
         m, heads, d = x.shape
         return _rms_norm_fn(numerics, float(eps))(x.reshape(m * heads, d), w).reshape(m, heads, d)
     return _rms_norm_fn(numerics, float(eps))(x, w)
-
-
-def log_softmax(z: jax.Array, numerics: Numerics) -> jax.Array:
-    """f32[M, V] log-softmax over the last axis (masked -inf entries stay -inf)."""
-    return _log_softmax_fn(numerics)(z)
 
 
 def attention(

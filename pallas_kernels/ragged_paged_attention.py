@@ -21,7 +21,7 @@ Numerical contract (what makes a token's output bitwise independent of its batch
     tile compiled inside the full step gave 1-ulp different outputs at Q_TILE = 32).
 
 On the CPU lowering a KV block is gathered as whole units of gcd(page_size, KV_BLOCK) consecutive
-positions (contiguous in a page), not position by position: same values, 3-4x faster.
+positions (contiguous in a page), not position by position: the same values, gathered faster.
 """
 
 from __future__ import annotations

@@ -38,6 +38,13 @@ ENGINE = {
 }
 
 
+def _bits_equal(a, b) -> bool:
+    import numpy as np
+
+    return np.array_equal(np.asarray(a, np.float32).view(np.uint32),
+                          np.asarray(b, np.float32).view(np.uint32))  # fmt: skip
+
+
 def workload(vocab: int):
     import numpy as np
 
@@ -70,7 +77,6 @@ def main(argv=None) -> dict:
         choices=["tiny", "tiny-qwen"],
         help="tiny-qwen: qkv bias, qk-norm, untied lm_head, 4 KV heads (KV split at tp<=4)",
     )
-    ap.add_argument("--scaling", action="store_true", help="also run sharding.tp_scaling")
     args = ap.parse_args(argv)
     _set_devices(args.devices)
 
@@ -78,7 +84,7 @@ def main(argv=None) -> dict:
     import numpy as np
 
     import jengine
-    from jengine import EngineConfig, Model, ModelConfig, init_params, sharding
+    from jengine import EngineConfig, Model, ModelConfig, Numerics, init_params, rl, sharding
     from jengine.engine import Engine
 
     report: dict = {"devices": len(jax.devices()), "configs": {}}
@@ -106,13 +112,14 @@ def main(argv=None) -> dict:
     ref_lp = [o.logprobs for o in ref]
     report["reference"] = {"tokens": ref_tokens, "seconds": round(seconds, 1)}
     t0 = time.perf_counter()
-    scored = jengine.score(model, prompts, ref_tokens, params, column_blocks=COLUMN_BLOCKS)
-    report["score_equals_reference"] = all(np.array_equal(a, b) for a, b in zip(scored, ref_lp))
+    numerics = Numerics(column_blocks=COLUMN_BLOCKS)
+    scored = jengine.score(model, prompts, ref_tokens, params, numerics=numerics)
+    report["score_equals_reference"] = all(_bits_equal(a, b) for a, b in zip(scored, ref_lp))
     report["score_seconds"] = round(time.perf_counter() - t0, 1)
 
     def same(outs):
         return all(
-            o.token_ids == t and np.array_equal(o.logprobs, lp)
+            o.token_ids == t and _bits_equal(o.logprobs, lp)
             for o, t, lp in zip(outs, ref_tokens, ref_lp)
         )
 
@@ -120,27 +127,25 @@ def main(argv=None) -> dict:
         tp, dp = map(int, item.split("x"))
         engine, outs, seconds = run(tp, dp)
         row = {"bitwise_equal": same(outs), "seconds": round(seconds, 1)}
-        replica = engine.replicas[0] if dp > 1 else engine
         if tp > 1:
-            lay = replica.model.params["layers"][0]
+            lay = engine.model.params["layers"][0]
             row["shards"] = {
                 name: sorted({tuple(s.data.shape) for s in arr.addressable_shards})
                 for name, arr in (
-                    ("embed", replica.model.params["embed"]),
+                    ("embed", engine.model.params["embed"]),
                     ("wq", lay["wq"]),
                     ("wk", lay["wk"]),
                     ("w_down", lay["w_down"]),
-                    ("final_norm", replica.model.params["final_norm"]),
-                    ("k_pages", replica.runner.kv[0][0]),
+                    ("final_norm", engine.model.params["final_norm"]),
+                    ("k_pages", engine.runner.kv[0][0]),
                 )
             }
             row["shard_devices"] = len({s.device for s in lay["wq"].addressable_shards})
-            row["kv_shape"] = list(replica.runner.kv[0][0].shape)
+            row["kv_shape"] = list(engine.runner.kv[0][0].shape)  # [dp, pages, page, kv, D]
         if dp > 1:
-            row["replica_devices"] = [
-                sorted(d.id for d in r.mesh.devices.flat) for r in engine.replicas
-            ]
-            row["requests_per_replica"] = [r.stats["generated_tokens"] > 0 for r in engine.replicas]
+            row["replica_devices"] = [sorted(d.id for d in r) for r in engine.mesh.devices]
+            k_pages = np.asarray(engine.runner.kv[0][0])
+            row["replica_wrote_kv"] = [bool(np.any(k_pages[i] != 0)) for i in range(dp)]
         report["configs"][f"{tp}x{dp}"] = row
         engine.close()
 
@@ -149,16 +154,24 @@ def main(argv=None) -> dict:
         tp, dp = map(int, item.split("x"))
         t0 = time.perf_counter()
         mesh = sharding.make_mesh(tp, dp)
-        s = jengine.score(
-            model, prompts, ref_tokens, params, column_blocks=COLUMN_BLOCKS, mesh=mesh
-        )
+        s = jengine.score(model, prompts, ref_tokens, params, numerics=numerics, mesh=mesh)
         report[f"score_mesh_{tp}x{dp}_equals_reference"] = all(
-            np.array_equal(a, b) for a, b in zip(s, ref_lp)
+            _bits_equal(a, b) for a, b in zip(s, ref_lp)
         )
         report[f"score_mesh_{tp}x{dp}_seconds"] = round(time.perf_counter() - t0, 1)
-
-    if args.scaling:
-        report["tp_scaling"] = sharding.tp_scaling((1, 2, 4))
+        # the differentiable trainer-side scorer on the same mesh (rows split over 'data')
+        rows = len(prompts) + (-len(prompts)) % dp
+        batch = rl.pack(prompts + prompts[: rows - len(prompts)],
+                        ref_tokens + ref_tokens[: rows - len(prompts)])  # fmt: skip
+        sp = params + params[: rows - len(prompts)]
+        lp = rl.token_logprobs(model.params, cfg, batch["tokens"], batch["prompt_lens"],
+                               batch["completion_lens"], sampling_params=sp, numerics=numerics,
+                               mesh=mesh)  # fmt: skip
+        lp = np.asarray(lp)
+        report[f"rl_mesh_{tp}x{dp}_equals_reference"] = all(
+            _bits_equal(lp[i, len(p) - 1 : len(p) - 1 + len(t)], ref_lp[i])
+            for i, (p, t) in enumerate(zip(prompts, ref_tokens))
+        )
     print(json.dumps(report))
     return report
 

@@ -35,7 +35,7 @@ from hypothesis.stateful import (  # noqa: E402
 
 from jengine import EngineConfig, Model, ModelConfig, SamplingParams, init_params  # noqa: E402
 from jengine.engine import FINISH_REASONS, Engine  # noqa: E402
-from jengine.kv_cache import BlockAllocator, OutOfPages, page_keys  # noqa: E402
+from jengine.allocator import BlockAllocator, OutOfPages, page_keys  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # (a) the allocator alone
@@ -248,11 +248,11 @@ class EngineMachine(RuleBasedStateMachine):
         e = self.engine
         max_len = min(len(prompt) + max_tokens, e.max_model_len)
         fits = len(prompt) < e.max_model_len and -(-max_len // e.config.page_size) <= e.num_pages
-        before = (len(e._seqs), e.allocator.num_free, list(e.allocator.refcount))
+        before = (len(e._seqs), e.schedulers[0].allocator.num_free, list(e.schedulers[0].allocator.refcount))
         if not fits or request_id in self.added:
             with pytest.raises(ValueError, match="max_model_len|KV pages|request_id"):
                 e.add_request(prompt, sp, request_id, stop=cb)
-            assert (len(e._seqs), e.allocator.num_free, list(e.allocator.refcount)) == before
+            assert (len(e._seqs), e.schedulers[0].allocator.num_free, list(e.schedulers[0].allocator.refcount)) == before
             return
         rid = e.add_request(prompt, sp, request_id, stop=cb)
         assert rid not in self.added and (request_id is None or rid == request_id)
@@ -313,10 +313,10 @@ class EngineMachine(RuleBasedStateMachine):
     def books_balance(self):
         e = self.engine
         e.check_invariants()
-        queued = [s.request_id for s in e.scheduler.running + e.scheduler.waiting]
+        queued = [s.request_id for s in e.schedulers[0].running + e.schedulers[0].waiting]
         assert len(queued) == len(set(queued)), "a request sits in two queues"
         assert set(queued) == set(e._seqs), "an unfinished request is in no queue (lost)"
-        assert len(e.scheduler.running) <= e.config.max_num_seqs
+        assert len(e.schedulers[0].running) <= e.config.max_num_seqs
 
     def teardown(self):
         e = self.engine
@@ -327,7 +327,7 @@ class EngineMachine(RuleBasedStateMachine):
             self._take(e.step())
             e.check_invariants()
         assert not e.has_unfinished_requests(), "the engine did not drain (livelock)"
-        assert e.allocator.num_free == e.num_pages, "pages leaked"
+        assert e.schedulers[0].allocator.num_free == e.num_pages, "pages leaked"
         e.check_invariants()
         assert set(self.finished) == set(self.added), "a request never finished"
         for rid, out in self.finished.items():

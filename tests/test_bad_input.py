@@ -41,7 +41,8 @@ def _started(model):
 
 
 def _snapshot(engine):
-    a, s = engine.allocator, engine.scheduler
+    s = engine.schedulers[0]
+    a = s.allocator
     return (
         sorted(engine._seqs),
         [x.request_id for x in s.running],
@@ -74,7 +75,7 @@ def _drain_and_compare(engine, ids, reference):
         assert outs[rid].token_ids == ref.token_ids
         assert np.array_equal(outs[rid].logprobs, ref.logprobs)
     engine.check_invariants()
-    assert engine.allocator.num_free == engine.num_pages
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages
 
 
 def _bad_params(kind):
@@ -285,7 +286,7 @@ def test_finished_request_id_cannot_be_reused_and_auto_ids_never_collide(tiny_mo
         assert outs[rid].token_ids == ref.token_ids and np.array_equal(
             outs[rid].logprobs, ref.logprobs
         )
-    assert engine.allocator.num_free == engine.num_pages
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages
     with pytest.raises(ValueError, match="request_id"):
         engine.add_request([3], request_id=mine)
 
@@ -509,17 +510,16 @@ SCORE_CASES = [
         "logprobs_mode",
     ),
     (
-        "lm_head_dtype",
-        lambda m: jengine.score(m, [3], [5], lm_head_dtype="fp8"),
-        ValueError,
-        "lm_head_dtype",
+        "numerics as a string",
+        lambda m: jengine.score(m, [3], [5], numerics="fast"),
+        TypeError,
+        "numerics",
     ),
-    ("numerics", lambda m: jengine.score(m, [3], [5], numerics="exact"), ValueError, "numerics"),
     (
-        "kernel_backend",
-        lambda m: jengine.score(m, [3], [5], kernel_backend="gpu"),
+        "column blocks the model cannot split",
+        lambda m: jengine.score(m, [3], [5], numerics=jengine.Numerics(column_blocks=3)),
         ValueError,
-        "kernel_backend",
+        "column_blocks=3",
     ),
 ]
 

@@ -1,10 +1,11 @@
-"""`python -m jengine.bench` at its smallest size completes and prints every table (no speed checks)."""
+"""`python benchmarks/bench.py` at its smallest size completes and prints every table (no speed
+checks); the transformers baseline holds jengine's weights."""
 
 import os
 import subprocess
 import sys
 
-from jengine import bench
+from benchmarks import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_tiny_runs_and_prints_tables():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     p = subprocess.run(
-        [sys.executable, "-m", "jengine.bench", "--size", "tiny"],
+        [sys.executable, "benchmarks/bench.py", "--size", "tiny"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -56,6 +56,12 @@ def test_help_documents_every_flag():
         (["generate", "--model=tiny", "--out=x.jsonl"], "--prompts"),
         (["demo", "--model=/no/such/model.gguf"], "--model"),
         (["demo", "--model=tiny", "--page_size=3"], "--page_size"),
+        (["demo", "--model=tiny", "--max_model_len=4096"], "--max_model_len"),
+        (["score", "--model=tiny", "--input=x.jsonl", "--out=y.jsonl", "--trace=t.jsonl"], "--trace"),
+        (["generate", "--model=tiny", "--prompts=x.jsonl", "--out=y.jsonl", "--report_json=r.json"],
+         "--report_json"),
+        (["score", "--model=tiny", "--input=x.jsonl", "--out=y.jsonl", "--page_size=8"],
+         "--page_size"),
     ],
 )
 def test_bad_command_lines_name_the_flag(args, needle):
@@ -65,13 +71,32 @@ def test_bad_command_lines_name_the_flag(args, needle):
     assert "Traceback" not in r.stderr
 
 
-def test_bench_stub_or_delegates():
-    import importlib.util
+def test_flags_come_from_the_config_fields():
+    """Every SamplingParams / EngineConfig field has a flag whose help is the field's own."""
+    import dataclasses
 
-    if importlib.util.find_spec("jengine.bench") is not None:
-        pytest.skip("jengine.bench exists; its own tests cover it")
-    r = jengine_cli("bench")
-    assert r.returncode == 1 and "benchmark" in r.stderr
+    from jengine import EngineConfig, SamplingParams, cli
+
+    for cls, names in ((SamplingParams, cli.SAMPLING_FLAGS), (EngineConfig, cli.ENGINE_FLAGS)):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert sorted(names.values()) == sorted(fields)
+        for flag, field in names.items():
+            assert cli.FLAGS[flag].help.startswith(fields[field].metadata["help"])
+            choices = fields[field].metadata.get("choices")
+            if choices:
+                assert list(cli.FLAGS[flag].enum_values) == list(choices)
+
+
+def test_trace_holds_one_run(cache_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    _write_jsonl(prompts, [{"prompt_token_ids": [3, 4, 5]}])
+    trace = tmp_path / "trace.jsonl"
+    for _ in range(2):
+        r = jengine_cli("generate", "--model=tiny", f"--prompts={prompts}", f"--out={tmp_path / 'o.jsonl'}",
+                        f"--trace={trace}", "--max_tokens=3", *ENGINE_FLAGS, cache_dir=cache_dir)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    steps = [json.loads(line)["step"] for line in trace.read_text().splitlines()]
+    assert steps == list(range(len(steps))) and len(steps) == 3  # one prefill step, two decodes
 
 
 def test_demo_tiny(cache_dir, tmp_path):

@@ -80,7 +80,10 @@ def test_read_trace_names_a_bad_line(tmp_path):
 
 def test_parity_report_is_exact_with_engine_settings(tiny_model, traced_run):
     _, prompts, params, config, outs = traced_run
-    rep = diagnostics.parity_report(tiny_model, outs, prompts, params, config)
+    rep = diagnostics.parity_report(
+        tiny_model, outs, prompts, params, numerics=config.resolved_numerics(),
+        logprobs_mode=config.logprobs_mode,
+    )  # fmt: skip
     n = sum(len(o.token_ids) for o in outs)
     assert rep["num_tokens"] == rep["bitwise_equal"] == n
     assert rep["sequences_bitwise_equal"] == len(outs)

@@ -25,8 +25,8 @@ def run(model, prompts, params, **cfg):
     engine = Engine(model, EngineConfig(**{**BASE, **cfg}))
     outs = engine.generate(prompts, params)
     engine.check_invariants()
-    assert engine.allocator.num_free == engine.num_pages - sum(
-        1 for c in engine.allocator.refcount if c
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages - sum(
+        1 for c in engine.schedulers[0].allocator.refcount if c
     )
     return outs, engine
 
@@ -58,9 +58,9 @@ def test_each_logprobs_mode_matches_score(tiny_model, mode):
 @pytest.mark.parametrize("head", ["bfloat16", "model"])
 def test_lm_head_dtype_matches_score(tiny_model, head):
     prompts = random_prompts(2, tiny_model.config.vocab_size, seed=3)
-    outs, _ = run(tiny_model, prompts, PARAMS[:2], lm_head_dtype=head)
+    outs, engine = run(tiny_model, prompts, PARAMS[:2], lm_head_dtype=head)
     for out, prompt, sp in zip(outs, prompts, PARAMS):
-        assert np.array_equal(jengine.score(tiny_model, prompt, out.token_ids, sp, lm_head_dtype=head), out.logprobs)
+        assert np.array_equal(jengine.score(tiny_model, prompt, out.token_ids, sp, numerics=engine.numerics), out.logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_compilations_stay_within_bucket_table(tiny_model):
     outs = engine.generate(prompts, params)
     assert [o.finish_reason in ("length", "stop") for o in outs] == [True] * 200
     assert engine.stats["compilations"] <= engine.stats["bucket_table_size"]
-    assert engine.allocator.num_free + sum(1 for c in engine.allocator.refcount if c) == engine.num_pages
+    assert engine.schedulers[0].allocator.num_free + sum(1 for c in engine.schedulers[0].allocator.refcount if c) == engine.num_pages
 
 
 def test_stops_on_eos_stop_tokens_and_max_tokens(tiny_model):
@@ -223,7 +223,7 @@ def test_abort(tiny_model):
     with pytest.raises(KeyError, match="nope"):
         engine.abort("nope")
     engine.check_invariants()
-    assert engine.allocator.num_free == engine.num_pages
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages
 
 
 def test_request_that_can_never_fit_is_refused(tiny_model):

@@ -55,7 +55,7 @@ def _drain(engine, limit=1000):
             outs[o.request_id] = o
     assert not engine.has_unfinished_requests(), "engine did not drain"
     engine.check_invariants()
-    assert engine.allocator.num_free == engine.num_pages, "pages leaked"
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages, "pages leaked"
     return outs
 
 
@@ -84,7 +84,7 @@ def _serves_like_fresh(engine, model, prompt=(40, 41, 42, 43, 44), sp=None):
     want = fresh.generate([list(prompt)], sp)[0]
     assert got.finish_reason == "length" and _same(got, want)
     engine.check_invariants()
-    assert engine.allocator.num_free == engine.num_pages
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages
 
 
 @pytest.mark.parametrize("value", [jnp.nan, -jnp.inf])

@@ -17,12 +17,8 @@ import torch
 import transformers
 
 from jengine import SamplingParams, score
-from jengine.models.loading import (
-    CheckpointError,
-    load_model,
-    peak_host_bytes_while_loading,
-    save_model,
-)
+from benchmarks.bench import peak_host_bytes_while_loading
+from jengine.models.loading import CheckpointError, load_model, save_model
 
 VOCAB = 256
 PROMPT = [5, 17, 200, 3, 99]
@@ -137,6 +133,21 @@ def test_orbax_round_trip_is_bitwise(checkpoints, tmp_path, dtype):
     as_bf16 = load_model(str(tmp_path / "ckpt"), dtype="bfloat16")  # orbax casts on restore
     cast = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), model.params)
     assert as_bf16.config.dtype == "bfloat16" and leaves_equal(as_bf16.params, cast)
+
+
+def test_checkpoint_without_the_current_format_version_is_refused(checkpoints, tmp_path):
+    """Checkpoints from before the [out, in] layout carry no version: their square matrices
+    would load transposed without a shape error, so loading refuses them."""
+    model = load_model(checkpoints["qwen2"][0])
+    save_model(model, tmp_path / "ckpt")
+    marker = tmp_path / "ckpt" / "jengine_checkpoint.json"
+    assert json.loads(marker.read_text())["format_version"] == 2
+    marker.write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(CheckpointError, match="format version 1"):
+        load_model(str(tmp_path / "ckpt"))
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="format version None"):
+        load_model(str(tmp_path / "ckpt"))
 
 
 def test_bfloat16_loading(checkpoints, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jengine
-from jengine import EngineConfig, Model, SamplingParams, init_params, rl
+from jengine import EngineConfig, Model, Numerics, SamplingParams, init_params, rl
 from jengine.engine import Engine
 from jengine.examples import rl_toy
 
@@ -110,11 +110,11 @@ def test_under_jit_and_grad_bitwise_and_gradient_matches_reference(model, rollou
         )  # per-sequence arrays, not SamplingParams
         return jnp.sum(lp * weights), lp
 
-    (_, lp), grads = jax.jit(jax.value_and_grad(lambda p: objective(p, "invariant"), has_aux=True))(
-        model.params
-    )
+    (_, lp), grads = jax.jit(
+        jax.value_and_grad(lambda p: objective(p, Numerics()), has_aux=True)
+    )(model.params)
     assert np.array_equal(_bits(np.asarray(lp)[r["mask"]]), _bits(r["logprobs"][r["mask"]]))
-    ref = jax.jit(jax.grad(lambda p: objective(p, "fast")[0]))(model.params)
+    ref = jax.jit(jax.grad(lambda p: objective(p, Numerics(mode="fast"))[0]))(model.params)
     flat, _ = jax.tree_util.tree_flatten_with_path(grads)
     for (path, g), g_ref in zip(flat, jax.tree_util.tree_leaves(ref)):
         g, g_ref = np.asarray(g), np.asarray(g_ref)
@@ -129,7 +129,7 @@ def test_raw_logprobs_with_bf16_head_match_the_engine_function(model, rollout):
     """Other settings, same bits: compared with `jengine.score` (the engine's own compiled step,
     bitwise the rollout for every mode and head dtype: tests/test_engine.py)."""
     r = rollout
-    settings = dict(logprobs_mode="raw_logprobs", lm_head_dtype="bfloat16")
+    settings = dict(logprobs_mode="raw_logprobs", numerics=Numerics(lm_head_dtype="bfloat16"))
     prompts = [t[:p].tolist() for t, p in zip(r["tokens"], r["prompt_lens"])]
     completions = [t[p : p + c].tolist() for t, p, c in zip(r["tokens"], r["prompt_lens"], r["completion_lens"])]
     want = np.concatenate(jengine.score(model, prompts, completions, SAMPLING, **settings))

@@ -4,8 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jengine import SamplingParams
-from jengine import sampling
+from jengine import SamplingParams, plan, sampling
 
 
 def numpy_processed(raw: np.ndarray, sp: SamplingParams) -> np.ndarray:
@@ -61,7 +60,7 @@ def test_processed_logprobs_match_numpy(sp):
     rng = np.random.default_rng(1)
     raw = (rng.standard_normal((7, 300)) * 3).astype(np.float32)
     targets = [int(np.argsort(-r)[i]) for i, r in zip([0, 1, 3, 7, 15, 40, 100], raw)]
-    rp = sampling.row_params([sp] * 7, [0] * 7, [5] * 7, targets)
+    rp = plan.SampleRows.of([sp] * 7, [0] * 7, [5] * 7, targets)
     sel = sampling.select(raw, jax.tree_util.tree_map(np.asarray, rp), "processed_logprobs")
     for r in range(7):
         want = numpy_logprobs(numpy_processed(raw[r], sp))[targets[r]]
@@ -79,7 +78,7 @@ def test_other_logprobs_modes(mode):
     raw = rng.standard_normal((3, 50)).astype(np.float32)
     sp = SamplingParams(temperature=0.5, top_k=10)
     targets = [int(np.argmax(r)) for r in raw]
-    rp = sampling.row_params([sp] * 3, [0] * 3, [0] * 3, targets)
+    rp = plan.SampleRows.of([sp] * 3, [0] * 3, [0] * 3, targets)
     sel = sampling.select(raw, rp, mode)
     for r in range(3):
         z = numpy_processed(raw[r], sp)
@@ -94,7 +93,7 @@ def test_sampled_frequencies_match_processed_distribution():
     raw = rng.standard_normal(40).astype(np.float32) * 1.5
     sp = SamplingParams(temperature=0.8, top_k=12, top_p=0.95)
     n = 4000
-    rp = sampling.row_params([sp] * n, list(range(n)), [17] * n)
+    rp = plan.SampleRows.of([sp] * n, list(range(n)), [17] * n)
     sel = sampling.select(np.tile(raw, (n, 1)), rp, "processed_logprobs")
     probs = np.exp(numpy_logprobs(numpy_processed(raw, sp)))
     support = probs > 0
@@ -111,10 +110,10 @@ def test_draws_depend_on_seed_and_position_only():
     rng = np.random.default_rng(4)
     raw = rng.standard_normal((6, 64)).astype(np.float32)
     sp = SamplingParams(temperature=1.0)
-    rp = sampling.row_params([sp] * 6, [11] * 6, [3] * 6)
+    rp = plan.SampleRows.of([sp] * 6, [11] * 6, [3] * 6)
     a = sampling.select(raw, rp, "processed_logprobs")
     # the same row in a different batch, at a different row index
-    rp2 = sampling.row_params([sp] * 2, [11] * 2, [3] * 2)
+    rp2 = plan.SampleRows.of([sp] * 2, [11] * 2, [3] * 2)
     b = sampling.select(raw[[4, 2]], rp2, "processed_logprobs")
     assert np.array_equal(np.asarray(a.token)[[4, 2]], np.asarray(b.token))
     assert np.array_equal(np.asarray(a.value)[[4, 2]], np.asarray(b.value))
@@ -123,7 +122,7 @@ def test_draws_depend_on_seed_and_position_only():
 def test_greedy_is_argmax_of_raw():
     rng = np.random.default_rng(5)
     raw = rng.standard_normal((4, 80)).astype(np.float32)
-    rp = sampling.row_params([SamplingParams(temperature=0.0)] * 4, [0] * 4, [0] * 4)
+    rp = plan.SampleRows.of([SamplingParams(temperature=0.0)] * 4, [0] * 4, [0] * 4)
     sel = sampling.select(raw, rp, "processed_logprobs")
     assert np.array_equal(np.asarray(sel.token), raw.argmax(-1))
 
@@ -178,6 +177,6 @@ def test_filters_keep_ties_at_the_threshold(sp):
     .2; top_k=3 then top_p=.7 renormalises to [.5, .25, .25] and keeps both .25. Row 1 permutes row 0.
     """
     raw = np.log(np.array([[0.4, 0.2, 0.2, 0.1, 0.1], [0.1, 0.2, 0.4, 0.2, 0.1]], np.float32))
-    rp = sampling.row_params([sp] * 2, [0, 0], [0, 0])
+    rp = plan.SampleRows.of([sp] * 2, [0, 0], [0, 0])
     got = np.asarray(sampling.processed_logits(raw, jax.tree_util.tree_map(np.asarray, rp)))
     assert np.array_equal(np.isfinite(got), [[1, 1, 1, 0, 0], [0, 1, 1, 1, 0]]), got

@@ -51,9 +51,10 @@ def test_every_mesh_is_bitwise_the_single_device_run(multi_device_report):
     assert set(r["configs"]) == {"1x1", "2x1", "4x1", "8x1", "1x2", "2x2", "2x4"}
 
 
-def test_sharded_score_matches(multi_device_report):
-    assert multi_device_report["score_mesh_8x1_equals_reference"]
-    assert multi_device_report["score_mesh_2x2_equals_reference"]
+def test_sharded_score_and_rl_scorer_match(multi_device_report):
+    for mesh in ("8x1", "2x2"):
+        assert multi_device_report[f"score_mesh_{mesh}_equals_reference"], mesh
+        assert multi_device_report[f"rl_mesh_{mesh}_equals_reference"], mesh
 
 
 def test_params_and_kv_are_really_sharded(multi_device_report):
@@ -66,12 +67,12 @@ def test_params_and_kv_are_really_sharded(multi_device_report):
     assert s4["w_down"] == [[32, 384]]
     assert s4["wk"] == [[32, 128]]  # 2 KV heads < tp=4: k/v weights replicated...
     assert (
-        s4["k_pages"][0][2] == 1 and c["4x1"]["kv_shape"][2] == 4
+        s4["k_pages"][0][3] == 1 and c["4x1"]["kv_shape"][3] == 4
     )  # ...each device stores 1 KV head
     assert s4["final_norm"] == [[128]]
     s2 = c["2x1"]["shards"]
     assert s2["wk"] == [[16, 128]]  # 2 KV heads over tp=2: split
-    assert s2["k_pages"][0][2] == 1 and c["2x1"]["kv_shape"][2] == 2
+    assert s2["k_pages"][0][3] == 1 and c["2x1"]["kv_shape"][3] == 2
     s8 = c["8x1"]["shards"]
     assert s8["wq"] == [[16, 128]] and s8["embed"] == [[64, 128]]
 
@@ -80,7 +81,8 @@ def test_data_parallel_replicas_use_disjoint_devices(multi_device_report):
     c = multi_device_report["configs"]
     assert c["2x4"]["replica_devices"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert c["1x2"]["replica_devices"] == [[0], [1]]
-    assert all(c["2x4"]["requests_per_replica"])
+    assert all(c["2x4"]["replica_wrote_kv"]) and all(c["1x2"]["replica_wrote_kv"])
+    assert c["2x4"]["kv_shape"][0] == 4  # one KV pool per data row
 
 
 @pytest.mark.slow
@@ -136,9 +138,12 @@ def test_column_blocks_validation():
         sharding.check_model(tiny, 1, 3)
     with pytest.raises(ValueError, match="one must divide the other"):
         sharding.check_model(tiny.replace(num_heads=6, num_kv_heads=3, hidden_size=96), 2, 2)
-    assert sharding.resolve_column_blocks(None, 4) == 4
-    with pytest.raises(ValueError):
-        sharding.resolve_column_blocks(6, 4)
+    from jengine.config import Numerics, resolve_numerics
+
+    assert resolve_numerics(None, 4).column_blocks == 4
+    assert EngineConfig(tensor_parallel_size=4).resolved_numerics().column_blocks == 4
+    with pytest.raises(ValueError, match="multiple of tensor_parallel_size"):
+        resolve_numerics(Numerics(column_blocks=6), 4)
 
 
 def test_mesh_needs_enough_devices():
@@ -159,16 +164,16 @@ def test_column_blocks_numerics_are_invariant_to_the_slice_a_device_holds():
     import jax.numpy as jnp
     import numpy as np
 
+    from jengine.config import Numerics
     from pallas_kernels import ops
     from pallas_kernels import ragged_paged_attention as rpa
-    from pallas_kernels.ops import Numerics
 
     rng = np.random.default_rng(0)
     c = 8
-    full_n = Numerics(column_blocks=c)
+    full_n = Numerics(column_blocks=c).resolved()
 
     def local(tp):
-        return Numerics(column_blocks=c // tp)
+        return Numerics(column_blocks=c // tp).resolved()
 
     def jitted(op, numerics):
         return jax.jit(lambda *arrays: op(*arrays, numerics))

@@ -86,7 +86,7 @@ def test_recompute_is_old_score_before_and_new_score_after(tiny_model, new_model
 
 
 def _allocator_state(engine):
-    a = engine.allocator
+    a = engine.schedulers[0].allocator
     return (list(a.refcount), a.num_free, list(a._is_free), dict(a._cached), dict(a._key_of))
 
 
@@ -121,9 +121,9 @@ def test_abort_ends_in_flight_requests_on_the_next_step(tiny_model, new_model):
     params = [PARAMS[i % 3] for i in range(10)]
     engine = _engine(tiny_model)
     ids, before = _start(engine, prompts, params, steps=2)
-    assert engine.scheduler.waiting and min(before.values()) == 0 < max(before.values())
+    assert engine.schedulers[0].waiting and min(before.values()) == 0 < max(before.values())
     assert engine.update_weights(new_model.params, mode="abort") == 1
-    assert engine.allocator.num_free == engine.num_pages
+    assert engine.schedulers[0].allocator.num_free == engine.num_pages
     outs = engine.step()
     assert sorted(o.request_id for o in outs) == sorted(ids)  # waiting ones too
     for o in outs:

@@ -29,10 +29,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jengine import rl
-from jengine.config import EngineConfig, ModelConfig, SamplingParams
+from jengine.config import EngineConfig, ModelConfig, Numerics, SamplingParams
+from jengine.examples import require
+
+optax = require("optax")
 from jengine.engine import Engine
 from jengine.models.transformer import Model, init_params
 
@@ -56,10 +58,10 @@ MODEL = ModelConfig(
 
 # Trainer-side settings. "default" matches the engine (jengine's defaults); the others do not.
 VARIANTS = {
-    "default": dict(logprobs_mode="processed_logprobs", lm_head_dtype="float32", numerics="invariant"),
-    "raw_logprobs": dict(logprobs_mode="raw_logprobs", lm_head_dtype="float32", numerics="invariant"),
-    "bf16_lm_head": dict(logprobs_mode="processed_logprobs", lm_head_dtype="bfloat16", numerics="invariant"),
-    "fast_numerics": dict(logprobs_mode="processed_logprobs", lm_head_dtype="float32", numerics="fast"),
+    "default": dict(logprobs_mode="processed_logprobs", numerics=Numerics()),
+    "raw_logprobs": dict(logprobs_mode="raw_logprobs", numerics=Numerics()),
+    "bf16_lm_head": dict(logprobs_mode="processed_logprobs", numerics=Numerics(lm_head_dtype="bfloat16")),
+    "fast_numerics": dict(logprobs_mode="processed_logprobs", numerics=Numerics(mode="fast")),
 }
 
 
@@ -188,7 +190,7 @@ def run(cfg: RunConfig, log=print) -> list[dict]:
 
 
 def plot_run(history: list[dict], path: str) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,7 +220,7 @@ def plot_run(history: list[dict], path: str) -> None:
 
 
 def plot_ablation(results: dict[str, list[dict]], path: str) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
-import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +34,10 @@ Reader = Callable[[ParamPath, tuple[int, ...]], np.ndarray]
 
 JENGINE_CONFIG = "jengine_config.json"
 ORBAX_PARAMS = "params"
+CHECKPOINT_FORMAT = "jengine_checkpoint.json"
+# 2: every matrix [out, in] (nn.Linear's layout). Checkpoints without a version held [in, out]
+# matrices: square ones would load transposed without any shape error, so they are refused.
+FORMAT_VERSION = 2
 
 _HF_TOP = {
     "embed": "model.embed_tokens.weight",
@@ -393,12 +395,31 @@ def save_model(model: Model, directory: str) -> None:
         ckptr.save(os.path.join(directory, ORBAX_PARAMS), model.params, force=True)
     with open(os.path.join(directory, JENGINE_CONFIG), "w") as f:
         json.dump(model.config.to_dict(), f, indent=2)
+    with open(os.path.join(directory, CHECKPOINT_FORMAT), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "matrix_layout": "[out, in]"}, f, indent=2)
+
+
+def _check_format(directory: str) -> None:
+    """Refuses a `save_model` directory whose format version is not FORMAT_VERSION."""
+    path = os.path.join(directory, CHECKPOINT_FORMAT)
+    version = None
+    if os.path.exists(path):
+        with open(path) as f:
+            version = json.load(f).get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format version {version} (from {CHECKPOINT_FORMAT}; None: "
+            f"the file is missing), this jengine reads version {FORMAT_VERSION}. Checkpoints "
+            "without a version store matrices [in, out] and would load transposed: re-save them "
+            "with this version's save_model"
+        )
 
 
 def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Model:
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
+    _check_format(directory)
     config = ModelConfig.from_json(os.path.join(directory, JENGINE_CONFIG))
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype)
@@ -485,36 +506,3 @@ def load_model(
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype)
     return Model(config, _place_all(init_params(config, seed, dtype), shardings))
-
-
-def peak_host_bytes_while_loading(path: str, **kwargs: Any) -> dict[str, int]:
-    """Host memory `load_model(path, **kwargs)` needs, for benchmarks.
-
-    Returns:
-      traced_peak: peak bytes of Python/numpy host allocations during the load (tracemalloc; XLA's
-        device buffers are not counted, so on a correct loader this is about one tensor, not the
-        model);
-      param_bytes: total bytes of the loaded params;
-      max_rss_growth: growth of the process's peak RSS (getrusage; includes device buffers on CPU
-        and is 0 if an earlier load already reached the peak).
-    """
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    was_tracing = tracemalloc.is_tracing()
-    if not was_tracing:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    base, _ = tracemalloc.get_traced_memory()
-    try:
-        model = load_model(path, **kwargs)
-        jax.block_until_ready(model.params)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        if not was_tracing:
-            tracemalloc.stop()
-    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "traced_peak": peak - base,
-        "param_bytes": param_bytes,
-        "max_rss_growth": rss_after - rss_before,
-    }

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jengine.config import ModelConfig
+from jengine.config import ModelConfig, Numerics
+from jengine.plan import StepPlan
 from pallas_kernels import ops
-from pallas_kernels.ops import Numerics
 
 Params = dict[str, Any]
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages)
@@ -43,27 +43,6 @@ class Model:
 
     config: ModelConfig
     params: Params
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One ragged step's token-level inputs (all int32, fixed bucketed shapes).
-
-    tokens:      [T] token ids (padding rows hold 0)
-    positions:   [T] position of each token in its sequence; -1 marks padding
-    seq_ids:     [T] row of `page_table` the token belongs to
-    slots:       [T] KV slot `page * page_size + offset` to write; num_pages*page_size = no write
-    page_table:  [S, pages_per_seq] each sequence's pages in logical order
-    logit_rows:  [R] token rows whose logits are returned
-    """
-
-    tokens: jax.Array
-    positions: jax.Array
-    seq_ids: jax.Array
-    slots: jax.Array
-    page_table: jax.Array
-    logit_rows: jax.Array
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -153,7 +132,7 @@ def _layer(
     layer: Params,
     h: jax.Array,
     kv: tuple[jax.Array, jax.Array],
-    batch: Batch,
+    batch: StepPlan,
     config: ModelConfig,
     numerics: Numerics,
     inv_freq: np.ndarray,
@@ -202,10 +181,9 @@ def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
 def forward(
     params: Params,
     config: ModelConfig,
-    batch: Batch,
+    batch: StepPlan,
     kv: KVCache,
     numerics: Numerics,
-    lm_head_dtype: str = "float32",
     tp: Any = None,
 ) -> tuple[jax.Array, KVCache]:
     """One ragged step.
@@ -213,11 +191,12 @@ def forward(
     Args:
       params: see the module docstring; dtype float32 or bfloat16.
       config: the model's shape (static).
-      batch: token rows of this step; decode tokens and prefill chunks mixed.
+      batch: the step's (padded) plan: token rows, decode tokens and prefill chunks mixed; only
+        its token-level fields and `logit_rows` are read here.
       kv: per layer (k_pages, v_pages), [num_pages, page_size, kv_heads, head_dim]. Donate it.
-      numerics: which kernel lowering every op uses (static).
-      lm_head_dtype: 'float32' upcasts the final hidden state and the head weight and accumulates
-        in fp32; 'bfloat16' computes the head in bf16 inputs; 'model' uses the params' dtype.
+      numerics: which kernel lowering every op uses, and the lm_head dtype (static): 'float32'
+        upcasts the final hidden state and the head weight and accumulates in fp32; 'bfloat16'
+        computes the head in bf16 inputs; 'model' uses the params' dtype.
       tp: None, or (inside `jengine.sharding`'s shard_map) the tensor-parallel context: params,
         kv and heads are this device's shards and `tp` all-gathers activations between them.
     Returns:
@@ -232,7 +211,9 @@ def forward(
         new_kv.append(layer_kv)
     h = h[batch.logit_rows]
     h = ops.rms_norm(h, params["final_norm"], config.rms_norm_eps, numerics)
-    head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[lm_head_dtype]
+    head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[
+        numerics.lm_head_dtype
+    ]
     w = lm_head_weight(params, config)
     logits = ops.matmul(h.astype(head_dtype), w.astype(head_dtype), numerics)
     if tp is not None:

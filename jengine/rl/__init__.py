@@ -16,14 +16,13 @@ from jengine.rl.corrections import (
     token_ratios,
     truncated_is,
 )
-from jengine.rl.logprobs import completion_mask, fixed_layout, pack, sampling_arrays, token_logprobs
+from jengine.rl.logprobs import completion_mask, pack, token_logprobs
 from jengine.rl.losses import group_advantages, grpo_loss, gspo_loss
 from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
 
 __all__ = [
     "bitwise_equal",
     "completion_mask",
-    "fixed_layout",
     "group_advantages",
     "grpo_loss",
     "gspo_loss",
@@ -31,7 +30,6 @@ __all__ = [
     "masked_is",
     "mismatch_metrics",
     "pack",
-    "sampling_arrays",
     "sequence_log_ratios",
     "sequence_ratios",
     "to_host",

@@ -4,9 +4,10 @@
 `models.transformer.forward` and `sampling.select` (with the tokens as targets) that the engine's
 compiled step runs, over a fixed layout: sequence b's KV pages are the static range
 `b * P .. b * P + P - 1` (P = ceil(L / page_size)), every token of every row is computed, and
-the logit rows are all positions but the last. Every op is row-invariant, so the value of a
-completion token equals the engine's logprob of that token, bit for bit, when the settings
-(`logprobs_mode`, `lm_head_dtype`, `numerics`, sampling filters) match the engine's.
+the logit rows are all positions but the last (`dense_plan`, built by the same `plan.build` as the
+engine's steps). Every op is row-invariant, so the value of a completion token equals the
+engine's logprob of that token, bit for bit, when `logprobs_mode`, the `Numerics` (pass
+`engine.numerics`) and the sampling filters match the engine's.
 
 Alignment: output column t holds the number of `tokens[:, t + 1]` given `tokens[:, : t + 1]`,
 so the output is f32[B, L - 1]; `completion_mask` says which columns are completion tokens.
@@ -14,11 +15,12 @@ Columns outside the mask hold 0.0 (never -inf or NaN, so masked losses have fini
 
 Differentiable w.r.t. params: every invariant op is a `jax.custom_vjp` whose backward pass is the
 plain-JAX reference (`pallas_kernels.ops`), so `jax.grad` gives ordinary gradients; with
-numerics="fast" the whole computation is plain XLA (the reference implementation).
+`Numerics(mode="fast")` the whole computation is plain XLA (the reference implementation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -27,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jengine import sampling
-from jengine.config import ModelConfig, SamplingParams, check_numerics_settings
-from jengine.models.transformer import Batch, Params, empty_kv_cache, forward
-from pallas_kernels.ops import Numerics, default_backend
+from jengine import plan as plan_lib
+from jengine import sampling, sharding
+from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams, resolve_numerics
+from jengine.models.transformer import Params, empty_kv_cache, forward
+from jengine.scoring import mesh_of, per_sequence
 
 DEFAULT_PAGE_SIZE = 16  # any page size gives the same bits; this one keeps the page table short
 PAD_MULTIPLE = 32  # flat token / logit-row counts are padded to a multiple of this
@@ -48,82 +51,28 @@ def completion_mask(prompt_lens: jax.Array, completion_lens: jax.Array, length: 
     return (t >= p) & (t < p + c)
 
 
-def sampling_arrays(
-    sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-    batch: int,
-) -> dict[str, np.ndarray]:
-    """Per-sequence temperature/top_k/top_p/min_p arrays (numpy) from SamplingParams.
+def dense_plan(batch: int, length: int, page_size: int) -> tuple[plan_lib.StepPlan, int]:
+    """The teacher-forcing plan of a [batch, length] token block, padded to whole row tiles.
 
-    None means temperature 1 with no filters (the raw distribution).
-    """
-    if sampling_params is None:
-        sampling_params = SamplingParams()
-    if isinstance(sampling_params, SamplingParams):
-        per_seq = [sampling_params] * batch
-    else:
-        per_seq = list(sampling_params)
-        if len(per_seq) != batch or not all(isinstance(s, SamplingParams) for s in per_seq):
-            raise ValueError(f"sampling_params must be one SamplingParams or {batch} of them")
-    return dict(
-        temperature=np.asarray([s.temperature for s in per_seq], np.float32),
-        top_k=np.asarray([s.top_k for s in per_seq], np.int32),
-        top_p=np.asarray([s.top_p for s in per_seq], np.float32),
-        min_p=np.asarray([s.min_p for s in per_seq], np.float32),
-    )
-
-
-def _per_seq(value: Any, default: float, dtype: Any, batch: int) -> jax.Array:
-    if value is None:
-        value = default
-    return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
-
-
-def fixed_layout(batch: int, length: int, page_size: int) -> tuple[Batch, int]:
-    """The Batch of a [batch, length] token block with static pages (tokens left zero).
-
-    Returns (batch, num_pages). Everything but the tokens is a constant of the static shapes
-    (numpy), so it traces under jit and the ops' custom_vjp closures see constants, not tracers.
+    Every token of every row is computed; logit row b * (length - 1) + t scores token t + 1 of row
+    b; row b's pages are the static range b * P .. b * P + P - 1 (P = ceil(length / page_size)).
+    Tokens, targets and sampling settings are left as placeholders (filled under jit): the plan
+    depends on the shapes only, so it traces as numpy constants. Returns (plan, num_pages).
     """
     pages = -(-length // page_size)
-    t = np.arange(length, dtype=np.int32)
-    b = np.arange(batch, dtype=np.int32)
-    positions = np.broadcast_to(t[None, :], (batch, length)).reshape(-1)
-    seq_ids = np.repeat(b, length)
-    # page of (b, pos) is b * pages + pos // page_size, so its slot is b * pages * page_size + pos
-    slots = seq_ids * (pages * page_size) + positions
-    page_table = b[:, None] * pages + np.arange(pages, dtype=np.int32)[None, :]
-    logit_rows = (b[:, None] * length + t[None, : length - 1]).reshape(-1)
-    layout = Batch(
-        tokens=np.zeros((batch * length,), np.int32),
-        positions=positions.astype(np.int32),
-        seq_ids=seq_ids.astype(np.int32),
-        slots=slots.astype(np.int32),
-        page_table=page_table.astype(np.int32),
-        logit_rows=logit_rows.astype(np.int32),
-    )
-    return layout, batch * pages
+    placeholder = SamplingParams()
+    rows = [plan_lib.Row(t, placeholder, 0, t + 1, 0) for t in range(length - 1)]
+    chunks = [
+        plan_lib.Chunk([0] * length, 0, range(b * pages, (b + 1) * pages), rows)
+        for b in range(batch)
+    ]
+    layout = plan_lib.build(chunks, page_size, pages)
+    num_tokens = _round_up(batch * length, PAD_MULTIPLE)
+    num_rows = _round_up(batch * (length - 1), PAD_MULTIPLE)
+    return layout.padded(num_tokens, batch, num_rows, batch * pages * page_size), batch * pages
 
 
-def _row_params(tokens: jax.Array, temperature, top_k, top_p, min_p) -> sampling.RowParams:
-    batch, length = tokens.shape
-    n = length - 1
-
-    def rows(x):  # [B] -> [B * (L - 1)]
-        return jnp.repeat(x, n)
-
-    return sampling.RowParams(
-        temperature=rows(temperature),
-        top_k=rows(top_k),
-        top_p=rows(top_p),
-        min_p=rows(min_p),
-        seed=jnp.zeros((batch * n,), jnp.uint32),
-        position=jnp.broadcast_to(jnp.arange(1, length, dtype=jnp.int32), (batch, n)).reshape(-1),
-        target=tokens[:, 1:].reshape(-1).astype(jnp.int32),
-        use_target=jnp.ones((batch * n,), jnp.bool_),
-    )
-
-
-def _entropy(raw: jax.Array, rp: sampling.RowParams, logprobs_mode: str) -> jax.Array:
+def _entropy(raw: jax.Array, rp: plan_lib.SampleRows, logprobs_mode: str) -> jax.Array:
     """f32[R] entropy of the distribution the values refer to (processed or raw)."""
     raw = raw.astype(jnp.float32)
     z = sampling.processed_logits(raw, rp) if logprobs_mode.startswith("processed") else raw
@@ -135,56 +84,67 @@ def _entropy(raw: jax.Array, rp: sampling.RowParams, logprobs_mode: str) -> jax.
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "config", "logprobs_mode", "lm_head_dtype", "numerics", "page_size", "with_entropy",
-    ),
+    static_argnames=("config", "logprobs_mode", "numerics", "mesh", "page_size", "with_entropy"),
 )
 def _token_values(
     params: Params,
     tokens: jax.Array,
     prompt_lens: jax.Array,
     completion_lens: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
+    sampling_rows: dict[str, jax.Array],
     *,
     config: ModelConfig,
     logprobs_mode: str,
-    lm_head_dtype: str,
     numerics: Numerics,
+    mesh: jax.sharding.Mesh | None,
     page_size: int,
     with_entropy: bool,
 ):
     batch, length = tokens.shape
-    layout, num_pages = fixed_layout(batch, length, page_size)
-    # Pad the flat token and logit-row counts to whole row tiles, as the engine's buckets are:
-    # padding tokens sit at position -1 and write nothing; padding logit rows are dropped.
-    t_pad = _round_up(batch * length, PAD_MULTIPLE) - batch * length
-    r_pad = _round_up(batch * (length - 1), PAD_MULTIPLE) - batch * (length - 1)
+    dp = 1 if mesh is None else sharding.mesh_sizes(mesh)[0]
+    layout, num_pages = dense_plan(batch // dp, length, page_size)
+    n = batch // dp * (length - 1)  # logit rows of one data row
 
-    def padded(x, n, fill):
-        return jnp.concatenate([jnp.asarray(x, jnp.int32), jnp.full((n,), fill, jnp.int32)])
+    def fill(tok: jax.Array, rows: dict[str, jax.Array]) -> plan_lib.StepPlan:
+        """The layout with tok i32[b, L] and per-row sampling settings [b] filled in."""
+        pad = layout.num_tokens - tok.size
+        flat = jnp.concatenate([tok.reshape(-1).astype(jnp.int32), jnp.zeros((pad,), jnp.int32)])
+        per_row = {k: jnp.repeat(v, length - 1) for k, v in rows.items()}
+        r_pad = layout.logit_rows.shape[0] - n
+        sample_rows = plan_lib.SampleRows(
+            **{k: jnp.pad(v, (0, r_pad)) for k, v in per_row.items()},
+            seed=jnp.zeros((layout.logit_rows.shape[0],), jnp.uint32),
+            position=jnp.asarray(layout.rows.position),
+            target=jnp.pad(tok[:, 1:].reshape(-1).astype(jnp.int32), (0, r_pad)),
+            use_target=jnp.asarray(layout.rows.use_target),
+        )
+        return dataclasses.replace(layout, tokens=flat, rows=sample_rows)
 
-    layout = Batch(
-        tokens=padded(tokens.reshape(-1).astype(jnp.int32), t_pad, 0),
-        positions=padded(layout.positions, t_pad, -1),
-        seq_ids=padded(layout.seq_ids, t_pad, 0),
-        slots=padded(layout.slots, t_pad, num_pages * page_size),
-        page_table=jnp.asarray(layout.page_table),
-        logit_rows=padded(layout.logit_rows, r_pad, 0),
-    )
-    kv = empty_kv_cache(config, num_pages, page_size, params["embed"].dtype)
-    logits, _ = forward(params, config, layout, kv, numerics, lm_head_dtype)
-    logits = logits[: batch * (length - 1)]
-    rp = _row_params(tokens, temperature, top_k, top_p, min_p)
-    sel = sampling.select(logits, rp, logprobs_mode)
+    def post(logits: jax.Array, p: plan_lib.StepPlan):
+        rp = jax.tree_util.tree_map(lambda x: x[:n], p.rows)
+        logits = logits[:n]
+        values = sampling.select(logits, rp, logprobs_mode).value
+        if not with_entropy:
+            return values, None
+        return values, _entropy(jax.lax.stop_gradient(logits), rp, logprobs_mode)
+
+    if mesh is None:
+        kv = empty_kv_cache(config, num_pages, page_size, params["embed"].dtype)
+        p = fill(tokens, sampling_rows)
+        logits, _ = forward(params, config, p, kv, numerics)
+        values, ent = post(logits, p)
+    else:
+        split = lambda x: x.reshape(dp, batch // dp, *x.shape[1:])  # noqa: E731
+        plans = jax.vmap(fill)(split(tokens), {k: split(v) for k, v in sampling_rows.items()})
+        kv = sharding.empty_kv_cache(config, num_pages, page_size, params["embed"].dtype, mesh)
+        (values, ent), _ = sharding.sharded_forward(
+            mesh, sharding.shard_params(params, config, mesh), config, plans, kv, numerics, post
+        )
     mask = completion_mask(prompt_lens, completion_lens, length)
-    values = jnp.where(mask, sel.value.reshape(batch, length - 1), 0.0)
+    values = jnp.where(mask, values.reshape(batch, length - 1), 0.0)
     if not with_entropy:
         return values
-    ent = _entropy(jax.lax.stop_gradient(logits), rp, logprobs_mode).reshape(batch, length - 1)
-    return values, jnp.where(mask, ent, 0.0)
+    return values, jnp.where(mask, ent.reshape(batch, length - 1), 0.0)
 
 
 def token_logprobs(
@@ -200,9 +160,8 @@ def token_logprobs(
     top_p: Any = None,
     min_p: Any = None,
     logprobs_mode: str = "processed_logprobs",
-    lm_head_dtype: str = "float32",
-    numerics: str = "invariant",
-    kernel_backend: str = "auto",
+    numerics: Numerics | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     with_entropy: bool = False,
 ):
@@ -218,9 +177,13 @@ def token_logprobs(
         Alternatively pass `temperature` / `top_k` / `top_p` / `min_p` as scalars or [B] arrays
         (they override sampling_params field by field). None everywhere = temperature 1, no
         filters.
-      logprobs_mode, lm_head_dtype, numerics, kernel_backend: as in `EngineConfig`; match the
-        engine's to get its bits (defaults are the engine's defaults).
-      page_size: scratch page size of the fixed layout; changes no bit.
+      logprobs_mode: as in `EngineConfig`.
+      numerics: a `jengine.Numerics`; pass `engine.numerics` to get the engine's bits. None: the
+        defaults, with column_blocks = the mesh's 'model' size.
+      mesh: optional ('data', 'model') mesh: the forward runs tensor parallel over 'model' and
+        splits the rows over 'data' (B must be a multiple of the 'data' size). Same bits as one
+        device with the same numerics.
+      page_size: scratch page size of the layout; changes no bit.
       with_entropy: also return f32[B, L - 1] entropies of the (processed, under the processed
         modes) distribution each token was drawn from (no gradient flows through them).
     Returns:
@@ -230,32 +193,38 @@ def token_logprobs(
     Jit-able and differentiable w.r.t. params; every argument except params, tokens, lengths and
     sampling arrays is static.
     """
-    check_numerics_settings(logprobs_mode, lm_head_dtype, numerics)
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, L] with L >= 2, got shape {tokens.shape}")
     batch, length = tokens.shape
+    mesh = mesh_of(params, mesh)
+    dp, tp = sharding.mesh_sizes(mesh) if mesh is not None else (1, 1)
+    if batch % dp:
+        raise ValueError(f"tokens has {batch} rows, not a multiple of the mesh's data size {dp}")
+    numerics = resolve_numerics(numerics, tp)
+    if mesh is not None or numerics.column_blocks > 1:
+        sharding.check_model(config, tp, numerics.column_blocks)
     prompt_lens = jnp.broadcast_to(jnp.asarray(prompt_lens, jnp.int32), (batch,))
     if completion_lens is None:
         completion_lens = length - prompt_lens
     completion_lens = jnp.broadcast_to(jnp.asarray(completion_lens, jnp.int32), (batch,))
-    sp = sampling_arrays(sampling_params, batch)
+    per_seq = per_sequence(sampling_params, batch)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    dtypes = dict(temperature=jnp.float32, top_k=jnp.int32, top_p=jnp.float32, min_p=jnp.float32)
+    rows = {
+        k: jnp.broadcast_to(
+            jnp.asarray([getattr(s, k) for s in per_seq] if given[k] is None else given[k], dtype),
+            (batch,),
+        )
+        for k, dtype in dtypes.items()
+    }
     return _token_values(
-        params,
-        tokens,
-        prompt_lens,
-        completion_lens,
-        _per_seq(sp["temperature"] if temperature is None else temperature, 1.0, jnp.float32, batch),
-        _per_seq(sp["top_k"] if top_k is None else top_k, 0, jnp.int32, batch),
-        _per_seq(sp["top_p"] if top_p is None else top_p, 1.0, jnp.float32, batch),
-        _per_seq(sp["min_p"] if min_p is None else min_p, 0.0, jnp.float32, batch),
-        config=config,
-        logprobs_mode=logprobs_mode,
-        lm_head_dtype=lm_head_dtype,
-        numerics=Numerics(mode=numerics, backend=default_backend(kernel_backend)),
-        page_size=page_size,
+        params, tokens, prompt_lens, completion_lens, rows, config=config,
+        logprobs_mode=logprobs_mode, numerics=numerics, mesh=mesh, page_size=page_size,
         with_entropy=with_entropy,
-    )
+    )  # fmt: skip
 
 
 def pack(

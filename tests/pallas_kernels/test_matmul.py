@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import Numerics, matmul, ops, pallas_matmul
+from jengine.config import Numerics
+from pallas_kernels import matmul, ops, pallas_matmul
 from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
 
 HIDDEN, OUT, VOCAB = 128, 192, 1000  # OUT and VOCAB leave a partial last column block

@@ -19,7 +19,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
-from pallas_kernels import Numerics, ops, pallas_ragged_paged_attention, tpu_ragged_paged_attention
+from jengine.config import Numerics
+from pallas_kernels import ops, pallas_ragged_paged_attention, tpu_ragged_paged_attention
 from pallas_kernels import ragged_paged_attention as rpa
 from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
 

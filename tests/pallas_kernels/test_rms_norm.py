@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import Numerics, ops, pallas_rms_norm, rms_norm
+from jengine.config import Numerics
+from pallas_kernels import ops, pallas_rms_norm, rms_norm
 from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
 
 EPS = 1e-6

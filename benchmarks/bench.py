@@ -1,9 +1,9 @@
 """Benchmarks: RL rollout throughput (vs transformers `generate` and numerics="fast"), decode step
 time vs the memory-bandwidth roofline, compile behaviour, memory, batch scaling.
 
-    python -m jengine bench                 # small: the tiny model, under two minutes
-    python -m jengine.bench --size tiny     # smallest (the test runs this)
-    python -m jengine.bench --size full     # SmolLM2-135M etc.; tens of minutes on 2 CPU cores
+    python benchmarks/bench.py                 # small: the tiny model, under two minutes
+    python benchmarks/bench.py --size tiny     # smallest (the test runs this)
+    python benchmarks/bench.py --size full     # SmolLM2-135M etc.; tens of minutes on 2 CPU cores
 
 The scripts in `benchmarks/` run the full versions one part at a time and write JSON that
 `benchmarks/RESULTS.md` is built from. Every timing is printed with the 1-minute load average taken
@@ -342,7 +342,7 @@ def run_jengine(
         "mean_completion_len": round(tokens / max(1, workload.num_seqs), 1),
         "peak_pages_used": peak_used,
         "num_pages": num_pages,
-        "prefix_hit_tokens": engine.scheduler.prefix_hit_tokens,
+        "prefix_hit_tokens": engine.stats["prefix_cache_hit_tokens"],
         "load_before": load0,
         "load_after": load1,
     }
@@ -517,41 +517,34 @@ def decode_bytes(model, batch: int, context: int) -> dict[str, int]:
 
 
 def _decode_runner(model, batch: int, context: int, numerics: str, page_size: int = 16):
-    from jengine import sampling
-    from jengine.config import SamplingParams
-    from jengine.models.transformer import empty_kv_cache
-    from jengine.runner import Runner, StepInputs
-    from pallas_kernels.ops import Numerics, default_backend
+    """The engine's Runner over pages for `batch` sequences and one decode plan at `context`."""
+    from jengine import plan
+    from jengine.config import Numerics, SamplingParams
+    from jengine.runner import Runner
 
     pps = -(-(context + 1) // page_size)
-    kv = empty_kv_cache(model.config, batch * pps, page_size, model.params["embed"].dtype)
-    runner = Runner(model.config, model.params, kv, numerics=Numerics(mode=numerics, backend=default_backend()),
-                    lm_head_dtype="float32", logprobs_mode="processed_logprobs",
-                    max_tokens=max(batch, 16), max_seqs=batch)
-    table_ = np.arange(batch * pps, dtype=np.int32).reshape(batch, pps)
+    runner = Runner(model, Numerics(mode=numerics).resolved(), logprobs_mode="processed_logprobs",
+                    num_pages=batch * pps, page_size=page_size, max_tokens=max(batch, 16),
+                    max_seqs=batch)  # fmt: skip
     rng = np.random.default_rng(0)
-    pos = np.full((batch,), context, np.int32)
-    inputs = StepInputs(
-        tokens=rng.integers(3, model.config.vocab_size, batch).astype(np.int32),
-        positions=pos,
-        seq_ids=np.arange(batch, dtype=np.int32),
-        slots=(table_[:, context // page_size] * page_size + context % page_size).astype(np.int32),
-        page_table=table_,
-        logit_rows=np.arange(batch, dtype=np.int32),
-        rows=sampling.row_params([SamplingParams(temperature=1.0)] * batch, list(range(batch)), pos.tolist()),
-    )
-    return runner, inputs
+    sp = SamplingParams(temperature=1.0)
+    chunks = [
+        plan.Chunk([int(rng.integers(3, model.config.vocab_size))], context,
+                   range(s * pps, (s + 1) * pps), [plan.Row(0, sp, s, context + 1)])
+        for s in range(batch)
+    ]  # fmt: skip
+    return runner, plan.build(chunks, page_size, pps)
 
 
 def decode_step(model, batch: int, context: int, numerics: str = "invariant", iters: int = 5) -> dict[str, Any]:
     """Times the engine's own compiled step (Runner.run) on `batch` decode tokens at `context`."""
     runner, inputs = _decode_runner(model, batch, context, numerics)
-    _, _, compile_s = runner.run(inputs)
+    _, _, compile_s = runner.run([inputs])
     times = []
     load0 = loadavg()
     cpu0 = time.process_time()
     for _ in range(iters):
-        _, _, s = runner.run(inputs)
+        _, _, s = runner.run([inputs])
         times.append(s)
     cpu_ms = 1000 * (time.process_time() - cpu0) / iters
     return {"compile_s": round(compile_s, 2), "step_ms": round(1000 * float(np.median(times)), 2),
@@ -609,16 +602,16 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
     import jax.numpy as jnp
 
     from jengine import sampling
+    from jengine.config import Numerics
     from jengine.models.transformer import lm_head_weight
-    from jengine.runner import next_pow2, pad_inputs
     from pallas_kernels import ops
-    from pallas_kernels.ops import Numerics, default_backend
 
     c = model.config
-    num = Numerics(mode=numerics, backend=default_backend())
+    num = Numerics(mode=numerics).resolved()
     runner, inputs = _decode_runner(model, batch, context, numerics)
     tb, sb = runner.bucket(batch)
-    padded, rows = pad_inputs(inputs, tb, sb, runner.no_slot)
+    padded = inputs.padded(tb, sb, sb, runner.no_slot)
+    rows = padded.rows
     params = model.params
     dtype = params["embed"].dtype
     rng = np.random.default_rng(0)
@@ -674,8 +667,8 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
     for k, fn in fns.items():
         out[k] = _timeit(fn, iters)
         cpu[k] = _CPU_MS[id(fn)]
-    runner.run(inputs)
-    whole = lambda: runner.run(inputs)
+    runner.run([inputs])
+    whole = lambda: runner.run([inputs])
     total = _timeit(whole, iters)
     total_cpu = _CPU_MS[id(whole)]
     rows_out = [{"op": k, "ms": round(v, 2), "cpu_ms": round(cpu[k], 2)} for k, v in out.items()]
@@ -685,7 +678,6 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
     load1 = max(load0, loadavg())
     for r in rows_out:
         r.update(numerics=numerics, batch=batch, padded_rows=tb, load=load1)
-    del next_pow2
     return rows_out
 
 
@@ -773,6 +765,46 @@ def kv_pages_vs_contiguous(res: dict[str, Any], workload: Workload, model, max_m
     }
 
 
+def peak_host_bytes_while_loading(path: str, **kwargs: Any) -> dict[str, int]:
+    """Host memory `load_model(path, **kwargs)` needs.
+
+    Returns:
+      traced_peak: peak bytes of Python/numpy host allocations during the load (tracemalloc; XLA's
+        device buffers are not counted, so on a correct loader this is about one tensor, not the
+        model);
+      param_bytes: total bytes of the loaded params;
+      max_rss_growth: growth of the process's peak RSS (getrusage; includes device buffers on CPU
+        and is 0 if an earlier load already reached the peak).
+    """
+    import resource
+    import tracemalloc
+
+    import jax
+
+    from jengine.models.loading import load_model
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, _ = tracemalloc.get_traced_memory()
+    try:
+        model = load_model(path, **kwargs)
+        jax.block_until_ready(model.params)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "traced_peak": peak - base,
+        "param_bytes": param_bytes,
+        "max_rss_growth": rss_after - rss_before,
+    }
+
+
 _LOAD_CHILD = r"""
 import json, os, sys, threading, time, resource
 import psutil, jax, jax.numpy as jnp
@@ -786,13 +818,10 @@ def sample():
         peak[0] = max(peak[0], proc.memory_info().rss)
         time.sleep(0.005)
 th = threading.Thread(target=sample, daemon=True); th.start()
-from jengine.models import loading
+sys.path.insert(0, sys.argv[3])
+from benchmarks.bench import peak_host_bytes_while_loading
 t = time.perf_counter()
-if hasattr(loading, "peak_host_bytes_while_loading"):
-    r = loading.peak_host_bytes_while_loading(sys.argv[1], dtype=sys.argv[2])
-else:
-    m = loading.load_model(sys.argv[1], dtype=sys.argv[2]); jax.block_until_ready(m.params)
-    r = {"param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(m.params))}
+r = peak_host_bytes_while_loading(sys.argv[1], dtype=sys.argv[2])
 secs = time.perf_counter() - t
 stop[0] = True; th.join()
 end = proc.memory_info().rss
@@ -805,7 +834,8 @@ print("JSON" + json.dumps(r))
 def load_memory(path: str, dtype: str = "float32") -> dict[str, Any]:
     """Peak host RSS growth while `load_model(path)` runs, in a fresh process, vs the params' bytes."""
     load0 = loadavg()
-    out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path, dtype], check=False, capture_output=True, text=True,
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path, dtype, root], check=False, capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=900)
     line = [x for x in out.stdout.splitlines() if x.startswith("JSON")]
     if not line:
@@ -834,7 +864,7 @@ SIZES = {
     # smallest: the tiny random model; the test runs this
     "tiny": dict(model="tiny", prompts=2, group=2, max_tokens=8, budget=16, batches=(4,), hf=False,
                  compile_requests=0, max_model_len=64, prompt_len=(8, 24)),
-    # `python -m jengine bench`: the tiny model, a real RL-shaped workload, the torch baseline
+    # the default: the tiny model, a real RL-shaped workload, the torch baseline
     "small": dict(model="tiny", prompts=8, group=4, max_tokens=32, budget=128, batches=(1, 8, 32), hf=True,
                   compile_requests=100, max_model_len=256, prompt_len=(16, 96)),
     # SmolLM2-135M (real weights when the GGUF is installed)
@@ -849,7 +879,7 @@ HEADERS = ("Rollout throughput", "Cost of invariance", "Decode step vs roofline"
 def run_all(size: str, out: Callable[[str], None] = print) -> dict[str, Any]:
     s = SIZES[size]
     results: dict[str, Any] = {"size": size, "machine": machine()}
-    out(f"# jengine bench --size {size}\n")
+    out(f"# benchmarks/bench.py --size {size}\n")
     out("machine: " + json.dumps(results["machine"]) + "\n")
     if s["model"] == "smollm2":
         model, desc = smollm2()
@@ -919,7 +949,7 @@ def run_all(size: str, out: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jengine bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
