@@ -421,6 +421,16 @@ class EngineConfig:
         None, "Tensor-parallel-invariant numerics: compute in this many column blocks, so any "
         "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size."
     )
+    verify_fraction: float = _field(
+        0.0, "Runtime parity guard: re-score this fraction of finished requests with the "
+        "trainer-side path (jengine.score under the engine's numerics); a mismatch means a bug "
+        "or a hardware fault (counted in stats, written to the trace)."
+    )
+    verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
+    check_divergence: bool = _field(
+        True, "Multi-process runs: compare every step's plan across processes before running it "
+        "(an all-gather of a digest); a difference raises on every process."
+    )
 
     def __post_init__(self) -> None:
         _check_int("page_size", self.page_size, lo=1)
@@ -443,8 +453,10 @@ class EngineConfig:
         _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
         _check_int("data_parallel_size", self.data_parallel_size, lo=1)
         _check_int("seed", self.seed, lo=0)
-        if not isinstance(self.check_finite, bool):
-            raise TypeError(f"check_finite={self.check_finite!r} must be a bool")
+        _check_float("verify_fraction", self.verify_fraction, lo=0.0, hi=1.0)
+        for flag in ("check_finite", "check_divergence", "verify_strict"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}={getattr(self, flag)!r} must be a bool")
         if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):
             raise TypeError(f"trace_path={self.trace_path!r} must be a path (str) or None")
         if self.column_blocks is not None:

@@ -17,6 +17,7 @@ file. Each record (`TRACE_SCHEMA`) has:
 | pages_free | int | free KV pages after the step |
 | preemptions | int | preemptions so far (cumulative) |
 | compile_seconds | float | optional: seconds of this step spent compiling (0.0 unless `compiled`) |
+| verify_mismatches | list | optional: request ids whose rollout logprobs the parity guard could not reproduce |
 
 `read_trace` parses a file, `validate_trace` checks every record against the schema (types,
 `prefill_tokens + decode_tokens <= bucket_tokens`, steps increasing by one, preemptions never
@@ -54,7 +55,10 @@ TRACE_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "pages_free": int,
     "preemptions": int,
 }
-OPTIONAL_TRACE_KEYS: dict[str, type | tuple[type, ...]] = {"compile_seconds": (int, float)}
+OPTIONAL_TRACE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "compile_seconds": (int, float),
+    "verify_mismatches": list,  # request ids the runtime parity guard found differing
+}
 
 LOGPROB_MODES = ("processed_logprobs", "raw_logprobs")  # modes whose values are log-probabilities
 
@@ -121,7 +125,7 @@ def validate_trace(records: Sequence[dict[str, Any]], *, strict: bool = False) -
         if strict and set(r) - known:
             raise TraceError(f"record {i}: unknown keys {sorted(set(r) - known)}")
         for key in known:
-            if key in r and not isinstance(r[key], bool) and r[key] < 0:
+            if key in r and isinstance(r[key], (int, float)) and not isinstance(r[key], bool) and r[key] < 0:
                 raise TraceError(f"record {i}: {key}={r[key]!r} is negative")
         if r["prefill_tokens"] + r["decode_tokens"] > r["bucket_tokens"]:
             raise TraceError(

@@ -17,6 +17,7 @@ device step, and commits the results back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import sys
@@ -38,6 +39,16 @@ from jengine.scheduler import Sequence as Seq
 
 FINISH_REASONS = ("stop", "length", "aborted", "error")
 UPDATE_MODES = ("keep", "recompute", "abort")
+
+
+class VerificationError(RuntimeError):
+    """The runtime parity guard found a rollout logprob that `jengine.score` does not reproduce:
+    a bug, or a hardware fault (`EngineConfig(verify_strict=True)`)."""
+
+
+class DivergenceError(RuntimeError):
+    """The processes of a multi-process run were about to run different steps (they were not
+    given the same engine calls with the same arguments). Raised on every process."""
 
 
 @dataclasses.dataclass
@@ -81,10 +92,18 @@ def check_params(params: Params, shapes: Params, where: str, dtypes: Params | No
             raise ValueError(f"{where}{name} has shape {getattr(leaf, 'shape', None)}, expected {shape}")
         if dtype is not None and leaf.dtype != dtype:
             raise ValueError(f"{where}{name} has dtype {leaf.dtype}, expected {dtype}")
-    finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
-    for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]:
-        if not bool(ok):
+    # one program for every leaf: on a multi-process mesh, many small programs in flight can
+    # start their collectives in different orders on different processes and deadlock
+    finite = np.asarray(_all_finite(params))
+    for (path, _), ok in zip(got, finite):
+        if not ok:
             raise ValueError(f"{where}{jax.tree_util.keystr(path)} holds non-finite values")
+
+
+@jax.jit
+def _all_finite(params: Params) -> jax.Array:
+    """bool[leaves]: each leaf of `params` is all finite."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])
 
 
 def _kv_budget_bytes() -> int:
@@ -162,6 +181,8 @@ class Engine:
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
         self._step_index = 0
         self._generated = 0
+        self._to_verify: list[tuple[RequestOutput, SamplingParams]] = []
+        self._verified = self._verify_mismatches = 0
         self._trace = open(config.trace_path, "w") if config.trace_path else None
 
     @property
@@ -273,7 +294,7 @@ class Engine:
         del self._seqs[seq.request_id]
         self._finished_ids.add(seq.request_id)
         seq.finish_reason = reason
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=list(seq.prompt),
             token_ids=seq.tokens[len(seq.prompt) :],
@@ -285,6 +306,42 @@ class Engine:
             else None,
             error=error,
         )
+        if self._verify_selects(seq, reason):
+            self._to_verify.append((out, seq.params))
+        return out
+
+    def _verify_selects(self, seq: Seq, reason: str) -> bool:
+        """The parity guard checks a deterministic `verify_fraction` of the finished requests
+        (the same ones on every process) whose KV and tokens all come from the current weights."""
+        f = self.config.verify_fraction
+        if not f or reason not in ("stop", "length") or seq.kv_version != self.policy_version:
+            return False
+        if any(v != self.policy_version for v in seq.versions):
+            return False
+        h = hashlib.blake2b(f"{self.config.seed}:{seq.arrival}".encode(), digest_size=8)
+        return int.from_bytes(h.digest(), "little") < f * 2**64
+
+    def _verify(self) -> list[str]:
+        """Re-scores the selected finished requests; returns the ids whose logprobs differ."""
+        from jengine.scoring import score
+
+        todo, self._to_verify = self._to_verify, []
+        if not todo:
+            return []
+        scored = score(
+            self.model, [o.prompt_token_ids for o, _ in todo], [o.token_ids for o, _ in todo],
+            [sp for _, sp in todo], numerics=self.numerics, logprobs_mode=self.config.logprobs_mode,
+        )  # fmt: skip
+        bad = [o.request_id for (o, _), s in zip(todo, scored)
+               if not np.array_equal(s.view(np.uint32), o.logprobs.view(np.uint32))]  # fmt: skip
+        self._verified += len(todo)
+        self._verify_mismatches += len(bad)
+        if bad and self.config.verify_strict:
+            raise VerificationError(
+                f"step {self._step_index - 1}: rollout logprobs of {bad} differ from jengine.score "
+                "under the engine's numerics and weights (a bug or a hardware fault)"
+            )
+        return bad
 
     def _stop_reason(self, seq: Seq, token: int) -> str | None:
         p = seq.params
@@ -306,17 +363,44 @@ class Engine:
             return finished
         empty = plan_lib.build([], self.config.page_size, self.pages_per_seq)
         top_n = max((s.params.logprobs for p in planned if p for s in p.seqs), default=0)
-        sels, compiled_now, seconds = self.runner.run(
-            [p.plan if p else empty for p in planned], top_n=top_n
-        )
+        plans = [p.plan if p else empty for p in planned]
+        if self.config.check_divergence and jax.process_count() > 1:
+            self._check_processes_agree(plans, top_n)
+        sels, compiled_now, seconds = self.runner.run(plans, top_n=top_n)
         for scheduler, scheduled, sel in zip(self.schedulers, planned, sels):
             if scheduled is not None:
                 scheduler.commit(scheduled)
                 finished += self._absorb(scheduled, sel)
         self._step_index += 1
+        mismatches = self._verify()
         if self._trace:
-            self._write_trace([p for p in planned if p], compiled_now, seconds)
+            self._write_trace([p for p in planned if p], compiled_now, seconds, mismatches)
         return finished
+
+    def _check_processes_agree(self, plans: list[plan_lib.StepPlan], top_n: int) -> None:
+        """All-gathers a digest of this step (its plans, the live request ids, the policy version)
+        from every process and raises DivergenceError on all of them if any differs: running
+        different plans would hang in a collective or silently compute different things."""
+        from jax.experimental import multihost_utils
+
+        h = hashlib.blake2b(digest_size=16)
+        for p in plans:
+            h.update(p.digest().encode())
+        h.update(json.dumps(sorted(self._seqs)).encode())
+        counts = [self._step_index, self.policy_version, sum(p.num_tokens for p in plans),
+                  len(self._seqs), top_n]  # fmt: skip
+        mine = np.concatenate([np.frombuffer(h.digest(), np.uint32), np.asarray(counts, np.uint32)])
+        every = np.asarray(multihost_utils.process_allgather(mine))
+        if (every != every[0]).any():
+            lines = [
+                f"process {i}: step {r[4]}, policy version {r[5]}, {r[6]} tokens, {r[7]} live "
+                f"requests, top_n {r[8]}, plan digest {r[:4].tobytes().hex()}"
+                for i, r in enumerate(every)
+            ]
+            raise DivergenceError(
+                f"step {self._step_index}: the processes' step plans differ (every process must "
+                "make the same engine calls with the same arguments):\n  " + "\n  ".join(lines)
+            )
 
     def _absorb(self, scheduled: Scheduled, sel) -> list[RequestOutput]:
         finished = []
@@ -354,7 +438,9 @@ class Engine:
                 finished.append(self._finish(seq, reason))
         return finished
 
-    def _write_trace(self, planned: list[Scheduled], compiled_now: bool, seconds: float) -> None:
+    def _write_trace(
+        self, planned: list[Scheduled], compiled_now: bool, seconds: float, mismatches: list[str]
+    ) -> None:
         num_tokens, num_seqs = self.runner.bucket(max(p.plan.num_tokens for p in planned))
         record = {
             "step": self._step_index - 1,
@@ -370,6 +456,8 @@ class Engine:
             "pages_free": sum(s.allocator.num_free for s in self.schedulers),
             "preemptions": sum(s.num_preemptions for s in self.schedulers),
         }
+        if mismatches:
+            record["verify_mismatches"] = mismatches
         self._trace.write(json.dumps(record) + "\n")
         self._trace.flush()
 
@@ -489,6 +577,8 @@ class Engine:
             "policy_version": self.policy_version,
             "running": total(lambda s: len(s.running)),
             "waiting": total(lambda s: len(s.waiting)),
+            "verified_requests": self._verified,
+            "verify_mismatches": self._verify_mismatches,
         }
 
     def check_invariants(self) -> None:

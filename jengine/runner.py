@@ -163,10 +163,15 @@ class Runner:
         raise ValueError(f"{num_tokens=} exceeds the largest token bucket {self.token_buckets[-1]}")
 
     def set_params(self, params: Params) -> None:
-        """Places validated `params` like the current ones (same devices and layout)."""
-        self.params = jax.tree_util.tree_map(
-            lambda new, old: jax.device_put(new, old.sharding), params, self.params
-        )
+        """Places validated `params` like the current ones (same devices and layout); they may be
+        host arrays or global arrays laid out on another mesh over the same devices (a trainer's
+        layout), which are resharded."""
+        def put(new: jax.Array, old: jax.Array) -> jax.Array:
+            # one leaf at a time: on a multi-process mesh, reshards in flight together may start
+            # their collectives in different orders on different processes and deadlock
+            return jax.device_put(new, old.sharding).block_until_ready()
+
+        self.params = jax.tree_util.tree_map(put, params, self.params)
 
     def run(
         self, plans: Sequence[StepPlan], top_n: int = 0, min_tokens: int = 0

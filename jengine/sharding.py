@@ -265,7 +265,8 @@ def sharded_forward(
     `plan` is a pytree of arrays with a leading [dp] axis (data row i's plan), `kv` is laid out as
     `empty_kv_cache` makes it, `params` as `param_specs` says (replicated over 'data').
     `post(logits, plan)` (e.g. sampling) runs on the gathered logits on every model device.
-    Returns (post(...) or the logits, with a leading [dp] axis; the new kv).
+    Returns (post(...) or the logits with a leading [dp] axis, replicated on every device, so
+    every process can read all of it; the new kv).
     """
     mesh = normalize_mesh(mesh)
     _, tp = mesh_sizes(mesh)
@@ -282,13 +283,15 @@ def sharded_forward(
         plan, kv = first(plan), first(kv)
         ctx = _LocalContext(config, tp, inner) if tp > 1 else None
         logits, kv = forward(params, config, plan, kv, inner, tp=ctx)
-        return stacked(logits if post is None else post(logits, plan)), stacked(kv)
+        out = logits if post is None else post(logits, plan)
+        every = jax.tree_util.tree_map(lambda x: jax.lax.all_gather(x, DATA), out)  # [dp, ...]
+        return every, stacked(kv)
 
     fn = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(param_specs(config, tp), kv_specs, P(DATA)),
-        out_specs=(P(DATA), kv_specs),
+        out_specs=(P(), kv_specs),
         check_vma=False,
     )
     return fn(params, kv, plan)

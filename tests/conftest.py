@@ -22,6 +22,12 @@ def tiny_model_bf16() -> Model:
     return Model(cfg, init_params(cfg, seed=0))
 
 
+def same_bits(a, b) -> bool:
+    """Bitwise equality of float32 arrays: -0.0 and +0.0 (and NaN payloads) count as different."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def random_prompts(n: int, vocab: int, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [list(map(int, rng.integers(2, vocab, rng.integers(lo, hi)))) for _ in range(n)]

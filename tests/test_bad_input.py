@@ -13,6 +13,7 @@ import pytest
 import jengine
 from jengine import EngineConfig, Model, ModelConfig, RopeScaling, SamplingParams
 from jengine.engine import Engine
+from tests.conftest import same_bits
 
 # Same shapes as the property and load tests: the step compiles once per session.
 CFG = dict(num_pages=12, page_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
@@ -73,7 +74,7 @@ def _drain_and_compare(engine, ids, reference):
     assert sorted(outs) == sorted(ids), "the bad call added or lost a request"
     for rid, ref in zip(ids, reference):
         assert outs[rid].token_ids == ref.token_ids
-        assert np.array_equal(outs[rid].logprobs, ref.logprobs)
+        assert same_bits(outs[rid].logprobs, ref.logprobs)
     engine.check_invariants()
     assert engine.schedulers[0].allocator.num_free == engine.num_pages
 
@@ -283,7 +284,7 @@ def test_finished_request_id_cannot_be_reused_and_auto_ids_never_collide(tiny_mo
         outs.update({o.request_id: o for o in engine.step()})
     assert sorted(outs) == sorted([mine, auto0, auto1])
     for rid, ref in ((mine, reference[0]), (auto1, reference[1])):
-        assert outs[rid].token_ids == ref.token_ids and np.array_equal(
+        assert outs[rid].token_ids == ref.token_ids and same_bits(
             outs[rid].logprobs, ref.logprobs
         )
     assert engine.schedulers[0].allocator.num_free == engine.num_pages

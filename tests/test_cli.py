@@ -81,7 +81,7 @@ def test_flags_come_from_the_config_fields():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         assert sorted(names.values()) == sorted(fields)
         for flag, field in names.items():
-            assert cli.FLAGS[flag].help.startswith(fields[field].metadata["help"])
+            assert fields[field].metadata["help"] in cli.FLAGS[flag].help
             choices = fields[field].metadata.get("choices")
             if choices:
                 assert list(cli.FLAGS[flag].enum_values) == list(choices)

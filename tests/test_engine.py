@@ -2,13 +2,15 @@
 not depend on its batch, the step budget, page size/placement, arrival order, prefix caching or
 preemption."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import jengine
-from jengine import EngineConfig, SamplingParams
+from jengine import EngineConfig, Model, SamplingParams
 from jengine.engine import Engine
-from tests.conftest import random_prompts
+from tests.conftest import random_prompts, same_bits
 
 PARAMS = [
     SamplingParams(temperature=1.0, max_tokens=10, seed=1),
@@ -25,15 +27,13 @@ def run(model, prompts, params, **cfg):
     engine = Engine(model, EngineConfig(**{**BASE, **cfg}))
     outs = engine.generate(prompts, params)
     engine.check_invariants()
-    assert engine.schedulers[0].allocator.num_free == engine.num_pages - sum(
-        1 for c in engine.schedulers[0].allocator.refcount if c
-    )
+    assert engine.stats["num_pages_free"] == engine.stats["num_pages"], "pages leaked"
     return outs, engine
 
 
 def assert_same(a, b):
     assert a.token_ids == b.token_ids
-    assert np.array_equal(a.logprobs, b.logprobs)
+    assert same_bits(a.logprobs, b.logprobs)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_model_bf16"])
@@ -43,7 +43,7 @@ def test_rollout_logprobs_are_bitwise_score(fixture, request):
     outs, _ = run(model, prompts, PARAMS)
     for out, prompt, sp in zip(outs, prompts, PARAMS):
         scored = jengine.score(model, prompt, out.token_ids, sp)
-        assert np.array_equal(scored, out.logprobs), (sp, scored, out.logprobs)
+        assert same_bits(scored, out.logprobs), (sp, scored, out.logprobs)
         assert np.all(np.isfinite(out.logprobs))
 
 
@@ -52,20 +52,34 @@ def test_each_logprobs_mode_matches_score(tiny_model, mode):
     prompts = random_prompts(3, tiny_model.config.vocab_size, seed=2)
     outs, _ = run(tiny_model, prompts, PARAMS[:3], logprobs_mode=mode)
     for out, prompt, sp in zip(outs, prompts, PARAMS):
-        assert np.array_equal(jengine.score(tiny_model, prompt, out.token_ids, sp, logprobs_mode=mode), out.logprobs)
+        assert same_bits(jengine.score(tiny_model, prompt, out.token_ids, sp, logprobs_mode=mode), out.logprobs)
 
 
-@pytest.mark.parametrize("head", ["bfloat16", "model"])
-def test_lm_head_dtype_matches_score(tiny_model, head):
-    prompts = random_prompts(2, tiny_model.config.vocab_size, seed=3)
-    outs, engine = run(tiny_model, prompts, PARAMS[:2], lm_head_dtype=head)
-    for out, prompt, sp in zip(outs, prompts, PARAMS):
-        assert np.array_equal(jengine.score(tiny_model, prompt, out.token_ids, sp, numerics=engine.numerics), out.logprobs)
+@pytest.mark.parametrize(
+    "fixture, head", [("tiny_model", "bfloat16"), ("tiny_model_bf16", "model"), ("tiny_model_bf16", "float32")]
+)
+def test_lm_head_dtype_matches_score(fixture, head, request):
+    """Each head dtype is its own numerics (the rollout differs from the default head's) and
+    score with the engine's numerics reproduces it; 'model' on a bf16 model is a bf16 head."""
+    model = request.getfixturevalue(fixture)
+    prompts = random_prompts(2, model.config.vocab_size, seed=3)
+    params = [dataclasses.replace(p, temperature=0.0) for p in PARAMS[:2]]  # same tokens
+    outs, engine = run(model, prompts, params, lm_head_dtype=head)
+    default = "float32" if head != "float32" else "bfloat16"
+    others, _ = run(model, prompts, params, lm_head_dtype=default)
+    for out, other, prompt, sp in zip(outs, others, prompts, params):
+        assert same_bits(jengine.score(model, prompt, out.token_ids, sp, numerics=engine.numerics), out.logprobs)
+        if out.token_ids == other.token_ids:
+            assert not same_bits(out.logprobs, other.logprobs), "the head dtype changed nothing"
 
 
 @pytest.fixture(scope="module")
 def workload():
     prompts = random_prompts(10, 512, lo=2, hi=70, seed=7)
+    shared = random_prompts(1, 512, lo=130, hi=131, seed=8)[0]  # >= 2 full pages at page_size 64
+    prompts[1] = shared + prompts[1][:3]  # later arrivals share its pages: cache hits
+    prompts[3] = shared[:128] + prompts[3][:40]
+    prompts[7] = shared[:72] + prompts[7][:5]
     params = [PARAMS[i % len(PARAMS)] for i in range(10)]
     params = [SamplingParams(**{**p.__dict__, "seed": 100 + i, "max_tokens": 8 + i % 5}) for i, p in enumerate(params)]
     return prompts, params
@@ -91,9 +105,11 @@ def alone(tiny_model, workload):
 )
 def test_output_independent_of_batching(tiny_model, workload, alone, cfg):
     prompts, params = workload
-    outs, _ = run(tiny_model, prompts, params, **cfg)
+    outs, engine = run(tiny_model, prompts, params, **cfg)
     for a, b in zip(alone, outs):
         assert_same(a, b)
+    hits = engine.stats["prefix_cache_hit_tokens"]
+    assert (hits == 0) if cfg.get("enable_prefix_caching") is False else (hits > 0), hits
 
 
 def test_output_independent_of_arrival_order(tiny_model, workload, alone):
@@ -122,7 +138,7 @@ def test_prefix_cache_hits_change_nothing(tiny_model):
     assert engine.stats["prefix_cache_hit_tokens"] >= 3 * 40 // 8 * 8
     engine.check_invariants()
     for out, prompt, sp in zip(first + rest, prompts, params):
-        assert np.array_equal(jengine.score(tiny_model, prompt, out.token_ids, sp), out.logprobs)
+        assert same_bits(jengine.score(tiny_model, prompt, out.token_ids, sp), out.logprobs)
     cold, _ = run(tiny_model, prompts, params, enable_prefix_caching=False)
     for a, b in zip(cold, first + rest):
         assert_same(a, b)
@@ -151,7 +167,7 @@ def test_compilations_stay_within_bucket_table(tiny_model):
     outs = engine.generate(prompts, params)
     assert [o.finish_reason in ("length", "stop") for o in outs] == [True] * 200
     assert engine.stats["compilations"] <= engine.stats["bucket_table_size"]
-    assert engine.schedulers[0].allocator.num_free + sum(1 for c in engine.schedulers[0].allocator.refcount if c) == engine.num_pages
+    assert engine.stats["num_pages_free"] == engine.stats["num_pages"]
 
 
 def test_stops_on_eos_stop_tokens_and_max_tokens(tiny_model):
@@ -164,13 +180,16 @@ def test_stops_on_eos_stop_tokens_and_max_tokens(tiny_model):
         [[5, 6, 7]], SamplingParams(max_tokens=12, seed=3, stop_token_ids=(stop_at,), ignore_eos=True)
     )[0]
     assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
-    eos = tiny_model.config.eos_token_ids[0]
+    # the model's EOS: make the token sampled 6th an EOS id of the model, then EOS ends the request
+    eos = base.token_ids[5]
+    assert eos not in base.token_ids[:5], "pick a seed whose 6th token is new"
+    model = Model(tiny_model.config.replace(eos_token_ids=(eos,)), tiny_model.params)
+    engine = Engine(model, EngineConfig(**BASE))
     with_eos = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=12, seed=3))[0]
-    if eos in base.token_ids:
-        assert with_eos.finish_reason == "stop"
-        assert with_eos.token_ids == base.token_ids[: base.token_ids.index(eos) + 1]
-    else:
-        assert with_eos.token_ids == base.token_ids
+    assert with_eos.finish_reason == "stop" and with_eos.token_ids == base.token_ids[:6]
+    assert same_bits(with_eos.logprobs, base.logprobs[:6])
+    ignored = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=12, seed=3, ignore_eos=True))[0]
+    assert ignored.finish_reason == "length" and ignored.token_ids == base.token_ids
 
 
 def test_max_model_len_caps_the_completion(tiny_model):
@@ -223,7 +242,7 @@ def test_abort(tiny_model):
     with pytest.raises(KeyError, match="nope"):
         engine.abort("nope")
     engine.check_invariants()
-    assert engine.schedulers[0].allocator.num_free == engine.num_pages
+    assert engine.stats["num_pages_free"] == engine.stats["num_pages"]
 
 
 def test_request_that_can_never_fit_is_refused(tiny_model):

@@ -22,7 +22,7 @@ import pytest
 import jengine
 from jengine import EngineConfig, Model, SamplingParams, init_params
 from jengine.engine import Engine
-from tests.conftest import random_prompts
+from tests.conftest import random_prompts, same_bits
 
 # The same engine shape as tests/test_engine.py (shares its compiled steps in one pytest run).
 BASE = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64)
@@ -80,9 +80,9 @@ def test_recompute_is_old_score_before_and_new_score_after(tiny_model, new_model
     new = jengine.score(new_model, prompts, [o.token_ids for o in outs], PARAMS)
     stale = jengine.score(tiny_model, prompts, [o.token_ids for o in outs], PARAMS)
     for out, k, o, n, st in zip(outs, ks, old, new, stale):
-        assert np.array_equal(o, out.logprobs[:k])
-        assert np.array_equal(n[k:], out.logprobs[k:])
-        assert not np.array_equal(st[k:], out.logprobs[k:])  # the old model would not give these
+        assert same_bits(o, out.logprobs[:k])
+        assert same_bits(n[k:], out.logprobs[k:])
+        assert not same_bits(st[k:], out.logprobs[k:])  # the old model would not give these
 
 
 def _allocator_state(engine):
@@ -112,7 +112,7 @@ def test_keep_switches_versions_in_place_and_touches_no_page(tiny_model, new_mod
     for out, k, o in zip(outs, ks, old):
         assert 0 < k < 10
         assert out.policy_versions.tolist() == [0] * k + [1] * (10 - k)
-        assert np.array_equal(o, out.logprobs[:k])
+        assert same_bits(o, out.logprobs[:k])
         assert np.all(np.isfinite(out.logprobs))
 
 
@@ -135,7 +135,7 @@ def test_abort_ends_in_flight_requests_on_the_next_step(tiny_model, new_model):
     after = engine.generate(prompts[:1], PARAMS[:1])[0]
     fresh = _engine(new_model).generate(prompts[:1], PARAMS[:1])[0]
     assert (after.policy_versions == 1).all()
-    assert after.token_ids == fresh.token_ids and np.array_equal(after.logprobs, fresh.logprobs)
+    assert after.token_ids == fresh.token_ids and same_bits(after.logprobs, fresh.logprobs)
 
 
 def _bad_updates(params):
@@ -171,7 +171,7 @@ def test_malformed_update_is_refused_and_changes_nothing(tiny_model, new_model, 
     fresh = _engine(tiny_model).generate(prompts, PARAMS)
     for rid, f in zip(ids, fresh):
         assert outs[rid].token_ids == f.token_ids
-        assert np.array_equal(outs[rid].logprobs, f.logprobs)
+        assert same_bits(outs[rid].logprobs, f.logprobs)
         assert (outs[rid].policy_versions == 0).all()
 
 
@@ -203,7 +203,7 @@ def test_prefix_shared_after_update_equals_a_fresh_engine(tiny_model, new_model,
     engine.check_invariants()
     fresh = _engine(new_model).generate(later, later_params)
     for a, b in zip(outs, fresh):
-        assert a.token_ids == b.token_ids and np.array_equal(a.logprobs, b.logprobs)
+        assert a.token_ids == b.token_ids and same_bits(a.logprobs, b.logprobs)
         assert (a.policy_versions == 1).all()
     _drain(engine)
     engine.check_invariants()

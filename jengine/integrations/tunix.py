@@ -56,11 +56,11 @@ from tunix.rl.rollout import base_rollout
 
 import jengine
 import jengine.rl
+from jengine import plan as _plan
 from jengine import sampling as _sampling
-from jengine.config import EngineConfig, ModelConfig, SamplingParams
+from jengine.config import EngineConfig, ModelConfig, Numerics, SamplingParams
 from jengine.engine import Engine
-from jengine.models.transformer import Batch, Model, Params, empty_kv_cache, forward
-from pallas_kernels.ops import Numerics, default_backend
+from jengine.models.transformer import Model, Params, empty_kv_cache, forward
 from pallas_kernels.tiling import map_row_tiles
 
 # Value the actor gives tokens the filters dropped: exp(MASKED / T - max) is exactly 0 for any
@@ -77,49 +77,29 @@ _PAGE_SIZE = 16  # scratch page size of the actor's fixed layout; changes no bit
 # -- the calls into jengine's core: the one place to adapt when its API changes -------------------
 
 
-def _numerics(mode: str = "invariant", kernel_backend: str = "auto") -> Numerics:
-    return Numerics(mode=mode, backend=default_backend(kernel_backend))
-
-
 def _build_engine(model: Model, config: EngineConfig) -> Engine:
     return Engine(model, config)
 
 
 def _score(engine: Engine, prompts, completions, sampling: SamplingParams) -> list[np.ndarray]:
     """`jengine.score` under the engine's numerics: the rollout's bits. Lists in, list out."""
-    c = engine.config
-    return jengine.score(
-        engine.model,
-        prompts,
-        completions,
-        sampling,
-        logprobs_mode=c.logprobs_mode,
-        lm_head_dtype=c.lm_head_dtype,
-        numerics=c.numerics,
-        kernel_backend=c.kernel_backend,
-        column_blocks=engine.numerics.column_blocks,
-    )
+    return jengine.score(engine.model, prompts, completions, sampling, numerics=engine.numerics,
+                         logprobs_mode=engine.config.logprobs_mode)  # fmt: skip
 
 
 def _token_logprobs(
     params: Params, config: ModelConfig, tokens, prompt_lens, completion_lens,
-    sampling: SamplingParams, numerics: Numerics, lm_head_dtype: str, with_entropy: bool,
+    sampling: SamplingParams, numerics: Numerics, with_entropy: bool,
 ):
     """`jengine.rl.token_logprobs`: f32[B, L - 1] processed logprobs, bitwise the rollout's."""
     return jengine.rl.token_logprobs(
-        params, config, tokens, prompt_lens, completion_lens,
-        sampling_params=sampling,
-        logprobs_mode="processed_logprobs",
-        lm_head_dtype=lm_head_dtype,
-        numerics=numerics.mode,
-        kernel_backend=numerics.backend,
-        with_entropy=with_entropy,
-    )
+        params, config, tokens, prompt_lens, completion_lens, sampling_params=sampling,
+        logprobs_mode="processed_logprobs", numerics=numerics, with_entropy=with_entropy,
+    )  # fmt: skip
 
 
 def _raw_logits(
-    params: Params, config: ModelConfig, tokens: jax.Array, real: jax.Array, numerics: Numerics,
-    lm_head_dtype: str,
+    params: Params, config: ModelConfig, tokens: jax.Array, real: jax.Array, numerics: Numerics
 ) -> jax.Array:
     """f32[B, L, V] jengine logits of every real token of tokens i32[B, L] (real: bool[B, L]).
 
@@ -139,7 +119,7 @@ def _raw_logits(
     def padded(x, fill):
         return jnp.concatenate([x.astype(jnp.int32), jnp.full((pad,), fill, jnp.int32)])
 
-    batch = Batch(
+    batch = _plan.StepPlan(
         tokens=padded(tokens.reshape(-1), 0),
         positions=padded(pos, -1),
         seq_ids=padded(seq, 0),
@@ -148,9 +128,10 @@ def _raw_logits(
             np.arange(b, dtype=np.int32)[:, None] * pages + np.arange(pages, dtype=np.int32)
         ),
         logit_rows=padded(jnp.arange(n, dtype=jnp.int32), 0),
+        rows=None,  # the forward reads the token-level fields only
     )
     kv = empty_kv_cache(config, num_pages, _PAGE_SIZE, params["embed"].dtype)
-    logits, _ = forward(params, config, batch, kv, numerics, lm_head_dtype)
+    logits, _ = forward(params, config, batch, kv, numerics)
     logits = logits[:n].reshape(b, length, -1)
     return jnp.where(real[..., None], logits, 0.0)
 
@@ -159,7 +140,7 @@ def _kept(raw: jax.Array, sp: SamplingParams) -> jax.Array:
     """bool[B, L, V]: the tokens `sp`'s filters keep, computed as the engine computes them."""
     b, length, vocab = raw.shape
     rows = b * length
-    rp = _sampling.RowParams(
+    rp = _plan.SampleRows(
         temperature=jnp.full((rows,), sp.temperature, jnp.float32),
         top_k=jnp.full((rows,), sp.top_k, jnp.int32),
         top_p=jnp.full((rows,), sp.top_p, jnp.float32),
@@ -169,10 +150,10 @@ def _kept(raw: jax.Array, sp: SamplingParams) -> jax.Array:
         target=jnp.zeros((rows,), jnp.int32),
         use_target=jnp.ones((rows,), jnp.bool_),
     )
-    fields = [getattr(rp, f.name) for f in dataclasses.fields(_sampling.RowParams)]
+    fields = [getattr(rp, f.name) for f in dataclasses.fields(_plan.SampleRows)]
 
     def tile(raw_t, *f):
-        return jnp.isfinite(_sampling.processed_logits(raw_t, _sampling.RowParams(*f)))
+        return jnp.isfinite(_sampling.processed_logits(raw_t, _plan.SampleRows(*f)))
 
     kept = map_row_tiles(tile, raw.reshape(rows, vocab), *fields, differentiable=True)
     return kept.reshape(b, length, vocab)
@@ -634,7 +615,8 @@ class JengineActor(nnx.Module):
       model: the Tunix Qwen3 / Llama3 model to copy (its weights and submodules).
       sampling: the RolloutConfig (or SamplingParams) the rollout samples with: its top_k / top_p
         decide which tokens the processed distribution keeps. None: no filters.
-      lm_head_dtype, numerics, kernel_backend: jengine's numerics; keep the engine's (defaults).
+      numerics: jengine's `Numerics`: the rollout engine's (`JengineRollout.engine.numerics`);
+        None is the default engine's.
     """
 
     def __init__(
@@ -642,9 +624,7 @@ class JengineActor(nnx.Module):
         model: nnx.Module,
         sampling: base_rollout.RolloutConfig | SamplingParams | None = None,
         *,
-        lm_head_dtype: str = "float32",
-        numerics: str = "invariant",
-        kernel_backend: str = "auto",
+        numerics: Numerics | None = None,
     ):
         self.family = _family(model)
         self.jengine_config = jengine_config(model)
@@ -660,8 +640,7 @@ class JengineActor(nnx.Module):
         if isinstance(sampling, base_rollout.RolloutConfig):
             sampling = sampling_params(sampling)
         self.sampling = sampling or SamplingParams()
-        self.lm_head_dtype = lm_head_dtype
-        self.numerics = _numerics(numerics, kernel_backend)
+        self.numerics = (numerics or Numerics()).resolved()
 
     def jengine_params(self) -> Params:
         """The actor's weights as jengine params (differentiable: built from the Variables)."""
@@ -696,7 +675,7 @@ class JengineActor(nnx.Module):
                            jnp.take_along_axis(tokens, order, axis=1), pad_id)
         out = _token_logprobs(
             self.jengine_params(), self.jengine_config, packed, real[:, :p].sum(1),
-            real[:, p:].sum(1), self.sampling, self.numerics, self.lm_head_dtype, with_entropy,
+            real[:, p:].sum(1), self.sampling, self.numerics, with_entropy,
         )
         # completion token j sits at packed index cumsum(real) - 1; its value is that column - 1
         col = jnp.clip(jnp.cumsum(real, axis=1)[:, p:] - 2, 0, tokens.shape[1] - 2)
@@ -723,8 +702,7 @@ class JengineActor(nnx.Module):
             real = jnp.diagonal(attention_mask, axis1=1, axis2=2).astype(bool)
         else:
             real = jnp.ones(tokens.shape, bool)
-        raw = _raw_logits(self.jengine_params(), self.jengine_config, tokens, real,
-                          self.numerics, self.lm_head_dtype)
+        raw = _raw_logits(self.jengine_params(), self.jengine_config, tokens, real, self.numerics)
         sp = self.sampling
         if sp.temperature > 0 and (sp.top_k > 0 or sp.top_p < 1.0 or sp.min_p > 0):
             raw = jnp.where(_kept(jax.lax.stop_gradient(raw), sp), raw, MASKED)
