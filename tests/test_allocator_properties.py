@@ -159,6 +159,35 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.alloc.allocate(NUM_PAGES) == list(range(NUM_PAGES)), "every page is free"
 
 
+def test_a_cached_page_in_use_is_shared_by_reference():
+    """The cases the state machine only reaches by chance, spelled out: `lookup` of a cached page
+    that another sequence holds takes a reference (refcount 2), the page stays owned until both
+    free it, and once everything is freed every page is free again (a page stuck at refcount 1
+    would still balance `free + used == total`, so the count is checked against the total)."""
+    alloc = BlockAllocator(4, PAGE_SIZE, enable_prefix_caching=True)
+    keys = page_keys([5, 6, 7, 8], PAGE_SIZE, version=0)
+    first = alloc.allocate(2)
+    for page, key in zip(first, keys):
+        alloc.register(page, key)
+    second = alloc.lookup(keys)  # both pages are in use by `first`
+    assert second == first
+    assert [alloc.refcount[p] for p in first] == [2, 2], "lookup of a page in use took no reference"
+    assert alloc.num_free == 2
+    alloc.check_invariants({"first": first, "second": second})
+    alloc.free(first)
+    assert [alloc.refcount[p] for p in second] == [1, 1] and alloc.num_free == 2
+    assert alloc.allocate(2) == [2, 3], "a page still held was handed out again"
+    alloc.free([2, 3])
+    alloc.free(second)  # the last references: free, and still cached
+    assert alloc.num_free == alloc.num_pages and not any(alloc.refcount)
+    third = alloc.lookup(keys)  # revived from the prefix cache: refcount 1 again
+    assert third == first and [alloc.refcount[p] for p in third] == [1, 1]
+    alloc.free(third)
+    alloc.check_invariants({})
+    assert alloc.num_free == alloc.num_pages and not any(alloc.refcount)
+    assert alloc.allocate(4) == [0, 1, 2, 3], "every page is free"
+
+
 TestAllocator = AllocatorMachine.TestCase
 TestAllocator.settings = settings(
     max_examples=50, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
@@ -327,7 +356,10 @@ class EngineMachine(RuleBasedStateMachine):
             self._take(e.step())
             e.check_invariants()
         assert not e.has_unfinished_requests(), "the engine did not drain (livelock)"
+        # everything finished: every page free (not merely free + used == total)
         assert e.schedulers[0].allocator.num_free == e.num_pages, "pages leaked"
+        assert e.stats["num_pages_free"] == e.stats["num_pages"], "pages leaked"
+        assert not any(e.schedulers[0].allocator.refcount), "a page kept a reference"
         e.check_invariants()
         assert set(self.finished) == set(self.added), "a request never finished"
         for rid, out in self.finished.items():

@@ -106,17 +106,41 @@ def test_sampled_frequencies_match_processed_distribution():
     assert chi2 < dof + 4.5 * np.sqrt(2 * dof) + 10, (chi2, dof)
 
 
+def documented_uniform(seed: int, position: int) -> np.float32:
+    """The documented counter rule, computed here: uniform(fold_in(key(seed), position))."""
+    key = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), position)
+    return np.float32(jax.random.uniform(key, (), np.float32))
+
+
 def test_draws_depend_on_seed_and_position_only():
+    """Each row's uniform is the documented `fold_in(key(seed), position)` draw of its own seed
+    and position (rows differ in both), its token is the inverse-CDF of that uniform on its
+    processed distribution, and a row keeps its token and logprob bits in another batch at another
+    row index. A key that ignores the row's position, or takes another row's seed, fails."""
     rng = np.random.default_rng(4)
-    raw = rng.standard_normal((6, 64)).astype(np.float32)
+    n = 6
+    raw = rng.standard_normal((n, 64)).astype(np.float32)
     sp = SamplingParams(temperature=1.0)
-    rp = plan.SampleRows.of([sp] * 6, [11] * 6, [3] * 6)
-    a = sampling.select(raw, rp, "processed_logprobs")
-    # the same row in a different batch, at a different row index
-    rp2 = plan.SampleRows.of([sp] * 2, [11] * 2, [3] * 2)
-    b = sampling.select(raw[[4, 2]], rp2, "processed_logprobs")
-    assert np.array_equal(np.asarray(a.token)[[4, 2]], np.asarray(b.token))
-    assert np.array_equal(np.asarray(a.value)[[4, 2]], np.asarray(b.value))
+    seeds = [11, 12, 3, 4000, 2**31 + 5, 7]
+    positions = [3, 9, 17, 1, 250, 3]  # row 5 shares row 0's position, row 1 is row 0's seed + 1
+    u = sampling.uniform_draw(np.asarray(seeds, np.uint32), np.asarray(positions, np.int32))
+    u = np.asarray(u)
+    want_u = np.array([documented_uniform(s, p) for s, p in zip(seeds, positions)])
+    differ = np.flatnonzero(u.view(np.uint32) != want_u.view(np.uint32))
+    assert differ.size == 0, f"rows {differ.tolist()}: uniform is not fold_in(key(seed), position)"
+    a = sampling.select(raw, plan.SampleRows.of([sp] * n, seeds, positions), "processed_logprobs")
+    for r in range(n):  # the token is the inverse CDF of that uniform (draws away from boundaries)
+        z = numpy_processed(raw[r], sp)
+        p = np.exp(numpy_logprobs(z))
+        assert np.min(np.abs(np.cumsum(p) - want_u[r])) > 1e-5, "draw too close to a boundary"
+        assert int(a.token[r]) == numpy_inverse_cdf(z, float(want_u[r])), r
+    # the same rows in a different batch, at different row indices
+    rows = [4, 2, 0]
+    rp = plan.SampleRows.of([sp] * 3, [seeds[i] for i in rows], [positions[i] for i in rows])
+    b = sampling.select(raw[rows], rp, "processed_logprobs")
+    assert np.array_equal(np.asarray(a.token)[rows], np.asarray(b.token))
+    a_bits, b_bits = np.asarray(a.value)[rows].view(np.uint32), np.asarray(b.value).view(np.uint32)
+    assert np.array_equal(a_bits, b_bits)
 
 
 def test_greedy_is_argmax_of_raw():

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
@@ -188,6 +189,63 @@ def test_tpu_kernel_in_tpu_interpret_mode():
     assert_bitwise(decode[0], out[_row(tokens, (1, 4))])
 
 
+# -- the KV block order, pinned exactly -----------------------------------------------------
+# q = 0 makes every score 0, so every p is exactly 1 and every rescale factor alpha is exactly 1:
+# the output of a token at position P is acc / (P + 1) with acc the fp32 sum of the values, taken
+# one 64-key block at a time. Keys 0..63 hold 1.0 and later keys TINY = 1.5 * 2**-25, so a block
+# of TINY values sums exactly to at most 64 * TINY = 0.375 ulp(64). In logical order acc is 64
+# after block 0 and every later block rounds away: acc = 64 exactly. In any other order (blocks
+# last-to-first, or block sums added together before block 0) the small blocks first add up to
+# more than half an ulp of 64 and acc = fl(64 + 2**-17).
+TINY = np.float32(1.5 * 2**-25)
+ORDER_LEN = 192  # 3 KV blocks
+ORDER_TOKENS = [(0, 189), (0, 190), (0, 191), PAD]  # a chunk ending on the 3rd block's last key
+
+
+def _order_case(page_size: int):
+    rng = np.random.default_rng(8)
+    k = rng.standard_normal((1, ORDER_LEN, KV_HEADS, 16), np.float32)  # any finite keys
+    v = np.where(np.arange(ORDER_LEN) < rpa.KV_BLOCK, np.float32(1), TINY).astype(np.float32)
+    v = np.broadcast_to(v[None, :, None, None], k.shape).copy()
+    q = np.zeros((1, ORDER_LEN, KV_HEADS * 2, 16), np.float32)
+    args = assemble(Content(k, v, q), ORDER_TOKENS, page_size=page_size, dtype=jnp.float32,
+                    written=(ORDER_LEN,), page_seed=4)  # fmt: skip
+    want = np.zeros(args[0].shape, np.float32)
+    for row, (_, pos) in enumerate(ORDER_TOKENS):
+        if pos >= 0:
+            want[row] = np.float32(64) / np.float32(pos + 1)
+    return args, want
+
+
+def _cpu_head_units(*args):
+    return rpa.cpu_head_units(*args, unit=1, sm_scale=SM_SCALE)
+
+
+LOWERINGS = {
+    "cpu": _attention("cpu"),
+    "cpu_head_units": jax.jit(_cpu_head_units),
+    "cpu_column_blocks": jax.jit(  # ops' own route to the head-unit lowering
+        lambda *a: ops.attention(*a, Numerics(backend="cpu", column_blocks=2), sm_scale=SM_SCALE)
+    ),
+    "pallas_interpret": _attention("pallas_interpret"),
+    "tpu_interpret": _tpu_attention,
+}
+
+
+@pytest.mark.parametrize("page_size", [16, 128])  # a block spans pages / lies inside one page
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_kv_blocks_are_reduced_in_logical_order(lowering, page_size):
+    """Pins the documented reduction order exactly, for every lowering: 64-key blocks visited
+    first to last with an fp32 online softmax. The construction above makes the logical-order
+    result exactly 64 / (P + 1) and every other order 1 ulp(64) more; an invariance test cannot
+    see a wrong order (prefill and decode would both be wrong the same way), this one does."""
+    args, want = _order_case(page_size)
+    out = np.asarray(LOWERINGS[lowering](*args))
+    wrong = np.float32(np.float32(64) + np.float32(2**-17)) / np.float32(192)
+    assert not np.any(out[2].view(np.uint32) == wrong.view(np.uint32)), "KV blocks out of order"
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), (out[:3, 0, 0], want[:3, 0])
+
+
 @pytest.mark.parametrize(
     "platform,module",
     [("tpu", tpu_ragged_paged_attention), ("gpu", pallas_ragged_paged_attention)],
@@ -244,21 +302,64 @@ def test_reference_agrees_with_jax_ref_ragged_paged_attention(window_and_cap):
     )
 
 
-def test_gradient_is_the_reference_gradient():
+def torch_attention(q, k_pages, v_pages, page_table, seq_ids, positions, *, sliding_window=None,
+                    soft_cap=None):  # fmt: skip
+    """From scratch in torch: each token gathers its visible keys position by position through
+    its page-table row and takes a plain softmax per query head (padding tokens give zeros)."""
+    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    group = q.shape[1] // kv_heads
+    k_flat = k_pages.reshape(-1, kv_heads, k_pages.shape[-1])
+    v_flat = v_pages.reshape(-1, kv_heads, v_pages.shape[-1])
+    outs = []
+    for t, (s, pos) in enumerate(zip(seq_ids.tolist(), positions.tolist())):
+        if s < 0 or pos < 0:
+            outs.append(torch.zeros_like(q[t]))
+            continue
+        first = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
+        keys = torch.arange(first, pos + 1)
+        row = torch.tensor(page_table[s].tolist())
+        slots = row[keys // page_size] * page_size + keys % page_size
+        heads = []
+        for h in range(q.shape[1]):
+            k, v = k_flat[slots, h // group], v_flat[slots, h // group]  # [keys, D]
+            scores = (k @ q[t, h]) * SM_SCALE
+            if soft_cap is not None:
+                scores = soft_cap * torch.tanh(scores / soft_cap)
+            heads.append(torch.softmax(scores, dim=0) @ v)
+        outs.append(torch.stack(heads))
+    return torch.stack(outs)
+
+
+GRAD_NUMERICS = {
+    "cpu": Numerics(backend="cpu"),
+    "cpu_column_blocks": Numerics(backend="cpu", column_blocks=2),
+    "pallas_interpret": Numerics(backend="pallas_interpret"),
+}
+
+
+@pytest.mark.parametrize("window_and_cap", [(None, None), (40, 20.0)])
+@pytest.mark.parametrize("numerics", GRAD_NUMERICS)
+def test_gradient_matches_torch_autograd(numerics, window_and_cap):
+    """The op's gradient in q, k_pages and v_pages (a custom_vjp) against torch autograd in
+    float64 through `torch_attention`, an independent from-scratch attention over the gathered
+    pages: a wrong backward (scaled, or the gradient of another function) fails."""
+    sliding_window, soft_cap = window_and_cap
     args = assemble(make_content(5, group=2, head_dim=64), MIXED, page_size=8, dtype=jnp.float32)
     q, k_pages, v_pages, *meta = (jnp.nan_to_num(a) for a in args)  # NaN * 0 would poison dq
-    cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape, np.float32))
+    c = np.random.default_rng(6).standard_normal(q.shape, np.float32)
+    kw = {"sm_scale": SM_SCALE, "sliding_window": sliding_window, "soft_cap": soft_cap}
 
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, *meta) * cotangent)
+    def loss(q, k, v):
+        return jnp.sum(ops.attention(q, k, v, *meta, GRAD_NUMERICS[numerics], **kw) * c)
 
-    def invariant(*a):
-        return ops.attention(*a, Numerics(backend="cpu"), sm_scale=SM_SCALE)
-
-    got = jax.jit(jax.grad(loss(invariant), (0, 1, 2)))(q, k_pages, v_pages)
-    want = jax.jit(jax.grad(loss(_reference), (0, 1, 2)))(q, k_pages, v_pages)
-    for g, e in zip(got, want, strict=True):
-        assert_close(g, e, jnp.float32)
+    got = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k_pages, v_pages)
+    tq, tk, tv = (torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=True)
+                  for a in (q, k_pages, v_pages))  # fmt: skip
+    out = torch_attention(tq, tk, tv, *(np.asarray(m) for m in meta),
+                          sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
+    (out * torch.tensor(c, dtype=torch.float64)).sum().backward()
+    for g, want in zip(got, (tq.grad, tk.grad, tv.grad), strict=True):
+        assert_close(g, want.numpy(), jnp.float32)
 
 
 def test_kernels_reject_mismatched_heads():
