@@ -369,7 +369,7 @@ class EngineConfig:
                 )
         _check_int("seed", self.seed, lo=0)
         check_numerics_settings(self.logprobs_mode, self.lm_head_dtype, self.numerics)
-        _check_choice("kernel_backend", self.kernel_backend, ("auto", "cpu", "pallas", "pallas_interpret"))
+        _check_choice("kernel_backend", self.kernel_backend, ("auto", "cpu", "pallas", "pallas_interpret", "tpu_interpret"))
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite={self.check_finite!r} must be a bool")
         if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):

@@ -19,25 +19,25 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pallas_common import compiler_params, floor_pow2
+from pallas_kernels.pallas_common import Interpret, floor_pow2, pallas_call
 from pallas_kernels.tiling import pad_rows
 
 BLOCK_ROWS = 8
 VOCAB_TILE = 2048
 
 
-def kernel(z: jax.Array, *, interpret: bool = False) -> jax.Array:
+def kernel(z: jax.Array, *, interpret: Interpret = False) -> jax.Array:
     """z[M, V] (any float dtype) -> f32[M, V] log-softmax over the last axis."""
     rows, vocab = z.shape
     zp = pad_rows(z, BLOCK_ROWS)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_rows_kernel, tile=min(VOCAB_TILE, floor_pow2(vocab))),
         grid=(zp.shape[0] // BLOCK_ROWS,),
         in_specs=[pl.BlockSpec((BLOCK_ROWS, vocab), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((BLOCK_ROWS, vocab), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct(zp.shape, jnp.float32),
-        compiler_params=compiler_params(),
         interpret=interpret,
+        name="log_softmax",
     )(zp)
     return out[:rows]
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.pallas_common import TPU_INTERPRET, Interpret
 from pallas_kernels.pallas_ragged_paged_attention import (
     absorb_block,
     block_range,
@@ -43,12 +44,13 @@ def kernel(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    interpret: bool = False,
+    interpret: Interpret = False,
 ) -> jax.Array:
     """q[T, heads, D] -> [T, heads, D] in q's dtype; arguments as `ragged_paged_attention.reference`.
 
-    `interpret=True` runs TPU interpret mode (`pltpu.InterpretParams()`), which simulates the
-    DMAs and semaphores on CPU.
+    `interpret`: False compiles for TPU; True or a `pltpu.InterpretParams` runs TPU interpret mode
+    (True: `pallas_common.TPU_INTERPRET`, every check on), which simulates the DMAs and
+    semaphores on CPU.
     """
     num_tokens, heads, head_dim = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
@@ -85,7 +87,8 @@ def kernel(
         ),
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=TPU_INTERPRET if interpret is True else interpret,
+        name="tpu_ragged_paged_attention",
     )(table, seq_ids.astype(jnp.int32), positions.astype(jnp.int32), qg, k_pages, v_pages)
     return out.reshape(num_tokens, heads, head_dim)
 

@@ -1,5 +1,6 @@
 """Batch-invariant log-softmax over the vocabulary: the fixed-tile CPU lowering and the Pallas
-kernel (interpret mode), both reached through `ops`; rows carry -inf masks as after top-k/min-p."""
+kernel (HLO and TPU interpret modes, compiled on a GPU/TPU machine), all reached through `ops`;
+rows carry -inf masks as after top-k/min-p."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels import Numerics, log_softmax, ops, pallas_log_softmax
-from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
-
-BACKENDS = ("cpu", "pallas_interpret")
+from tests.pallas_kernels.checks import (
+    BACKENDS,
+    TPU_INTERPRET_2_CORES,
+    assert_bitwise,
+    assert_close,
+    assert_no_races,
+    kernel_calls,
+    lower_for,
+)
 
 
 def _logits(rng, rows: int, vocab: int, dtype) -> jax.Array:
@@ -51,6 +58,14 @@ def test_row_is_bitwise_invariant_to_batch_and_position(backend):
         assert_bitwise(op(z[:rows].at[at].set(probe[0]))[at], alone)
 
 
+def test_tpu_kernel_on_two_cores(capfd):
+    """Two simulated TensorCores share the grid (shuffled): same bits as one, and no races."""
+    z = _logits(np.random.default_rng(3), 40, 1000, jnp.bfloat16)
+    two = jax.jit(lambda z: pallas_log_softmax.kernel(z, interpret=TPU_INTERPRET_2_CORES))
+    assert_bitwise(two(z), _jitted("tpu_interpret")(z))
+    assert_no_races(capfd)
+
+
 def test_gradient_is_the_reference_gradient():
     rng = np.random.default_rng(2)
     z = jnp.asarray(rng.standard_normal((9, 300), np.float32))
@@ -68,4 +83,5 @@ def test_gradient_is_the_reference_gradient():
 )
 def test_kernel_lowers_for_gpu_and_tpu(platform, target):
     z = jnp.zeros((40, 49157), jnp.float32)  # a partial last vocab tile
-    assert target in lower_for(platform, pallas_log_softmax.kernel, z)
+    mlir = lower_for(platform, pallas_log_softmax.kernel, z)
+    assert target in mlir and kernel_calls(mlir)["mosaic_gpu"] == 0
