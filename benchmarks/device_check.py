@@ -59,7 +59,7 @@ SIZES: dict[str, dict[str, Any]] = {
         context=256,
         decode_steps=8,
         budget_s=420,  # of the 8 minutes: the rest for start-up and a section's last step
-        max_num_batched_tokens=1024,
+        max_num_batched_tokens=256,  # few buckets: decode 16, 32, 256; prefill 256
         copy_mib=2048,
         min_test_timeout_s=60,
         rollout=dict(model="qwen3-0.6b", prompts=16, group=4, max_tokens=128, prompt_len=(64, 256)),
@@ -479,8 +479,8 @@ def transformers_generate(model, work, device: str, outs) -> tuple[dict, float |
 
 def summary(result: dict) -> str:
     lines = [
-        f"jengine device check: {result['environment'].get('devices')} ({result['size']}), "
-        f"{result['seconds']} s of {result['budget_s']} s budget"
+        f"jengine device check: {result.get('environment', {}).get('devices')} "
+        f"({result['size']}), {result['seconds']} s of {result['budget_s']} s budget"
     ]
     for name, t in result.get("tests", {}).items():
         lines.append(
@@ -491,7 +491,7 @@ def summary(result: dict) -> str:
     decode = result.get("decode", {})
     if decode.get("rows"):
         lines.append(
-            f"decode (bandwidth measured {result['copy_bandwidth_GBs']} GB/s; roofline at "
+            f"decode (bandwidth measured {result.get('copy_bandwidth_GBs')} GB/s; roofline at "
             f"{HBM_BYTES_PER_S / 1e12} TB/s):"
         )
         for r in decode["rows"]:
@@ -510,9 +510,8 @@ def summary(result: dict) -> str:
             f"logprob max diff {result['rollout']['hf_logprob_max_abs_diff']}"
         )
     for c in result.get("compile", []):
-        lines.append(
-            f"compile {c['model']} {c['numerics']} bucket {c['bucket_tokens']}x{c['bucket_seqs']}: {c['compile_s']} s"
-        )
+        bucket = f"{c['bucket_tokens']}x{c['bucket_seqs']}"
+        lines.append(f"compile {c['model']} {c['numerics']} bucket {bucket}: {c['compile_s']} s")
     for section in ("decode", "rollout"):
         if result.get(section, {}).get("skipped"):
             lines.append(
@@ -520,6 +519,24 @@ def summary(result: dict) -> str:
             )
     lines += [f"ERROR in {k}: {v.splitlines()[-1]}" for k, v in result.get("errors", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    import jax
+
+    def version(module: str) -> str | None:
+        try:
+            return __import__(module).__version__
+        except ImportError:
+            return None
+
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.devices()],
+        "python": sys.version.split()[0],
+        **{m: version(m) for m in ("jaxlib", "torch", "transformers", "numpy")},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=None, help="wall-clock budget (default by size)"
     )
     ap.add_argument("--sections", default="tests,decode,rollout")
+    ap.add_argument(
+        "--models", help="comma-separated configs for the decode table (default by size)"
+    )
+    ap.add_argument("--batches", help="comma-separated decode batch sizes (default by size)")
     args = ap.parse_args(argv)
     platform = {"gpu": "cuda"}.get(args.platform, args.platform)
     os.environ["JAX_PLATFORMS"] = platform
@@ -538,7 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     sys.path.insert(0, ROOT)
     os.makedirs(args.out, exist_ok=True)
-    size = SIZES[args.size]
+    size = dict(SIZES[args.size])
+    if args.models:
+        size["models"] = args.models.split(",")
+    if args.batches:
+        size["batches"] = [int(b) for b in args.batches.split(",")]
     budget = Budget(args.budget_s or size["budget_s"])
     sections = args.sections.split(",")
 
@@ -556,30 +581,22 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = fn()
         except Exception:  # one section's failure must not lose the others' figures
             result["errors"][name] = traceback.format_exc()
+        result["compile"], result["seconds"] = compile_log, round(budget.elapsed(), 1)
+        with open(os.path.join(args.out, "device_check.json"), "w") as f:  # after every section:
+            json.dump(result, f, indent=1)  # a run killed at its time limit keeps what it had
+        with open(os.path.join(args.out, "summary.txt"), "w") as f:
+            f.write(summary(result))
 
     if "tests" in sections:  # first: the pytest processes get the device to themselves
         attempt("tests", lambda: run_tests(size, platform, args.out, budget))
-    import jax
-
-    result["environment"] = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [d.device_kind for d in jax.devices()],
-    }
+    attempt("environment", environment)
     if "decode" in sections:
         attempt("copy_bandwidth_GBs", lambda: round(copy_bandwidth(size["copy_mib"]) / 1e9, 1))
         bw = result.get("copy_bandwidth_GBs", HBM_BYTES_PER_S / 1e9) * 1e9
         attempt("decode", lambda: decode_rows(size, args.out, budget, bw, compile_log))
     if "rollout" in sections:
         attempt("rollout", lambda: rollout(size, device, args.out, budget, compile_log))
-    result["compile"] = compile_log
-    result["seconds"] = round(budget.elapsed(), 1)
-    with open(os.path.join(args.out, "device_check.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = summary(result)
-    with open(os.path.join(args.out, "summary.txt"), "w") as f:
-        f.write(text)
-    print(text, end="")
+    print(summary(result), end="")
     failed = sum(t.get("failed", 0) for t in result.get("tests", {}).values())
     return 1 if failed or result["errors"] else 0
 

@@ -59,6 +59,15 @@ def test_tpu_kernels_fit_vmem_and_keep_the_block_rule(model):
     assert over == {k for k in KNOWN_OVER if k[0] == model}
 
 
+@pytest.mark.parametrize("model", ["tiny", "smollm2-135m", "qwen2.5-0.5b"])
+def test_block_rule_at_other_shipped_shapes(model):
+    """TPU interpret mode does not apply Mosaic's block rule: check it at the shapes the engine's
+    TPU-interpret test runs (`tiny`) and at the other shipped configs."""
+    for fn, args in step_calls(shape(model), tokens=64, seqs=16).values():
+        for fp in tpu_vmem.footprints(fn, *args):
+            assert not tpu_vmem.block_rule_violations(fp)
+
+
 def table() -> str:
     """Markdown: each TPU kernel's VMEM and SMEM per model at the engine's default sizes."""
     mib = lambda b: f"{b / tpu_vmem.MiB:.2f}"  # noqa: E731
