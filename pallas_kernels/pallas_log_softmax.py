@@ -8,6 +8,11 @@ columns already counted are masked to -inf, so nothing past V is read and nothin
 twice. The tiling depends on V only and a row touches only its own values: its bits do not
 depend on M or on its position. Masked entries (-inf) stay -inf; a row must not be all -inf.
 
+On Mosaic TPU the whole [BLOCK_ROWS, V] block sits in VMEM, in and out, double-buffered:
+128 * V bytes, over v5e's 16 MiB scoped limit from V ~ 131k (Qwen3's 151936) and at v6e's 32 MiB
+for V = 262144 (`tpu_vmem`). The engine does not run this kernel (sampling uses the fixed-tile
+plain-JAX log-softmax); a TPU caller needs a vocabulary-tiled variant first.
+
 See `pallas_common` for the lowering (Triton on GPU, Mosaic on TPU, interpreter on CPU).
 """
 

@@ -9,7 +9,11 @@ Every DMA moves a plain [width, D] window (`.at[page, pl.ds(offset, width), kv_h
 buffer and fails there with "'ReshapeTransform' object has no attribute 'indices'").
 
 One program per (token, kv head), as in the generic kernel, so the invariance argument is the
-same. Copies are synchronous (start all pages of a block, wait, compute): double-buffering the
+same.
+
+SMEM: the whole page table is prefetched, so 4 * (max_seqs * pages_per_seq + 2 * T) bytes must
+fit SMEM (1 MiB per core on v5e/v6e): 64 sequences of 131072 positions in pages of 16 do not
+(`tpu_vmem`; cap max_model_len or max_num_seqs on TPU). Copies are synchronous (start all pages of a block, wait, compute): double-buffering the
 next block is the first optimisation to make on hardware.
 """
 
