@@ -21,7 +21,7 @@ from typing import Any
 
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
 NUMERICS_MODES = ("invariant", "fast")
-KERNEL_BACKENDS = ("auto", "cpu", "pallas", "pallas_interpret")
+KERNEL_BACKENDS = ("auto", "cpu", "pallas", "pallas_interpret", "tpu_interpret")
 LM_HEAD_DTYPES = ("float32", "bfloat16", "model")
 PARAM_DTYPES = ("float32", "bfloat16")
 MIN_TEMPERATURE = 1e-5  # smallest nonzero temperature; below it raw/T can overflow fp32

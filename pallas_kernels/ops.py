@@ -3,8 +3,12 @@
 
 * `Numerics(mode="invariant", backend="cpu")`: fixed-tile plain JAX (fast on CPU, batch-invariant).
 * `Numerics(mode="invariant", backend="pallas")`: the Pallas kernels (`pallas_<op>.py`: Triton on
-  GPU, Mosaic on TPU, where attention uses `tpu_ragged_paged_attention`);
-  `backend="pallas_interpret"` runs the generic kernels in interpret mode (tests on CPU).
+  GPU, Mosaic on TPU, where attention uses `tpu_ragged_paged_attention`), chosen by the platform
+  the step is lowered for (`pallas_common.by_platform`), so one traced step exports to both;
+  `backend="pallas_interpret"` runs the generic kernels in the HLO interpreter (tests on CPU);
+  `backend="tpu_interpret"` runs the Mosaic TPU kernels (attention: `tpu_ragged_paged_attention`)
+  under Pallas' TPU interpreter with race detection, out-of-bounds checks and NaN-filled
+  uninitialised memory (`pallas_common.TPU_INTERPRET`): slow, for tests on CPU.
 * `Numerics(mode="fast")`: plain XLA matmuls (untiled) and norms, no invariance
   promise (for comparison and benchmarks); attention runs the same fixed-block kernel as
   "invariant", the fastest lowering there is.
@@ -25,13 +29,14 @@ from typing import TYPE_CHECKING
 import jax
 
 from pallas_kernels import matmul as _matmul
+from pallas_kernels import pallas_common
 from pallas_kernels import ragged_paged_attention as _rpa
 from pallas_kernels import rms_norm as _rms_norm
 
 if TYPE_CHECKING:
     from jengine.config import Numerics
 
-BACKENDS = ("cpu", "pallas", "pallas_interpret")
+BACKENDS = ("cpu", "pallas", "pallas_interpret", "tpu_interpret")
 
 
 def with_reference_grad(fast: Callable, reference: Callable) -> Callable:
@@ -52,10 +57,13 @@ def with_reference_grad(fast: Callable, reference: Callable) -> Callable:
     return op
 
 
+_INTERPRET = {"pallas": False, "pallas_interpret": True, "tpu_interpret": pallas_common.TPU_INTERPRET}
+
+
 def _pallas(module_name: str, backend: str, fn: str = "kernel") -> Callable:
-    """`pallas_kernels.<module_name>.<fn>`, imported on first use, interpret flag bound."""
+    """`pallas_kernels.<module_name>.<fn>`, imported on first use, `interpret` bound for `backend`."""
     module = importlib.import_module(f"pallas_kernels.{module_name}")
-    return functools.partial(getattr(module, fn), interpret=backend == "pallas_interpret")
+    return functools.partial(getattr(module, fn), interpret=_INTERPRET[backend])
 
 
 # Each op: pick the forward for the numerics; wrap invariant forwards with the reference's vjp.
@@ -113,9 +121,13 @@ def _attention_fn(
     # gather-everything reference is for tests and gradients), so "fast" gains nothing without it.
     if numerics.backend == "cpu":
         fwd = functools.partial(_rpa.cpu, **kw)
+    elif numerics.backend == "pallas":
+        tpu = functools.partial(_pallas("tpu_ragged_paged_attention", "pallas"), **kw)
+        gpu = functools.partial(_pallas("pallas_ragged_paged_attention", "pallas"), **kw)
+        fwd = pallas_common.by_platform(tpu=tpu, gpu=gpu)
     else:
-        on_tpu = numerics.backend == "pallas" and jax.default_backend() == "tpu"
-        module = "tpu_ragged_paged_attention" if on_tpu else "pallas_ragged_paged_attention"
+        generic = numerics.backend == "pallas_interpret"  # else tpu_interpret
+        module = "pallas_ragged_paged_attention" if generic else "tpu_ragged_paged_attention"
         fwd = functools.partial(_pallas(module, numerics.backend), **kw)
 
     return _attention_with_reference_grad(fwd, ref)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pallas_common import compiler_params, floor_pow2, pow2_block
+from pallas_kernels.pallas_common import Interpret, floor_pow2, pallas_call, pow2_block
 from pallas_kernels.tiling import pad_rows
 
 BLOCK_M = 32
@@ -35,7 +35,7 @@ BLOCK_K = 512
 _MIN_BLOCK = 16  # smallest dot dimension Triton accepts
 
 
-def kernel(x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
+def kernel(x: jax.Array, w: jax.Array, *, interpret: Interpret = False) -> jax.Array:
     """f32[M, N] = x[M, K] @ w[N, K]^T with fp32 accumulation."""
     rows, k = x.shape
     n, w_k = w.shape
@@ -52,14 +52,14 @@ def kernel(x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
 
     w_spec = pl.BlockSpec((pl.Element(bn), pl.Element(k)), lambda j, i: (col(j), 0))
     xp = pad_rows(x, BLOCK_M)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_block_kernel, bk=bk),
         grid=(num_n, xp.shape[0] // BLOCK_M),  # a column block stays put while rows stream
         in_specs=[pl.BlockSpec((BLOCK_M, k), lambda j, i: (i, 0)), w_spec],
         out_specs=pl.BlockSpec((BLOCK_M, bn), lambda j, i: (i, j)),
         out_shape=jax.ShapeDtypeStruct((xp.shape[0], num_n * bn), jnp.float32),
-        compiler_params=compiler_params(),
         interpret=interpret,
+        name="matmul",
     )(xp, w)[:rows]
     rem = n % bn
     if rem:  # the last block holds columns n-bn..n-1; keep the ones no whole block covers

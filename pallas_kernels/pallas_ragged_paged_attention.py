@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pallas_common import compiler_params
+from pallas_kernels.pallas_common import Interpret, pallas_call
 from pallas_kernels.ragged_paged_attention import KV_BLOCK
 
 _NEG = -1e30  # running-max seed: finite, so exp(seed - m) is exactly 0 once a key is seen
@@ -42,7 +42,7 @@ def kernel(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    interpret: bool = False,
+    interpret: Interpret = False,
 ) -> jax.Array:
     """q[T, heads, D] -> [T, heads, D] in q's dtype; arguments as `ragged_paged_attention.reference`.
 
@@ -63,7 +63,7 @@ def kernel(
 
     head_block = (None, None, padded_group, head_dim)  # squeezed token and kv-head axes
     page_block = (num_pages, page_size, None, head_dim)  # one kv head of every page
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(
             _token_kernel,
             width=width,
@@ -81,8 +81,9 @@ def kernel(
         ],
         out_specs=pl.BlockSpec(head_block, lambda t, h: (t, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-        compiler_params=compiler_params(),
         interpret=interpret,
+        name="ragged_paged_attention",
+        tpu=False,  # whole-array K/V blocks: TPU runs tpu_ragged_paged_attention
     )(positions, rows, qg, k_pages, v_pages)
     return out[:, :, :group].reshape(num_tokens, heads, head_dim)
 

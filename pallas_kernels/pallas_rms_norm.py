@@ -17,21 +17,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pallas_common import compiler_params, pow2_block
+from pallas_kernels.pallas_common import Interpret, pallas_call, pow2_block
 from pallas_kernels.tiling import pad_rows
 
 BLOCK_ROWS = 16
 CHUNK = 1024
 
 
-def kernel(x: jax.Array, w: jax.Array, eps: float, *, interpret: bool = False) -> jax.Array:
+def kernel(x: jax.Array, w: jax.Array, eps: float, *, interpret: Interpret = False) -> jax.Array:
     """x[M, H] or [M, heads, D], w[last axis of x] -> x's shape and dtype."""
     width = x.shape[-1]
     if w.shape != (width,):
         raise ValueError(f"w{w.shape} must be ({width},), the last axis of x{x.shape}")
     rows = x.reshape(-1, width)
     xp = pad_rows(rows, BLOCK_ROWS)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_rows_kernel, eps=float(eps), chunk=pow2_block(width, CHUNK)),
         grid=(xp.shape[0] // BLOCK_ROWS,),
         in_specs=[
@@ -40,8 +40,8 @@ def kernel(x: jax.Array, w: jax.Array, eps: float, *, interpret: bool = False) -
         ],
         out_specs=pl.BlockSpec((BLOCK_ROWS, width), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
-        compiler_params=compiler_params(),
         interpret=interpret,
+        name="rms_norm",
     )(xp, w.reshape(1, width))
     return out[: rows.shape[0]].reshape(x.shape)
 

@@ -9,7 +9,11 @@ Every DMA moves a plain [width, D] window (`.at[page, pl.ds(offset, width), kv_h
 buffer and fails there with "'ReshapeTransform' object has no attribute 'indices'").
 
 One program per (token, kv head), as in the generic kernel, so the invariance argument is the
-same. Copies are synchronous (start all pages of a block, wait, compute): double-buffering the
+same.
+
+SMEM: the whole page table is prefetched, so 4 * (max_seqs * pages_per_seq + 2 * T) bytes must
+fit SMEM (1 MiB per core on v5e/v6e): 64 sequences of 131072 positions in pages of 16 do not
+(`tpu_vmem`; cap max_model_len or max_num_seqs on TPU). Copies are synchronous (start all pages of a block, wait, compute): double-buffering the
 next block is the first optimisation to make on hardware.
 """
 
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.pallas_common import TPU_INTERPRET, Interpret
 from pallas_kernels.pallas_ragged_paged_attention import (
     absorb_block,
     block_range,
@@ -43,12 +48,13 @@ def kernel(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    interpret: bool = False,
+    interpret: Interpret = False,
 ) -> jax.Array:
     """q[T, heads, D] -> [T, heads, D] in q's dtype; arguments as `ragged_paged_attention.reference`.
 
-    `interpret=True` runs TPU interpret mode (`pltpu.InterpretParams()`), which simulates the
-    DMAs and semaphores on CPU.
+    `interpret`: False compiles for TPU; True or a `pltpu.InterpretParams` runs TPU interpret mode
+    (True: `pallas_common.TPU_INTERPRET`, every check on), which simulates the DMAs and
+    semaphores on CPU.
     """
     num_tokens, heads, head_dim = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
@@ -85,7 +91,8 @@ def kernel(
         ),
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=TPU_INTERPRET if interpret is True else interpret,
+        name="tpu_ragged_paged_attention",
     )(table, seq_ids.astype(jnp.int32), positions.astype(jnp.int32), qg, k_pages, v_pages)
     return out.reshape(num_tokens, heads, head_dim)
 

@@ -1,6 +1,6 @@
 """Batch-invariant matmul `x @ w^T` for a layer weight and for the lm_head (one op, two shapes):
-the fixed-tile CPU lowering and the Pallas kernel (interpret mode), both reached through `ops` as
-the model reaches them."""
+the fixed-tile CPU lowering and the Pallas kernel (HLO and TPU interpret modes, compiled on a
+GPU/TPU machine), all reached through `ops` as the model reaches them."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ import pytest
 
 from jengine.config import Numerics
 from pallas_kernels import matmul, ops, pallas_matmul
-from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
+from tests.pallas_kernels.checks import (
+    BACKENDS,
+    TPU_INTERPRET_2_CORES,
+    assert_bitwise,
+    assert_close,
+    assert_no_races,
+    kernel_calls,
+    lower_for,
+)
 
 HIDDEN, OUT, VOCAB = 128, 192, 1000  # OUT and VOCAB leave a partial last column block
-BACKENDS = ("cpu", "pallas_interpret")
 WEIGHT_SHAPES = {"layer": (OUT, HIDDEN), "lm_head": (VOCAB, HIDDEN)}  # [out, in]
 
 
@@ -89,6 +96,16 @@ def test_gradient_matches_the_analytic_gradient(name, numerics):
     assert_close(dw, c64.T @ x64, jnp.float32)
 
 
+def test_tpu_kernel_on_two_cores(capfd):
+    """Two simulated TensorCores share the grid (shuffled): same bits as one, and no races."""
+    rng = np.random.default_rng(3)
+    x = _normal(rng, (70, HIDDEN), jnp.bfloat16)
+    w = _normal(rng, WEIGHT_SHAPES["lm_head"], jnp.bfloat16)
+    two = jax.jit(functools.partial(pallas_matmul.kernel, interpret=TPU_INTERPRET_2_CORES))(x, w)
+    assert_bitwise(two, _jitted("tpu_interpret")(x, w))
+    assert_no_races(capfd)
+
+
 def test_kernel_rejects_mismatched_contraction():
     with pytest.raises(ValueError, match="contracted axis"):
         pallas_matmul.kernel(jnp.zeros((4, 64)), jnp.zeros((64, 32)), interpret=True)
@@ -99,9 +116,7 @@ def test_kernel_rejects_mismatched_contraction():
 )
 def test_kernels_lower_for_gpu_and_tpu(platform, target):
     x = jnp.zeros((40, 576), jnp.float32)  # SmolLM2 shapes; 49157 leaves a partial vocab block
-    assert target in lower_for(
-        platform, pallas_matmul.kernel, x.astype(jnp.bfloat16), jnp.zeros((1536, 576), jnp.bfloat16)
-    )
-    assert target in lower_for(
-        platform, pallas_matmul.kernel, x, jnp.zeros((49157, 576), jnp.bfloat16)
-    )
+    for args in [(x.astype(jnp.bfloat16), jnp.zeros((1536, 576), jnp.bfloat16)),
+                 (x, jnp.zeros((49157, 576), jnp.bfloat16))]:
+        mlir = lower_for(platform, pallas_matmul.kernel, *args)
+        assert target in mlir and kernel_calls(mlir)["mosaic_gpu"] == 0

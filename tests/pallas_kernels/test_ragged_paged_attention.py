@@ -1,5 +1,6 @@
-"""Ragged paged attention: the CPU lowering, the generic Pallas kernel (interpret mode) and the
-Mosaic TPU kernel (TPU interpret mode) against the plain reference and against JAX's own
+"""Ragged paged attention: the CPU lowering, the generic Pallas kernel (HLO interpret mode; Triton
+on a GPU machine) and the Mosaic TPU kernel (TPU interpret mode, with race detection and
+out-of-bounds checks) against the plain reference and against JAX's own
 `ref_ragged_paged_attention`; bitwise invariance to batch, row, page placement and chunking.
 
 Every batch is built from fixed logical content (K/V/Q per sequence position), so the same
@@ -23,11 +24,21 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax
 from jengine.config import Numerics
 from pallas_kernels import ops, pallas_ragged_paged_attention, tpu_ragged_paged_attention
 from pallas_kernels import ragged_paged_attention as rpa
-from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
+from tests.pallas_kernels.checks import (
+    BACKENDS,
+    TPU_INTERPRET_2_CORES,
+    assert_bitwise,
+    assert_close,
+    assert_no_races,
+    kernel_calls,
+    lower_for,
+)
 
 KV_HEADS = 2
 SM_SCALE = 0.125
-BACKENDS = ("cpu", "pallas_interpret")
+# TPU interpret mode simulates every page DMA and checks each against all earlier accesses of its
+# buffer (a 40-token batch of 4-key pages takes ~1 min): its tests use fewer tokens.
+FAST_BACKENDS = tuple(b for b in BACKENDS if b != "tpu_interpret")
 PAD = (-1, -1)  # a padding token: no sequence, no position
 
 # A ragged step over sequences of 150, 131, 3, 70 and 64 keys: decode tokens, a chunk that
@@ -44,6 +55,7 @@ MIXED = [
     *[(4, p) for p in range(60, 64)],
     PAD,
 ]
+FEW = [(0, 149), (1, 127), (1, 128), PAD, (3, 69), (2, 0), (4, 63)]  # block edges, padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +132,9 @@ def test_matches_reference_on_a_mixed_batch(case, backend):
     case = dict(case)
     page_size, dtype = case.pop("page_size"), case.pop("dtype")
     group, head_dim = case.pop("group"), case.pop("head_dim")
+    tokens = FEW if backend == "tpu_interpret" else MIXED
     args = assemble(
-        make_content(0, group=group, head_dim=head_dim), MIXED, page_size=page_size, dtype=dtype
+        make_content(0, group=group, head_dim=head_dim), tokens, page_size=page_size, dtype=dtype
     )
     out = _attention(backend, **case)(*args)
     assert out.dtype == dtype and out.shape == args[0].shape
@@ -135,7 +148,7 @@ def _row(tokens, token) -> int:
     return tokens.index(token)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_token_is_bitwise_invariant(backend):
     """A token's output bits do not depend on its batch, its row, page placement, or on whether
     it was computed inside a prefill chunk (of any length) or as a decode step."""
@@ -166,27 +179,28 @@ def test_token_is_bitwise_invariant(backend):
         assert_bitwise(out[_row(chunk, token)], full[_row(MIXED, token)])
 
 
-def _tpu_attention(*args):
-    with pltpu.force_tpu_interpret_mode():
-        return tpu_ragged_paged_attention.kernel(*args, sm_scale=SM_SCALE)
-
-
-def test_tpu_kernel_in_tpu_interpret_mode():
-    """Tiny (TPU interpret mode is slow): matches the reference; a token is bitwise the same in
-    another batch with other pages, and as a decode step vs inside a chunk."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_kernel_in_tpu_interpret_mode(dtype, capfd):
+    """Few tokens (TPU interpret mode is slow): no races; a token is bitwise the same in another
+    batch with other pages (pages past the keys written are NaN), as a decode step vs inside a
+    chunk, and with the grid split over two simulated cores."""
     lens = (70, 6)
     content = make_content(2, group=2, head_dim=64, lens=lens)
-    build = functools.partial(assemble, content, page_size=16, dtype=jnp.float32, written=lens)
+    build = functools.partial(assemble, content, page_size=16, dtype=dtype, written=lens)
+    attention = _attention("tpu_interpret")
     tokens = [(0, 69), (1, 4), (1, 5), PAD]
-    args = build(tokens)
-    out = _tpu_attention(*args)
-    assert_close(out, _reference(*args), jnp.float32)
+    out = attention(*build(tokens))
     moved = [(1, 5), PAD, (0, 69)]
-    out_moved = _tpu_attention(*build(moved, page_seed=5))
+    out_moved = attention(*build(moved, page_seed=5))
     for token in moved:
         assert_bitwise(out_moved[_row(moved, token)], out[_row(tokens, token)])
-    decode = _tpu_attention(*build([(1, 4)], written=(70, 5)))
+    decode = attention(*build([(1, 4)], written=(70, 5)))
     assert_bitwise(decode[0], out[_row(tokens, (1, 4))])
+    two_cores = functools.partial(
+        tpu_ragged_paged_attention.kernel, sm_scale=SM_SCALE, interpret=TPU_INTERPRET_2_CORES
+    )
+    assert_bitwise(jax.jit(two_cores)(*build(tokens)), out)
+    assert_no_races(capfd)
 
 
 # -- the KV block order, pinned exactly -----------------------------------------------------
@@ -247,29 +261,17 @@ def test_kv_blocks_are_reduced_in_logical_order(lowering, page_size):
 
 
 @pytest.mark.parametrize(
-    "platform,module",
-    [("tpu", tpu_ragged_paged_attention), ("gpu", pallas_ragged_paged_attention)],
+    "platform,name,calls",
+    [("tpu", "tpu_ragged_paged_attention", "mosaic_tpu"), ("cuda", "ragged_paged_attention", "triton")],
 )
-def test_pallas_backend_picks_the_kernel_for_the_platform(monkeypatch, platform, module):
-    calls = []
-
-    def spy(q, *args, **kwargs):
-        calls.append(kwargs)
-        return jnp.zeros_like(q)
-
-    monkeypatch.setattr(module, "kernel", spy)
-    monkeypatch.setattr(jax, "default_backend", lambda: platform)
-    ops._attention_fn.cache_clear()  # its choice is cached per Numerics
-    try:
-        args = assemble(
-            make_content(3, group=2, head_dim=64), [(0, 5)], page_size=8, dtype=jnp.float32
-        )
-        ops.attention(*args, Numerics(backend="pallas"), sm_scale=SM_SCALE)
-    finally:
-        ops._attention_fn.cache_clear()
-    assert calls == [
-        {"sm_scale": SM_SCALE, "sliding_window": None, "soft_cap": None, "interpret": False}
-    ]
+def test_pallas_backend_lowers_the_platforms_kernel(platform, name, calls):
+    """One traced `Numerics(backend="pallas")` attention: the TPU kernel when lowered for TPU, the
+    generic kernel through Triton for CUDA (the machine tracing it is a CPU)."""
+    args = assemble(make_content(3, group=2, head_dim=64), [(0, 5)], page_size=8, dtype=jnp.float32)
+    attention = lambda *a: ops.attention(*a, Numerics(backend="pallas"), sm_scale=SM_SCALE)  # noqa: E731
+    mlir = lower_for(platform, attention, *args)
+    assert kernel_calls(mlir) == {"triton": 0, "mosaic_tpu": 0, "mosaic_gpu": 0} | {calls: 1}
+    assert f'"{name}"' in mlir
 
 
 @pytest.mark.parametrize("window_and_cap", [(None, None), (40, 20.0)])

@@ -1,5 +1,6 @@
-"""Batch-invariant RMSNorm: the fixed-tile CPU lowering and the Pallas kernel (interpret mode),
-both reached through `ops`, for hidden states [M, H] and per-head q/k norms [M, heads, D]."""
+"""Batch-invariant RMSNorm: the fixed-tile CPU lowering and the Pallas kernel (HLO and TPU
+interpret modes, compiled on a GPU/TPU machine), all reached through `ops`, for hidden states
+[M, H] and per-head q/k norms [M, heads, D]."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ import torch
 
 from jengine.config import Numerics
 from pallas_kernels import ops, pallas_rms_norm, rms_norm
-from tests.pallas_kernels.checks import assert_bitwise, assert_close, lower_for
+from tests.pallas_kernels.checks import (
+    BACKENDS,
+    TPU_INTERPRET_2_CORES,
+    assert_bitwise,
+    assert_close,
+    assert_no_races,
+    kernel_calls,
+    lower_for,
+)
 
 EPS = 1e-6
-BACKENDS = ("cpu", "pallas_interpret")
 SHAPES = {"hidden": (576,), "per_head": (3, 64)}  # 576 = SmolLM2's hidden: 9 chunks of 64
 
 
@@ -74,6 +82,15 @@ def test_gradient_matches_torch_autograd(shape, backend):
     assert_close(dw, tw.grad.numpy(), jnp.float32)
 
 
+def test_tpu_kernel_on_two_cores(capfd):
+    """Two simulated TensorCores share the grid (shuffled): same bits as one, and no races."""
+    rng = np.random.default_rng(3)
+    x, w = _normal(rng, (70, 576), jnp.bfloat16), _normal(rng, (576,), jnp.bfloat16)
+    two = jax.jit(lambda x, w: pallas_rms_norm.kernel(x, w, EPS, interpret=TPU_INTERPRET_2_CORES))
+    assert_bitwise(two(x, w), _jitted("tpu_interpret")(x, w))
+    assert_no_races(capfd)
+
+
 def test_kernel_rejects_mismatched_weight():
     with pytest.raises(ValueError, match="last axis"):
         pallas_rms_norm.kernel(jnp.zeros((4, 64)), jnp.zeros((32,)), EPS, interpret=True)
@@ -85,5 +102,6 @@ def test_kernel_rejects_mismatched_weight():
 def test_kernel_lowers_for_gpu_and_tpu(platform, target):
     norm = functools.partial(pallas_rms_norm.kernel, eps=EPS)
     x, w = jnp.zeros((40, 576), jnp.bfloat16), jnp.zeros((576,), jnp.bfloat16)
-    assert target in lower_for(platform, norm, x, w)
-    assert target in lower_for(platform, norm, x.reshape(40, 9, 64), w[:64])
+    for args in [(x, w), (x.reshape(40, 9, 64), w[:64])]:
+        mlir = lower_for(platform, norm, *args)
+        assert target in mlir and kernel_calls(mlir)["mosaic_gpu"] == 0
