@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
 from jengine.config import Numerics
@@ -242,7 +241,7 @@ LOWERINGS = {
         lambda *a: ops.attention(*a, Numerics(backend="cpu", column_blocks=2), sm_scale=SM_SCALE)
     ),
     "pallas_interpret": _attention("pallas_interpret"),
-    "tpu_interpret": _tpu_attention,
+    "tpu_interpret": _attention("tpu_interpret"),
 }
 
 
