@@ -97,7 +97,7 @@ def run_load(
     update_at = sorted(set(int(x) for x in np.linspace(0, expected_steps, num_updates + 2)[1:-1]))
     info: dict[str, dict] = {}
     outs: dict[str, object] = {}
-    aborts = updates = refused = 0
+    aborts = updates = 0
 
     def take(results):
         for out in results:

@@ -29,7 +29,6 @@ from hypothesis.stateful import (  # noqa: E402
     consumes,
     initialize,
     invariant,
-    precondition,
     rule,
 )
 
