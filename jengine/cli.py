@@ -101,9 +101,11 @@ def _define_config_flags(cls) -> dict[str, str]:
         elif kind is bool:
             flags.DEFINE_bool(name, None, help_, **_f)
         elif kind in (int, int | None):
-            flags.DEFINE_integer(name, None, help_, **_f)
+            bounds = dict(lower_bound=f.metadata.get("lo"), upper_bound=f.metadata.get("hi"))
+            flags.DEFINE_integer(name, None, help_, **bounds, **_f)
         elif kind is float:
-            flags.DEFINE_float(name, None, help_, **_f)
+            bounds = dict(lower_bound=f.metadata.get("lo"), upper_bound=f.metadata.get("hi"))
+            flags.DEFINE_float(name, None, help_, **bounds, **_f)
         elif kind == tuple[int, ...]:
             flags.DEFINE_list(name, None, help_, **_f)
         else:

@@ -13,9 +13,11 @@ metadata; `jengine.cli` generates its flags from them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,19 +32,55 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with its command-line help (and optional `choices`, `flag` name)."""
+    """A dataclass field with its command-line help and its checks: optional `lo` / `hi` bounds,
+    `choices`, and the `flag` name it has on the command line (`_validate` enforces them)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _validate(obj: Any) -> None:
+    """Checks every `_field` of a config dataclass against its type and metadata; the error names
+    the field and the bad value."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, value, kind, m = f.name, getattr(obj, f.name), hints[f.name], f.metadata
+        args = typing.get_args(kind)
+        if type(None) in args:  # X | None
+            if value is None:
+                continue
+            (kind,) = [a for a in args if a is not type(None)]
+        if "choices" in m:
+            _check_choice(name, value, m["choices"])
+        elif kind is bool and not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be a bool")
+        elif kind is int:
+            _check_int(name, value, m.get("lo"), m.get("hi"))
+        elif kind is float:
+            _check_float(name, value, m.get("lo"), m.get("hi"))
+        elif kind == tuple[int, ...]:
+            if not isinstance(value, tuple):
+                raise TypeError(f"{name}={value!r} must be a tuple of ints")
+            for t in value:
+                _check_int(f"{name}[...]", t, lo=0)
+        elif kind is str and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name}={value!r} must be a str")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, lo: int | None = None) -> None:
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
     if not _is_int(value):
         raise TypeError(f"{name}={value!r} must be an int")
     if lo is not None and value < lo:
         raise ValueError(f"{name}={value!r} must be >= {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}={value!r} must be <= {hi}")
 
 
 def _check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
@@ -259,48 +297,30 @@ class SamplingParams:
     `seed=None` derives the request's seed from the engine seed and the request's arrival index.
     """
 
-    temperature: float = _field(1.0, "Sampling temperature; 0 is greedy.")
-    top_k: int = _field(0, "Top-k filter; 0 keeps every token.")
-    top_p: float = _field(1.0, "Top-p (nucleus) filter in (0, 1]; 1 keeps every token.")
-    min_p: float = _field(0.0, "Min-p filter in [0, 1]; 0 keeps every token.")
-    max_tokens: int = _field(16, "Most new tokens per request.")
+    temperature: float = _field(1.0, "Sampling temperature; 0 is greedy.", lo=0.0)
+    top_k: int = _field(0, "Top-k filter; 0 keeps every token.", lo=0, hi=2**31 - 1)  # int32
+    top_p: float = _field(1.0, "Top-p (nucleus) filter in (0, 1]; 1 keeps every token.", hi=1.0)
+    min_p: float = _field(0.0, "Min-p filter in [0, 1]; 0 keeps every token.", lo=0.0, hi=1.0)
+    max_tokens: int = _field(16, "Most new tokens per request.", lo=1)
     seed: int | None = _field(
         None, "Request seed (request i of a command gets seed + i); unset: derived from the "
-        "engine seed and the arrival order."
-    )
+        "engine seed and the arrival order.", lo=0, hi=2**31 - 1,
+    )  # fmt: skip
     stop_token_ids: tuple[int, ...] = _field((), "Token ids that end a request (comma-separated).")
     ignore_eos: bool = _field(False, "Keep generating past the model's EOS tokens.")
     logprobs: int = _field(
-        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs"
-    )
+        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs",
+        lo=0, hi=20,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        _check_float("temperature", self.temperature, lo=0.0)
+        _validate(self)
         if 0.0 < self.temperature < MIN_TEMPERATURE:  # raw / T overflows fp32: NaN logprobs
             raise ValueError(
                 f"temperature={self.temperature!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}"
             )
-        _check_int("top_k", self.top_k, lo=0)
-        if self.top_k >= 2**31:  # the device holds it as int32
-            raise ValueError(f"top_k={self.top_k} must be < 2**31 (0 = off)")
-        _check_float("top_p", self.top_p, lo=0.0, hi=1.0)
         if self.top_p <= 0.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
-        _check_int("max_tokens", self.max_tokens, lo=1)
-        if self.seed is not None:
-            _check_int("seed", self.seed, lo=0)
-            if self.seed >= 2**31:
-                raise ValueError(f"seed={self.seed} must be < 2**31")
-        if not isinstance(self.stop_token_ids, tuple):
-            raise TypeError(f"stop_token_ids={self.stop_token_ids!r} must be a tuple of ints")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids[...]", t, lo=0)
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos={self.ignore_eos!r} must be a bool")
-        _check_int("logprobs", self.logprobs, lo=0)
-        if self.logprobs > 20:
-            raise ValueError(f"logprobs={self.logprobs} must be <= 20")
 
     @property
     def greedy(self) -> bool:
@@ -376,17 +396,17 @@ class EngineConfig:
     """How the engine runs. The numerics fields resolve to one `Numerics` (`resolved_numerics`,
     exposed as `Engine.numerics`); score with that value to get the engine's bits."""
 
-    page_size: int = _field(16, "Tokens per KV page (a power of two; changes no output bit).")
+    page_size: int = _field(16, "Tokens per KV page (a power of two; changes no output bit).", lo=1)
     num_pages: int | None = _field(
         None, "KV pages per data-parallel replica; unset: enough for max_num_seqs sequences of "
-        "max_model_len tokens (capped by device memory)."
-    )
-    max_num_seqs: int = _field(64, "Most sequences in one step.")
+        "max_model_len tokens (capped by device memory).", lo=1,
+    )  # fmt: skip
+    max_num_seqs: int = _field(64, "Most sequences in one step.", lo=1)
     max_num_batched_tokens: int = _field(
-        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket)."
+        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket).", lo=1
     )
     max_model_len: int | None = _field(
-        None, "Longest prompt + completion; unset: the model's max positions."
+        None, "Longest prompt + completion; unset: the model's max positions.", lo=2
     )
     logprobs_mode: str = _field(
         "processed_logprobs", "Which number is returned per token (vLLM's names).",
@@ -397,11 +417,11 @@ class EngineConfig:
         True, "Reuse KV pages of full identical prefixes (keyed by policy version).",
         flag="prefix_caching",
     )
-    tensor_parallel_size: int = _field(1, "Devices each model replica is split over.")
-    data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.")
+    tensor_parallel_size: int = _field(1, "Devices each model replica is split over.", lo=1)
+    data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.", lo=1)
     seed: int = _field(
         0, "Engine seed: a request without its own seed gets fold(seed, arrival index).",
-        flag="engine_seed",
+        flag="engine_seed", lo=0,
     )
     numerics: str = _field(
         "invariant", "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
@@ -419,13 +439,13 @@ class EngineConfig:
     )
     column_blocks: int | None = _field(
         None, "Tensor-parallel-invariant numerics: compute in this many column blocks, so any "
-        "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size."
-    )
+        "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size.", lo=1,
+    )  # fmt: skip
     verify_fraction: float = _field(
         0.0, "Runtime parity guard: re-score this fraction of finished requests with the "
         "trainer-side path (jengine.score under the engine's numerics); a mismatch means a bug "
-        "or a hardware fault (counted in stats, written to the trace)."
-    )
+        "or a hardware fault (counted in stats, written to the trace).", lo=0.0, hi=1.0,
+    )  # fmt: skip
     verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
     check_divergence: bool = _field(
         True, "Multi-process runs: compare every step's plan across processes before running it "
@@ -433,35 +453,15 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_int("page_size", self.page_size, lo=1)
+        _validate(self)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size={self.page_size} must be a power of two")
-        if self.num_pages is not None:
-            _check_int("num_pages", self.num_pages, lo=1)
-        _check_int("max_num_seqs", self.max_num_seqs, lo=1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, lo=1)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                 f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)"
             )
-        if self.max_model_len is not None:
-            _check_int("max_model_len", self.max_model_len, lo=2)
-        _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise TypeError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
-        _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
-        _check_int("data_parallel_size", self.data_parallel_size, lo=1)
-        _check_int("seed", self.seed, lo=0)
-        _check_float("verify_fraction", self.verify_fraction, lo=0.0, hi=1.0)
-        for flag in ("check_finite", "check_divergence", "verify_strict"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag}={getattr(self, flag)!r} must be a bool")
-        if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):
-            raise TypeError(f"trace_path={self.trace_path!r} must be a path (str) or None")
-        if self.column_blocks is not None:
-            _check_int("column_blocks", self.column_blocks, lo=1)
-        self._numerics()  # validates mode, backend, column_blocks, lm_head_dtype
+        self._numerics()  # column_blocks against tensor_parallel_size
 
     def _numerics(self) -> Numerics:
         tp = self.tensor_parallel_size
