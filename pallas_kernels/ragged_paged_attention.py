@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.tiling import map_row_tiles
+from pallas_kernels.tiling import map_row_tiles, pad_rows
 
 KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
 Q_TILE = 16  # query tokens per tile on the CPU lowering; divides runner.MIN_TOKEN_BUCKET
@@ -70,6 +70,18 @@ def _visible(key_pos: jax.Array, positions: jax.Array, sliding_window: int | Non
     if sliding_window is not None:
         mask &= key_pos > pos - sliding_window
     return mask
+
+
+def first_block(pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    """i32: the first KV block holding a key visible at position `pos` (0 without a window).
+
+    Every lowering starts its walk over KV blocks here: the blocks before it are wholly outside
+    the window, so they are skipped, not computed and masked (a fully masked block is an exact
+    no-op, so skipping it changes no bit; tests compare the two).
+    """
+    if sliding_window is None:
+        return jnp.int32(0)
+    return jnp.maximum(pos - sliding_window + 1, 0) // KV_BLOCK
 
 
 def _soft_cap(s: jax.Array, soft_cap: float | None) -> jax.Array:
@@ -141,10 +153,8 @@ def _attend_tile(
     units_per_page, units_per_block = page_size // unit, KV_BLOCK // unit
     qg = q.astype(jnp.float32).reshape(num_q, kv_heads, group, head_dim)
     last = jnp.max(positions)
-    first = jnp.int32(0)
-    if sliding_window is not None:  # skip blocks no token of the tile can see; each is a no-op
-        live = jnp.where(positions >= 0, positions, last)
-        first = jnp.maximum(jnp.min(live) - sliding_window + 1, 0) // KV_BLOCK
+    # skip the blocks no token of the tile can see (padding tokens, position -1, see none)
+    first = first_block(jnp.min(jnp.where(positions >= 0, positions, last)), sliding_window)
     num_blocks = jnp.where(last >= 0, last // KV_BLOCK + 1, 0)
     offsets = jnp.arange(KV_BLOCK)
 
@@ -231,13 +241,14 @@ def cpu(
     Each Q_TILE-token tile walks only the KV blocks its own tokens can see (up to its largest
     position), so a decode step reads each sequence's live keys once and no masked tail.
     """
-    rows = page_table[seq_ids]  # [T, pages_per_seq]
+    num_tokens = q.shape[0]
+    rows = pad_rows(page_table[seq_ids], Q_TILE)  # [T, pages_per_seq]
+    # padding tokens, the tiling's too, sit at position -1: they see no key and add no block
     positions = jnp.where(seq_ids >= 0, positions, -1)
+    positions = jnp.pad(positions, (0, rows.shape[0] - num_tokens), constant_values=-1)
     tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
-    # Padding rows added by the tiling sit at position 0 of row 0: their outputs are dropped and
-    # the blocks they add for their tile are no-ops for every real token.
-    out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
-    return out.astype(q.dtype)
+    out = map_row_tiles(tile, pad_rows(q, Q_TILE), rows, positions, tile=Q_TILE)
+    return out[:num_tokens].astype(q.dtype)
 
 
 def cpu_head_units(
