@@ -84,8 +84,9 @@ def first_block(pos: jax.Array, sliding_window: int | None) -> jax.Array:
     return jnp.maximum(pos - sliding_window + 1, 0) // KV_BLOCK
 
 
-def _soft_cap(s: jax.Array, soft_cap: float | None) -> jax.Array:
-    return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
+def apply_soft_cap(s: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(s / cap)` element-wise (Gemma's soft capping), or `s` when cap is None."""
+    return s if cap is None else cap * jnp.tanh(s / cap)
 
 
 def reference(
@@ -118,7 +119,7 @@ def reference(
     v = jnp.where(mask[:, :, None, None], v, 0.0)
     qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim)
     s = jnp.einsum("tkgd,tlkd->tkgl", qg, k) * sm_scale
-    s = _soft_cap(s, soft_cap)
+    s = apply_soft_cap(s, soft_cap)
     s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -175,7 +176,7 @@ def _attend_tile(
         k = gather(k_units, ids)
         v = jnp.where(mask[:, :, None, None], gather(v_units, ids), 0.0)
         s = jnp.einsum("tkgd,tbkd->tkgb", qg, k) * sm_scale
-        s = _soft_cap(s, soft_cap)
+        s = apply_soft_cap(s, soft_cap)
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [Q, kvh, G]
         alpha = jnp.exp(m - m_new)

@@ -177,10 +177,6 @@ def _norm(x: jax.Array, w: jax.Array, config: ModelConfig, numerics: Numerics) -
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-def _soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
 def _layer(
     layer: Params,
     h: jax.Array,
@@ -292,7 +288,7 @@ def forward(
     logits = ops.matmul(h.astype(head_dtype), w.astype(head_dtype), numerics)
     if tp is not None:
         logits = tp.gather(logits)
-    return _soft_cap(logits, config.final_logit_softcap), new_kv
+    return ops.apply_soft_cap(logits, config.final_logit_softcap), new_kv
 
 
 def empty_kv_cache(
