@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.tiling import map_row_tiles, pad_rows
+from pallas_kernels.tiling import map_row_tiles
 
 KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
 Q_TILE = 16  # query tokens per tile on the CPU lowering; divides runner.MIN_TOKEN_BUCKET
@@ -242,14 +242,14 @@ def cpu(
     Each Q_TILE-token tile walks only the KV blocks its own tokens can see (up to its largest
     position), so a decode step reads each sequence's live keys once and no masked tail.
     """
-    num_tokens = q.shape[0]
-    rows = pad_rows(page_table[seq_ids], Q_TILE)  # [T, pages_per_seq]
-    # padding tokens, the tiling's too, sit at position -1: they see no key and add no block
+    rows = page_table[seq_ids]  # [T, pages_per_seq]
     positions = jnp.where(seq_ids >= 0, positions, -1)
-    positions = jnp.pad(positions, (0, rows.shape[0] - num_tokens), constant_values=-1)
     tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
-    out = map_row_tiles(tile, pad_rows(q, Q_TILE), rows, positions, tile=Q_TILE)
-    return out[:num_tokens].astype(q.dtype)
+    # Padding rows added by the tiling sit at position 0 of row 0: their outputs are dropped and
+    # the blocks they add for their tile are no-ops for every real token (the engine's token
+    # counts are whole tiles, so it never pads one).
+    out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
+    return out.astype(q.dtype)
 
 
 def cpu_head_units(
