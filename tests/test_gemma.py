@@ -490,7 +490,7 @@ def test_real_model_matches_transformers_and_its_rollout_is_bitwise_score(real, 
         for i in range(2)
     ]
     outs = engine.generate(prompts, sampled)
-    report = diagnostics.parity_report(model, outs, prompts, sampled, config)
+    report = diagnostics.parity_report(model, outs, prompts, sampled, numerics=engine.numerics)
     assert report["bitwise_equal"] == report["num_tokens"] == 24 and report["max_abs_diff"] == 0.0
 
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -21,6 +21,7 @@ import torch
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
 from jengine.config import Numerics
+from pallas_kernels import pallas_common
 from pallas_kernels import ops, pallas_ragged_paged_attention, tpu_ragged_paged_attention
 from pallas_kernels import ragged_paged_attention as rpa
 from tests.pallas_kernels.checks import (
@@ -394,15 +395,18 @@ def test_kernel_lowers_for_its_platform(platform, module, target, page_size):
 # Every lowering starts its KV walk at `rpa.first_block`; with it pinned to 0 the same kernels
 # visit every block from 0 and mask the ones outside the window instead of skipping them.
 
-LOWERINGS = {
+WINDOW_LOWERINGS = {
     "cpu": rpa.cpu,
     "pallas_interpret": functools.partial(pallas_ragged_paged_attention.kernel, interpret=True),
+    "tpu_interpret": functools.partial(
+        tpu_ragged_paged_attention.kernel, interpret=pallas_common.TPU_INTERPRET
+    ),
 }
 
 
 def _lowered(name: str, window: int | None):
     """A freshly jitted lowering (no trace cache shared with another `first_block`)."""
-    fn = functools.partial(LOWERINGS[name], sm_scale=SM_SCALE, sliding_window=window)
+    fn = functools.partial(WINDOW_LOWERINGS[name], sm_scale=SM_SCALE, sliding_window=window)
     return jax.jit(lambda *a: fn(*a))
 
 
@@ -478,8 +482,7 @@ def test_tpu_kernel_skips_blocks_outside_the_window(monkeypatch):
     args = assemble(content, tokens, page_size=16, dtype=jnp.float32, written=lens)
 
     def run():
-        with pltpu.force_tpu_interpret_mode():
-            return tpu_ragged_paged_attention.kernel(*args, sm_scale=SM_SCALE, sliding_window=window)
+        return WINDOW_LOWERINGS["tpu_interpret"](*args, sm_scale=SM_SCALE, sliding_window=window)
 
     skipped = run()
     assert_close(skipped, _reference(*args, sliding_window=window), jnp.float32)
