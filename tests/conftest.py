@@ -1,19 +1,41 @@
 """Shared fixtures: the tiny random model (built in-process, never downloaded)."""
 
 import os
-import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA compilation cache for the session and every subprocess it starts (they run
-# the same steps again): compiled programs are reused, outputs are the same executables' bits.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jengine-tests-xla-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from jengine import Model, ModelConfig, init_params  # noqa: E402
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs(request):
+    """Drops every compiled program after each test module. XLA:CPU maps a few memory regions
+    per executable and never unmaps them while jax's caches hold it; one process running the whole
+    suite would otherwise reach the kernel's per-process limit (vm.max_map_count, 65530 by
+    default), where LLVM's next allocation fails and the process dies with SIGSEGV."""
+    yield
+    before = _memory_maps()
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    log = os.environ.get("JENGINE_TEST_MAPS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{request.module.__name__} {before} {_memory_maps()}\n")
 
 
 @pytest.fixture(scope="session")
