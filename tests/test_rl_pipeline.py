@@ -116,9 +116,11 @@ def test_versions_rise_lag_is_measured_and_on_policy_groups_are_exact(tiny_model
 
 
 def test_close_with_groups_in_flight_is_clean(tiny_model):
-    source = (r for k in itertools.count() for r in _requests(1, seed=100 + k, max_tokens=16))
+    # the first group is one token long, the others 40: they are mid-generation at close()
+    lengths = itertools.chain([1], itertools.repeat(40))
+    source = (r for k, n in enumerate(lengths) for r in _requests(1, seed=100 + k, max_tokens=n))
     engine = Engine(tiny_model, CONFIG)
-    actor = rl.RolloutActor(engine, source, max_in_flight=3, queue_size=2).start()
+    actor = rl.RolloutActor(engine, source, max_in_flight=3, queue_size=4).start()
     assert actor.get(timeout=120) is not None
     actor.publish(_scaled(tiny_model.params, 1.01), version=1)
     actor.close()

@@ -168,6 +168,7 @@ class RunConfig:
     verify_fraction: float = 0.01
     verify_strict: bool = False
     rollout_variant: str = "default"
+    queue_groups: int = 0  # pipeline: groups generated ahead of the trainer; 0 = prompts_per_step
     out: str = "grpo_run"
 
     @property
@@ -491,8 +492,9 @@ def run(cfg: RunConfig, log=print) -> list[dict]:
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")  # noqa: SIM115
     actor = None
     if cfg.mode == "pipeline":
+        ahead = cfg.queue_groups or cfg.prompts_per_step
         actor = rl.RolloutActor(
-            engine, source, max_in_flight=cfg.prompts_per_step, queue_size=cfg.prompts_per_step
+            engine, source, max_in_flight=cfg.prompts_per_step, queue_size=ahead
         ).start()
     try:
         for step in range(cfg.steps):
@@ -771,6 +773,12 @@ def main(argv=None) -> None:
     p.add_argument("--is_cap", type=float, default=d.is_cap, help="TIS cap C")
     p.add_argument("--verify_fraction", type=float, default=d.verify_fraction, help="parity guard")
     p.add_argument("--verify_strict", action="store_true", help="a parity-guard mismatch raises")
+    p.add_argument(
+        "--queue_groups",
+        type=int,
+        default=d.queue_groups,
+        help="pipeline: most groups generated ahead of the trainer (0: --prompts_per_step)",
+    )
     p.add_argument("--rollout_variant", choices=sorted(VARIANTS), default=d.rollout_variant)
     p.add_argument("--variants", default=None, help="comma-separated rollout variants: an ablation")
     p.add_argument("--reuse", action="store_true", help="ablation: keep variant runs already done")

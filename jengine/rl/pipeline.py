@@ -10,9 +10,10 @@
 One background thread owns the `Engine`: after `start()` only that thread calls it, until `close()`
 returns (the engine stays single-threaded). It pulls `GroupRequest`s from `source` (any iterator;
 the source is read on the actor thread), keeps at most `max_in_flight` groups in the engine, and
-puts each finished `Group` on a bounded queue of `queue_size`; while the queue is full it admits
-no new groups, so generation runs at most `max_in_flight + queue_size` groups ahead of the trainer
-(the bound on policy lag). Between two engine steps it applies the newest params the trainer
+puts each finished `Group` on a bounded queue of `queue_size`. It admits a new group only while
+fewer than `queue_size` groups are in flight or finished but not yet taken by `get()`: generation
+runs at most `queue_size` groups ahead of the trainer (the bound on policy lag: a trainer taking
+N groups per update with queue_size = N sees lag <= 1 when generation keeps up). Between two engine steps it applies the newest params the trainer
 published (a latest-value mailbox: an update superseded before the actor saw it is skipped) with
 `engine.update_weights(params, mode=update_mode)`.
 
@@ -194,7 +195,11 @@ class RolloutActor:
         try:
             while not self._stop.is_set():
                 self._apply_update()
-                while not exhausted and not ready and len(building) < self.max_in_flight:
+                while (
+                    not exhausted
+                    and len(building) < self.max_in_flight
+                    and self._room(building, ready)
+                ):
                     req = next(self._source, None)
                     if req is None:
                         exhausted = True
@@ -239,6 +244,10 @@ class RolloutActor:
                     self.stats["aborted"] += 1
                 except Exception:  # noqa: BLE001 -- already finished or engine broken
                     pass
+
+    def _room(self, building: dict, ready: collections.deque) -> bool:
+        """Fewer than queue_size groups are generated and not yet taken by the trainer."""
+        return len(building) + len(ready) + self._queue.qsize() < self._queue.maxsize
 
     def _group(self, index: int, b: dict) -> Group:
         outs = [b["outputs"][i] for i in range(len(b["request"].sampling_params))]
