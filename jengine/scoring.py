@@ -28,16 +28,6 @@ def _is_token_list(x) -> bool:
     )
 
 
-def _check_tokens(name: str, ids: Sequence[int], vocab: int, allow_empty: bool) -> None:
-    if not _is_token_list(ids):
-        raise TypeError(f"{name} must be a list of ints, got {type(ids).__name__}")
-    if not allow_empty and len(ids) == 0:
-        raise ValueError(f"{name} is empty")
-    bad = [int(t) for t in ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise ValueError(f"{name} holds token ids {bad[:5]} outside [0, {vocab})")
-
-
 def per_sequence(sampling_params, n: int) -> list[SamplingParams]:
     """One `SamplingParams` per sequence from None (temperature 1, no filters), one, or n."""
     if sampling_params is None:
@@ -108,8 +98,9 @@ def score(
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     vocab = model.config.vocab_size
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        _check_tokens(f"prompt_token_ids[{i}]", p, vocab, allow_empty=False)
-        _check_tokens(f"completion_token_ids[{i}]", c, vocab, allow_empty=True)
+        prompts[i] = plan_lib.check_token_ids(f"prompt_token_ids[{i}]", p, vocab)
+        completions[i] = c = plan_lib.check_token_ids(f"completion_token_ids[{i}]", c, vocab, True)
+        p = prompts[i]
         if len(p) + len(c) > model.config.max_position_embeddings:
             raise ValueError(
                 f"sequence {i} has {len(p) + len(c)} tokens, more than "

@@ -152,6 +152,8 @@ def param_specs(config: ModelConfig, tp: int) -> Params:
     by_name = {
         "attn_norm": P(),
         "mlp_norm": P(),
+        "post_attn_norm": P(),
+        "post_mlp_norm": P(),
         "q_norm": P(),
         "k_norm": P(),
         "wq": P(MODEL, None),

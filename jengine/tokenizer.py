@@ -2,8 +2,10 @@
 
 Built on the `tokenizers` library (no transformers at run time). A GGUF carries no tokenizer.json:
 its vocabulary, merges, token types and pre-tokenizer name are metadata, from which
-`_gguf_backend` rebuilds the byte-level BPE tokenizer (GPT-2 style, as SmolLM2, Llama 3 and Qwen
-use). Chat templates are rendered in a sandboxed jinja2 environment, as transformers does.
+`_gguf_backend` rebuilds the tokenizer: byte-level BPE (GPT-2 style, as SmolLM2, Llama 3 and Qwen
+use), or Gemma's SentencePiece BPE with byte fallback (`tokenizer.ggml.model="llama"`), giving
+the ids transformers' GGUF tokenizer gives. Chat templates are rendered in a sandboxed jinja2
+environment, as transformers does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 # llama.cpp `tokenizer.ggml.pre` names -> how its regexes split text before BPE. GPT-2's own regex
 # is ByteLevel(use_regex=True); the others split first and leave ByteLevel only the byte mapping.
@@ -200,46 +202,104 @@ def _pre_tokenizer(pre: str | None, source: str):
     raise ValueError(f"{source}: unsupported tokenizer.ggml.pre={pre!r}; supported: {known}")
 
 
-def _gguf_backend(meta: Mapping[str, Any], source: str) -> tokenizers.Tokenizer:
-    """Byte-level BPE from `tokenizer.ggml.{tokens, merges, token_type, pre}`.
+def _byte_level_bpe(meta: Mapping[str, Any], source: str) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """Byte-level BPE from `tokenizer.ggml.{tokens, merges, pre}`; (tokenizer, its vocabulary).
 
-    Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
-    tokens, so either stays whole when written in text. A token spelled outside the byte alphabet
-    (a llama.cpp mislabel) is respelled byte-wise, as transformers does.
+    A token spelled outside the byte alphabet (a llama.cpp mislabel) is respelled byte-wise, as
+    transformers does.
     """
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"{source}: tokenizer.ggml.model={kind!r}; jengine reads byte-level 'gpt2' BPE"
-        )
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(tokens)
-    }
+    tokens = [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+        for t in meta["tokenizer.ggml.tokens"]
+    ]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(tokens)}
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
     backend.decoder = decoders.ByteLevel()
+    return backend, tokens
+
+
+def _rank_merges(tokens: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary that lists none: every split of a token into two
+    tokens, best first by the token's position in the list (transformers' `generate_merges`
+    with Gemma's position scores: Gemma's stored scores do not follow its merge order)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, index in vocab.items():
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token))]
+        pairs = sorted(
+            ((a, b) for a, b in pairs if a in vocab and b in vocab),
+            key=lambda p: (vocab[p[0]], vocab[p[1]]),
+        )
+        merges += [(a, b, -index) for a, b in pairs]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _gemma_sentencepiece(meta: Mapping[str, Any]) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """Gemma's SentencePiece BPE (spaces as "▁", byte fallback), as transformers' GemmaTokenizer
+    builds it from a GGUF: tokens of only spaces respelled with "▁", merges from token order."""
+    tokens = [
+        "\u2581" * len(t) if " " in t and not t.strip() else t
+        for t in meta["tokenizer.ggml.tokens"]
+    ]
+    merges = meta.get("tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in merges] if merges else _rank_merges(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 3)]
+    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True)
+    backend = tokenizers.Tokenizer(model)
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return backend, tokens
+
+
+def _gguf_backend(meta: Mapping[str, Any], source: str) -> tokenizers.Tokenizer:
+    """The tokenizer `tokenizer.ggml.*` describes: byte-level BPE ('gpt2') or, for a Gemma
+    architecture, SentencePiece BPE ('llama').
+
+    Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
+    tokens, so either stays whole when written in text. A control token outside the byte-level
+    alphabet is a llama.cpp mislabel and is skipped (adding it would grow the vocabulary).
+    """
+    kind, arch = meta.get("tokenizer.ggml.model"), meta.get("general.architecture", "")
+    if kind == "gpt2":
+        backend, vocab = _byte_level_bpe(meta, source)
+        alphabet = set(_bytes_to_unicode().values())
+    elif kind == "llama" and arch.startswith("gemma"):
+        backend, vocab = _gemma_sentencepiece(meta)
+        alphabet = None
+    else:
+        raise ValueError(
+            f"{source}: tokenizer.ggml.model={kind!r} (architecture {arch!r}); jengine reads "
+            "byte-level 'gpt2' BPE and Gemma's 'llama' SentencePiece"
+        )
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    known = set(vocab)
     backend.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
-            for t, kind in zip(tokens, types)
-            if kind == _CONTROL and set(t) <= alphabet
+            for t, ty in zip(tokens, types)
+            if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)
         ]
     )
     backend.add_tokens(
         [
             AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(tokens, types)
-            if kind == _USER_DEFINED
+            for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED and t in known
         ]
     )
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default
+    if add_bos and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A",
             pair=f"{tokens[bos]} $A $B",
@@ -255,10 +315,17 @@ def _from_gguf(path: str) -> Tokenizer:
         reader = GGUFReader(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    meta = {
+        k: f.contents()
+        for k, f in reader.fields.items()
+        if k.startswith("tokenizer.") or k == "general.architecture"
+    }
     eos = [
         meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
     ]
+    if meta.get("general.architecture", "").startswith("gemma"):  # a turn ends a generation too
+        tokens = meta["tokenizer.ggml.tokens"]
+        eos += [tokens.index(t) for t in ["<end_of_turn>"] if t in tokens]
     return Tokenizer(
         backend=_gguf_backend(meta, path),
         chat_template=meta.get("tokenizer.chat_template"),

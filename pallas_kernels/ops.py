@@ -220,3 +220,4 @@ def attention(
 
 
 write_kv = _rpa.write_kv
+apply_soft_cap = _rpa.apply_soft_cap

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import ragged_paged_attention as _rpa
 from pallas_kernels.pallas_common import Interpret, pallas_call
 from pallas_kernels.ragged_paged_attention import KV_BLOCK
 
@@ -108,11 +109,10 @@ def validate(
 
 
 def block_range(pos: jax.Array, sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
-    """[first, end) KV blocks that hold a key visible to a token at `pos` (empty if pos < 0)."""
+    """[first, end) KV blocks that hold a key visible to a token at `pos` (empty if pos < 0);
+    the blocks before `first` lie wholly outside the window and are skipped."""
     end = jnp.where(pos >= 0, pos // KV_BLOCK + 1, 0)
-    if sliding_window is None:
-        return jnp.int32(0), end
-    return jnp.maximum(pos - sliding_window + 1, 0) // KV_BLOCK, end
+    return _rpa.first_block(pos, sliding_window), end
 
 
 def init_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:

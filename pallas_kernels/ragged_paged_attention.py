@@ -72,8 +72,21 @@ def _visible(key_pos: jax.Array, positions: jax.Array, sliding_window: int | Non
     return mask
 
 
-def _soft_cap(s: jax.Array, soft_cap: float | None) -> jax.Array:
-    return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
+def first_block(pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    """i32: the first KV block holding a key visible at position `pos` (0 without a window).
+
+    Every lowering starts its walk over KV blocks here: the blocks before it are wholly outside
+    the window, so they are skipped, not computed and masked (a fully masked block is an exact
+    no-op, so skipping it changes no bit; tests compare the two).
+    """
+    if sliding_window is None:
+        return jnp.int32(0)
+    return jnp.maximum(pos - sliding_window + 1, 0) // KV_BLOCK
+
+
+def apply_soft_cap(s: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(s / cap)` element-wise (Gemma's soft capping), or `s` when cap is None."""
+    return s if cap is None else cap * jnp.tanh(s / cap)
 
 
 def reference(
@@ -106,7 +119,7 @@ def reference(
     v = jnp.where(mask[:, :, None, None], v, 0.0)
     qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim)
     s = jnp.einsum("tkgd,tlkd->tkgl", qg, k) * sm_scale
-    s = _soft_cap(s, soft_cap)
+    s = apply_soft_cap(s, soft_cap)
     s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -141,10 +154,8 @@ def _attend_tile(
     units_per_page, units_per_block = page_size // unit, KV_BLOCK // unit
     qg = q.astype(jnp.float32).reshape(num_q, kv_heads, group, head_dim)
     last = jnp.max(positions)
-    first = jnp.int32(0)
-    if sliding_window is not None:  # skip blocks no token of the tile can see; each is a no-op
-        live = jnp.where(positions >= 0, positions, last)
-        first = jnp.maximum(jnp.min(live) - sliding_window + 1, 0) // KV_BLOCK
+    # skip the blocks no token of the tile can see (padding tokens, position -1, see none)
+    first = first_block(jnp.min(jnp.where(positions >= 0, positions, last)), sliding_window)
     num_blocks = jnp.where(last >= 0, last // KV_BLOCK + 1, 0)
     offsets = jnp.arange(KV_BLOCK)
 
@@ -165,7 +176,7 @@ def _attend_tile(
         k = gather(k_units, ids)
         v = jnp.where(mask[:, :, None, None], gather(v_units, ids), 0.0)
         s = jnp.einsum("tkgd,tbkd->tkgb", qg, k) * sm_scale
-        s = _soft_cap(s, soft_cap)
+        s = apply_soft_cap(s, soft_cap)
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [Q, kvh, G]
         alpha = jnp.exp(m - m_new)
@@ -235,7 +246,8 @@ def cpu(
     positions = jnp.where(seq_ids >= 0, positions, -1)
     tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
     # Padding rows added by the tiling sit at position 0 of row 0: their outputs are dropped and
-    # the blocks they add for their tile are no-ops for every real token.
+    # the blocks they add for their tile are no-ops for every real token (the engine's token
+    # counts are whole tiles, so it never pads one).
     out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
     return out.astype(q.dtype)
 

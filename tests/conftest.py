@@ -1,11 +1,17 @@
 """Shared fixtures: the tiny random model (built in-process, never downloaded)."""
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session and every subprocess it starts (they run
+# the same steps again): compiled programs are reused, outputs are the same executables' bits.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jengine-tests-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from jengine import Model, ModelConfig, init_params  # noqa: E402
 

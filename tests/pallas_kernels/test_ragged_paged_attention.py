@@ -21,6 +21,7 @@ import torch
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
 from jengine.config import Numerics
+from pallas_kernels import pallas_common
 from pallas_kernels import ops, pallas_ragged_paged_attention, tpu_ragged_paged_attention
 from pallas_kernels import ragged_paged_attention as rpa
 from tests.pallas_kernels.checks import (
@@ -388,3 +389,102 @@ def test_kernel_lowers_for_its_platform(platform, module, target, page_size):
         module.kernel, sm_scale=SM_SCALE, sliding_window=100, soft_cap=30.0
     )
     assert target in lower_for(platform, attention, q, pages, pages, *meta)
+
+
+# -- sliding windows: skipped blocks are exact no-ops ---------------------------------------------
+# Every lowering starts its KV walk at `rpa.first_block`; with it pinned to 0 the same kernels
+# visit every block from 0 and mask the ones outside the window instead of skipping them.
+
+WINDOW_LOWERINGS = {
+    "cpu": rpa.cpu,
+    "pallas_interpret": functools.partial(pallas_ragged_paged_attention.kernel, interpret=True),
+    "tpu_interpret": functools.partial(
+        tpu_ragged_paged_attention.kernel, interpret=pallas_common.TPU_INTERPRET
+    ),
+}
+
+
+def _lowered(name: str, window: int | None):
+    """A freshly jitted lowering (no trace cache shared with another `first_block`)."""
+    fn = functools.partial(WINDOW_LOWERINGS[name], sm_scale=SM_SCALE, sliding_window=window)
+    return jax.jit(lambda *a: fn(*a))
+
+
+def _tokens_across_the_window_edge(window: int):
+    """Decode tokens far past the window, a prefill chunk straddling a KV block boundary, and a
+    short prompt that the window does not cut, with padding between."""
+    return [
+        (0, 149),
+        *[(1, p) for p in range(window - 3, window + 5)],
+        PAD,
+        *[(1, p) for p in range(120, 131)],
+        (2, 2),
+        (4, 63),
+    ]
+
+
+def test_first_block_is_the_first_block_a_window_sees():
+    pos = jnp.asarray([0, 19, 63, 64, 149, 200], jnp.int32)
+    assert list(rpa.first_block(pos, 20)) == [0, 0, 0, 0, 2, 2]  # keys 130.. and 181.. visible
+    assert list(rpa.first_block(pos, 1)) == [0, 0, 0, 1, 2, 3]
+    assert int(rpa.first_block(pos[4], None)) == 0
+    first, end = pallas_ragged_paged_attention.block_range(jnp.int32(149), 20)
+    assert (int(first), int(end)) == (2, 3)  # only the block holding keys 128..191 is walked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [20, 64, 65])
+def test_skipping_blocks_outside_the_window_changes_no_bit(monkeypatch, backend, window):
+    content = make_content(7, group=2, head_dim=64)
+    tokens = _tokens_across_the_window_edge(window)
+    args = assemble(content, tokens, page_size=8, dtype=jnp.float32)
+    skipped = _lowered(backend, window)(*args)
+    assert_close(skipped, _reference(*args, sliding_window=window), jnp.float32)
+    monkeypatch.setattr(rpa, "first_block", lambda pos, window: jnp.int32(0))
+    masked = _lowered(backend, window)(*args)
+    assert_bitwise(skipped, masked)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_longer_than_the_prompt_changes_no_bit(backend):
+    content = make_content(8, group=2, head_dim=64)
+    args = assemble(content, MIXED, page_size=8, dtype=jnp.bfloat16)
+    assert_bitwise(_lowered(backend, max(LENS))(*args), _lowered(backend, None)(*args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_windowed_token_is_bitwise_invariant(backend):
+    """Under a 20-key window (pages of 8: windows cross pages and KV blocks), a token's bits do not
+    depend on its batch, on page placement, or on whether it came in a chunk straddling the
+    window's edge or as a decode step with only its prefix written."""
+    window = 20
+    content = make_content(9, group=2, head_dim=64)
+    build = functools.partial(assemble, content, page_size=8, dtype=jnp.bfloat16)
+    attention = _lowered(backend, window)
+    tokens = _tokens_across_the_window_edge(window)
+    full = attention(*build(tokens))
+    for token in [(0, 149), (1, window - 3), (1, window), (1, window + 4), (1, 128), (2, 2)]:
+        want = full[_row(tokens, token)]
+        written = tuple(token[1] + 1 if s == token[0] else n for s, n in enumerate(LENS))
+        assert_bitwise(attention(*build([token], written=written, page_seed=4))[0], want)
+    chunk = [(1, p) for p in range(window - 1, window + 3)]  # a chunk starting on the edge
+    out = attention(*build([PAD, *chunk], page_seed=2))
+    for i, token in enumerate(chunk):
+        assert_bitwise(out[i + 1], full[_row(tokens, token)])
+
+
+def test_tpu_kernel_skips_blocks_outside_the_window(monkeypatch):
+    """TPU interpret mode (slow: tiny): matches the reference under a window, and skipping the
+    blocks before the window is bitwise the same as visiting and masking them."""
+    lens, window = (150, 6), 20
+    content = make_content(10, group=2, head_dim=64, lens=lens)
+    tokens = [(0, 149), (0, 84), (1, 5), PAD]
+    args = assemble(content, tokens, page_size=16, dtype=jnp.float32, written=lens)
+
+    def run():
+        return WINDOW_LOWERINGS["tpu_interpret"](*args, sm_scale=SM_SCALE, sliding_window=window)
+
+    skipped = run()
+    assert_close(skipped, _reference(*args, sliding_window=window), jnp.float32)
+    monkeypatch.setattr(rpa, "first_block", lambda pos, window: jnp.int32(0))
+    assert_bitwise(skipped, run())
