@@ -63,6 +63,16 @@ VARIANTS = {  # rollout-side EngineConfig changes; the trainer always uses the d
     "bf16_lm_head": {"lm_head_dtype": "bfloat16"},
     "fast": {"numerics": "fast"},
 }
+MISMATCH_KEYS = (  # taken as they are from rl.mismatch_metrics
+    "ratio_mean",
+    "ratio_max",
+    "k1",
+    "k3",
+    "clip_frac",
+    "mean_abs_log_ratio",
+    "max_abs_diff",
+    "ess_frac",
+)
 METRIC_KEYS = (  # every record has these; eval_accuracy only on evaluated steps
     "step",
     "policy_version",
@@ -73,14 +83,7 @@ METRIC_KEYS = (  # every record has these; eval_accuracy only on evaluated steps
     "onpolicy_bitwise_equal",
     "ad_bitwise_equal",
     "ratio_min",
-    "ratio_mean",
-    "ratio_max",
-    "k1",
-    "k3",
-    "clip_frac",
-    "mean_abs_log_ratio",
-    "max_abs_diff",
-    "ess_frac",
+    *MISMATCH_KEYS,
     "policy_lag_max",
     "policy_lag_mean",
     "tokens_by_lag",
@@ -325,19 +328,7 @@ class Trainer:
                 ((ad.view(np.uint32) == packed["logprobs"].view(np.uint32)) & mask).sum()
             ),
             "ratio_min": float(ratio.min()),
-            **{
-                k: m[k]
-                for k in (
-                    "ratio_mean",
-                    "ratio_max",
-                    "k1",
-                    "k3",
-                    "clip_frac",
-                    "mean_abs_log_ratio",
-                    "max_abs_diff",
-                    "ess_frac",
-                )
-            },
+            **{k: m[k] for k in MISMATCH_KEYS},
             "policy_lag_max": max(version - g.min_version for g in groups),
             "policy_lag_mean": float(lags.mean()),
             "tokens_by_lag": {str(k): int(c) for k, c in zip(*np.unique(lags, return_counts=True))},
