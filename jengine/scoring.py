@@ -113,7 +113,11 @@ def score(
     if mesh is not None or numerics.column_blocks > 1:
         sharding.check_model(model.config, tp, numerics.column_blocks)
     groups = [list(range(g, len(prompts), dp)) for g in range(dp)]  # sequences of data row g
-    width = max(-(-(len(p) + len(c)) // SCRATCH_PAGE) for p, c in zip(prompts, completions))
+    # Page-table width and scratch pool rounded up to powers of two: the compiled program's shape
+    # then repeats across calls (the parity guard scores a new mix of lengths every step), and
+    # neither changes a bit (attention walks only a sequence's own blocks, in logical order).
+    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    width = next_pow2(-(-longest // SCRATCH_PAGE))
     plans, num_pages = [], 1
     for idx in groups:
         p, n = plan_lib.teacher_forcing(
@@ -127,6 +131,7 @@ def score(
         next_pow2(max(len(idx) for idx in groups)),
         next_pow2(max(len(p.logit_rows) for p in plans), 16),
     )
+    num_pages = next_pow2(num_pages)
     dtype = model.params["embed"].dtype
     sels, _ = run_plans(
         place(model, mesh), empty_pages(model.config, num_pages, SCRATCH_PAGE, dtype, mesh),
