@@ -113,9 +113,8 @@ def score(
     if mesh is not None or numerics.column_blocks > 1:
         sharding.check_model(model.config, tp, numerics.column_blocks)
     groups = [list(range(g, len(prompts), dp)) for g in range(dp)]  # sequences of data row g
-    # Page-table width and scratch pool rounded up to powers of two: the compiled program's shape
-    # then repeats across calls (the parity guard scores a new mix of lengths every step), and
-    # neither changes a bit (attention walks only a sequence's own blocks, in logical order).
+    # Page-table width and scratch pool in powers of two: programs repeat across calls, bits do not
+    # change (attention walks a sequence's own blocks only, in logical order).
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     width = next_pow2(-(-longest // SCRATCH_PAGE))
     plans, num_pages = [], 1
