@@ -25,14 +25,14 @@ def _release_compiled_programs(request):
     suite would otherwise reach the kernel's per-process limit (vm.max_map_count, 65530 by
     default), where LLVM's next allocation fails and the process dies with SIGSEGV."""
     yield
-    before = _memory_maps()
+    log = os.environ.get("JENGINE_TEST_MAPS_LOG")
+    before = _memory_maps() if log else 0
     import gc
 
     import jax
 
     jax.clear_caches()
     gc.collect()
-    log = os.environ.get("JENGINE_TEST_MAPS_LOG")
     if log:
         with open(log, "a") as f:
             f.write(f"{request.module.__name__} {before} {_memory_maps()}\n")

@@ -179,9 +179,9 @@ class RunConfig:
         return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "numerics"))
-def _logprobs(params, b, temperature, *, config, numerics):
-    """f32[B, L - 1] trainer-side logprobs, forward only: the rollout's bits."""
+def _token_logprobs(params, b, temperature, *, config, numerics):
+    """f32[B, L - 1] trainer-side logprobs of micro-batch `b`: as their own program (`_logprobs`)
+    the rollout's bits; inside `_grads` the differentiated forward."""
     return rl.token_logprobs(
         params,
         config,
@@ -191,6 +191,9 @@ def _logprobs(params, b, temperature, *, config, numerics):
         temperature=temperature,
         numerics=numerics,
     )
+
+
+_logprobs = jax.jit(_token_logprobs, static_argnames=("config", "numerics"))
 
 
 @functools.partial(
@@ -211,15 +214,7 @@ def _grads(
     mask = rl.completion_mask(b["prompt_lens"], b["completion_lens"], b["tokens"].shape[1])
 
     def objective(p):
-        ad = rl.token_logprobs(
-            p,
-            config,
-            b["tokens"],
-            b["prompt_lens"],
-            b["completion_lens"],
-            temperature=temperature,
-            numerics=numerics,
-        )
+        ad = _token_logprobs(p, b, temperature, config=config, numerics=numerics)
         logp = logp_fwd + (ad - jax.lax.stop_gradient(ad))
         if correction == "none":  # PPO-style: the ratio is taken against the rollout itself
             old, w = b["logprobs"], None
