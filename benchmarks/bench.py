@@ -222,6 +222,9 @@ def _tokenizer_for(model) -> Any | None:
         return None
 
 
+WORKLOAD_LENGTHS = ("uniform", "mixed", "straggler")
+
+
 def rl_workload(
     vocab: int,
     *,
@@ -229,7 +232,7 @@ def rl_workload(
     group: int,
     max_tokens: int,
     prompt_len: tuple[int, int] = (16, 96),
-    mixed_max_tokens: bool = False,
+    lengths: str = "uniform",
     seed: int = 0,
     tokenizer: Any = None,
     name: str | None = None,
@@ -238,8 +241,13 @@ def rl_workload(
 
     Prompts: chat-formatted questions of mixed length when a tokenizer is given (so a real model
     ends some completions with EOS), else random ids with lengths uniform in `prompt_len`.
-    mixed_max_tokens: each sequence's max_tokens uniform in [max_tokens/4, max_tokens].
+    lengths: every sequence's max_tokens is `max_tokens` ("uniform"), uniform in
+    [max_tokens/4, max_tokens] ("mixed"), or max_tokens/8 except for one sequence in eight, chosen
+    at random, that may run to max_tokens ("straggler": an RL rollout's tail, where a few long
+    samples decide the wall time).
     """
+    if lengths not in WORKLOAD_LENGTHS:
+        raise ValueError(f"lengths={lengths!r} must be one of {WORKLOAD_LENGTHS}")
     from jengine.config import SamplingParams
 
     rng = np.random.default_rng(seed)
@@ -261,10 +269,15 @@ def rl_workload(
             n = int(rng.integers(prompt_len[0], prompt_len[1] + 1))
             prompt = [int(t) for t in rng.integers(3, vocab, n)]
         for g in range(group):
-            mt = int(rng.integers(max(1, max_tokens // 4), max_tokens + 1)) if mixed_max_tokens else max_tokens
+            if lengths == "mixed":
+                mt = int(rng.integers(max(1, max_tokens // 4), max_tokens + 1))
+            elif lengths == "straggler":
+                mt = max_tokens if rng.random() < 1 / 8 else max(1, max_tokens // 8)
+            else:
+                mt = max_tokens
             prompts.append(list(prompt))
             params.append(SamplingParams(temperature=1.0, max_tokens=mt, seed=seed * 100_003 + len(params)))
-    kind = "mixed max_tokens" if mixed_max_tokens else "uniform max_tokens"
+    kind = f"{lengths} max_tokens"
     src = "chat prompts" if tokenizer is not None else "random-id prompts"
     return Workload(name or f"{num_prompts}x{group} {src}, {kind} <= {max_tokens}", prompts, params, group)
 
@@ -736,7 +749,7 @@ def compile_behaviour(model, *, num_requests: int, max_tokens: int, max_num_batc
     warm_s = time.perf_counter() - t
     after_warm = dict(compilations=len(eng.runner.compiled), compile_s=eng.runner.compile_seconds)
     wl = rl_workload(model.config.vocab_size, num_prompts=max(1, num_requests // 4), group=4, max_tokens=max_tokens,
-                     prompt_len=(8, 96), mixed_max_tokens=True, seed=7)
+                     prompt_len=(8, 96), lengths="mixed", seed=7)
     t = time.perf_counter()
     outs = eng.generate(wl.prompts, wl.params, progress=False)
     wl_s = time.perf_counter() - t
@@ -914,9 +927,9 @@ def run_all(size: str, out: Callable[[str], None] = print) -> dict[str, Any]:
     vocab = model.config.vocab_size
     tok = _tokenizer_for(model)
     wl = rl_workload(vocab, num_prompts=s["prompts"], group=s["group"], max_tokens=s["max_tokens"],
-                     mixed_max_tokens=True, seed=0, tokenizer=tok, prompt_len=s["prompt_len"])
+                     lengths="mixed", seed=0, tokenizer=tok, prompt_len=s["prompt_len"])
     warm = rl_workload(vocab, num_prompts=s["prompts"], group=s["group"], max_tokens=s["max_tokens"],
-                       mixed_max_tokens=True, seed=1, tokenizer=tok, prompt_len=s["prompt_len"])
+                       lengths="mixed", seed=1, tokenizer=tok, prompt_len=s["prompt_len"])
     rows = []
     kw = dict(max_num_batched_tokens=s["budget"], max_model_len=s["max_model_len"])
     inv, inv_engine = run_jengine(model, wl, numerics="invariant", warm=warm, **kw)

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         tok = bench._tokenizer_for(model) if args.real else None
         for mixed in (False, True):
             wl = bench.rl_workload(model.config.vocab_size, num_prompts=args.prompts, group=args.group,
-                                   max_tokens=args.max_tokens, mixed_max_tokens=mixed, seed=0, tokenizer=tok)
+                                   max_tokens=args.max_tokens, lengths="mixed" if mixed else "uniform", seed=0, tokenizer=tok)
             r, _ = bench.run_jengine(model, wl, numerics=args.numerics, max_model_len=args.max_model_len)
             from jengine.config import ModelConfig
 

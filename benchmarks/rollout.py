@@ -5,9 +5,10 @@
     python benchmarks/rollout.py --model gemma3-270m              # real weights; baseline: transformers reading the GGUF
 
 Workload: N prompts of mixed lengths, G samples per prompt (a GRPO group shares its prompt),
-temperature 1.0, EOS ends a sample. Two timed workloads per engine: 'uniform' (every sample may run
+temperature 1.0, EOS ends a sample. Three timed workloads per engine: 'uniform' (every sample may run
 to --max-tokens; the figure comparable to transformers' batched generate) and 'mixed' (each
-sample's max_tokens uniform in [max/4, max]). Each jengine engine first runs an untimed workload of
+sample's max_tokens uniform in [max/4, max]) and 'straggler' (seven samples in eight stop by max/8,
+the rest may run to max: a rollout's tail). Each jengine engine first runs an untimed workload of
 the same shape with other prompts, so the timed runs measure warm (compiled) throughput.
 Writes JSON to --out (default benchmarks/results/rollout_<model>.json).
 """
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
     ap.add_argument("--engines", default="invariant,fast,hf")
-    ap.add_argument("--workloads", default="uniform,mixed")
+    ap.add_argument("--workloads", default="uniform,mixed,straggler",
+                    help="comma-separated, from " + ",".join(bench.WORKLOAD_LENGTHS))
     ap.add_argument("--wait-quiet", type=float, default=0.0)
     ap.add_argument("--no-parity", action="store_true", help="skip the torch-vs-jengine weight check")
     ap.add_argument("--out")
@@ -54,12 +56,12 @@ def main(argv=None) -> int:
     print("model:", desc, flush=True)
     tok = bench._tokenizer_for(model)
     vocab = model.config.vocab_size
-    mk = lambda seed, mixed: bench.rl_workload(
+    mk = lambda seed, lengths: bench.rl_workload(
         vocab, num_prompts=args.prompts, group=args.group, max_tokens=args.max_tokens,
-        mixed_max_tokens=mixed, seed=seed, tokenizer=tok)
-    warm = mk(1, False)
-    workloads = {"uniform": mk(0, False), "mixed": mk(2, True)}
-    workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
+        lengths=lengths, seed=seed, tokenizer=tok)
+    warm = mk(1, "uniform")
+    seeds = {"uniform": 0, "mixed": 2, "straggler": 3}
+    workloads = {name: mk(seeds[name], name) for name in args.workloads.split(",")}
     results = {"machine": bench.machine(), "model": desc, "args": vars(args),
                "workloads": {k: v.name for k, v in workloads.items()}, "rows": []}
 

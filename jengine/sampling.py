@@ -3,23 +3,37 @@
 Semantics (vLLM V1's order, on fp32 logits):
   1. temperature: z = raw / T. T = 0 is greedy: the token is argmax(raw) and the processed
      distribution is the raw one (no filters).
-  2. min-p: drop tokens whose probability under softmax(z) is below min_p * max probability.
+  2. min-p: drop tokens whose probability under softmax(z) is below min_p * max probability,
+     i.e. z < max(z) + log(min_p).
   3. top-k: keep tokens whose value is >= the k-th largest surviving value (ties kept).
   4. top-p: over the survivors' renormalised probabilities, keep a token when the probability
-     mass ranked strictly above it is below top_p (the smallest kept probability is the
-     threshold; ties at it are kept). top_p = 1 keeps everything.
+     mass ranked strictly above it is below top_p; every token whose value is at least the
+     smallest kept token's is kept (ties kept). top_p = 1 keeps everything.
   Dropped tokens get -inf. The processed distribution is softmax(z) over the survivors.
 
-Sampling is inverse-CDF on the processed distribution with one uniform draw per row from
-`fold_in(key(seed), position)`: a function of the request's seed and the sampled token's position
-only, so a request's draws never depend on its batch. The CDF is summed in a fixed order (blocks of
-`CDF_BLOCK` tokens, then within the chosen block) and a token the filters dropped (probability 0)
-is never chosen. One draw per row, not a Gumbel draw per vocabulary entry (BUILD.md has the
-costs).
+Each filter keeps the tokens at or above a per-row threshold on z, so the three become one
+threshold per row (`_filter_threshold`) and the processed row is never written out whole: the
+row sums below read it twice (maximum, then block masses) and that is all.
 
-Everything per row runs inside one fixed `[ROW_TILE, vocab]` tile (`map_row_tiles`), and the engine
-and `jengine.score` call the same `select` function: a rollout's logprob and the trainer-side
-score of the same token are the same bits.
+Thresholds without sorting the vocabulary (XLA:CPU sorts [32, 49152] in ~300 ms): top-k and top-p
+read the row's TOP_CANDIDATES largest processed logits (`_top_candidates`: block maxima, then
+`lax.top_k` over the best blocks only, exact). The k-th largest value is the k-th candidate; the
+top-p threshold is the smallest kept candidate, the mass ranked strictly above a candidate being
+the sum, in descending order, of the larger candidates' probabilities. A row whose k or nucleus
+does not fit the candidates falls back to bisection over float bit patterns (32 passes over the
+row; the top-p mass then summed in vocabulary order), chosen by that row's own values only.
+
+Row sums (the softmax normaliser and the CDF) are built from fixed blocks of CDF_BLOCK tokens:
+block sums first, then the block sums in order. Sampling is inverse-CDF on the processed
+distribution with one uniform draw per row from `fold_in(key(seed), position)`: a function of the
+request's seed and the sampled token's position only, so a request's draws never depend on its
+batch; the chosen block is then searched entry by entry, and a token the filters dropped
+(probability 0) is never chosen. One draw per row, not a Gumbel draw per vocabulary entry
+(BUILD.md has the costs).
+
+Everything per row runs inside one fixed `[sample_tile(vocab), vocab]` tile (`map_row_tiles`), and
+the engine and `jengine.score` call the same `select` function: a rollout's logprob and the
+trainer-side score of the same token are the same bits.
 """
 
 from __future__ import annotations
@@ -39,23 +53,46 @@ for _cls in (plan.SampleRows, plan.StepPlan):
         _cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[]
     )
 
+SAMPLE_TILE = 8  # rows per sampling tile (fewer for a large vocabulary, `sample_tile`)
+_TILE_BYTES = 2 << 20  # a tile's rows, at most this many bytes, stay in cache between passes
+CDF_BLOCK = 256  # tokens per block of the row sums (normaliser and CDF); part of the contract
+TOP_CANDIDATES = 64  # largest logits per row that top-k / top-p read before falling back
+_CANDIDATE_BLOCK = 32  # vocabulary entries per block whose maximum preselects candidates
+
+
+def sample_tile(vocab: int) -> int:
+    """Rows per sampling tile for a vocabulary of `vocab` entries; part of the sampling contract:
+    SAMPLE_TILE, halved (down to 2) until a tile's f32 row is at most _TILE_BYTES."""
+    rows = SAMPLE_TILE
+    while rows > 2 and rows * vocab * 4 > _TILE_BYTES:
+        rows //= 2
+    return rows
+
+
+def _blocks(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(m f32[M, 1], zb f32[M, B, CDF_BLOCK], block_mass f32[M, B]) of z[M, V]: the row maximum
+    (0 for an all -inf row), z in B = ceil(V / CDF_BLOCK) blocks (the last one padded with -inf)
+    and each block's sum of exp(z - m)."""
+    rows, vocab = z.shape
+    num_blocks = -(-vocab // CDF_BLOCK)
+    m = jnp.max(z, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    zb = jnp.pad(z, ((0, 0), (0, num_blocks * CDF_BLOCK - vocab)), constant_values=-jnp.inf)
+    zb = zb.reshape(rows, num_blocks, CDF_BLOCK)
+    return m, zb, jnp.sum(jnp.exp(zb - m[:, :, None]), axis=-1)
+
+
+def _log_normalizer(m: jax.Array, block_mass: jax.Array) -> jax.Array:
+    """f32[M, 1]: log(sum(exp(z))) from `_blocks`: the block sums summed, then the max added."""
+    return jnp.log(jnp.sum(block_mass, axis=-1, keepdims=True)) + m
+
 
 def log_softmax(z: jax.Array) -> jax.Array:
     """f32[M, V] log-softmax over the last axis, max subtracted first; -inf entries stay -inf
     (a row must not be all -inf)."""
     z = z.astype(jnp.float32)
-    m = jnp.max(z, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    lse = jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True)) + m
-    return z - lse
-
-
-def _softmax(z: jax.Array) -> jax.Array:
-    return jnp.exp(log_softmax(z))
-
-
-# top-k and top-p thresholds by bisection over float bit patterns: 32 passes of a compare and a
-# sum over the row instead of a full-vocabulary sort (slow on XLA:CPU; BUILD.md has the figures).
+    m, _, block_mass = _blocks(z)
+    return z - _log_normalizer(m, block_mass)
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -67,6 +104,39 @@ def _order_key(x: jax.Array) -> jax.Array:
     """u32 keys ordered exactly as the f32 values x (-inf included; no NaN)."""
     b = jax.lax.bitcast_convert_type(x, jnp.uint32)
     return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+    """The f32 values whose `_order_key` is `key` (its inverse)."""
+    b = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _first_max_index(x: jax.Array) -> jax.Array:
+    """i32[R]: argmax of x[R, V] (first index of the maximum; x has no NaN), without the slow
+    variadic (value, index) reduction XLA:CPU lowers `argmax` to."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
+def _top_candidates(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(f32[R, K] values, i32[R, K] indices): the K = min(TOP_CANDIDATES, V) largest entries of
+    z[R, V] per row, in descending order of value, exactly.
+
+    Exact because the K largest entries lie in the K blocks with the largest maxima: an entry
+    outside them is <= the K-th largest block maximum, and those K blocks already hold K entries
+    at least that large. `lax.top_k` then runs on K blocks instead of the whole row.
+    """
+    rows, vocab = z.shape
+    k = min(TOP_CANDIDATES, vocab)
+    block = max(1, min(_CANDIDATE_BLOCK, vocab // k))
+    num_blocks = -(-vocab // block)
+    zb = jnp.pad(z, ((0, 0), (0, num_blocks * block - vocab)), constant_values=-jnp.inf)
+    zb = zb.reshape(rows, num_blocks, block)
+    _, blocks = jax.lax.top_k(jnp.max(zb, axis=-1), k)  # [R, K]
+    cand = jnp.take_along_axis(zb, blocks[:, :, None], axis=1).reshape(rows, k * block)
+    values, at = jax.lax.top_k(cand, k)
+    return values, jnp.take_along_axis(blocks, at // block, axis=1) * block + at % block
 
 
 def _kth_largest_key(key: jax.Array, k: jax.Array) -> jax.Array:
@@ -81,6 +151,21 @@ def _kth_largest_key(key: jax.Array, k: jax.Array) -> jax.Array:
 
     bounds = (jnp.min(key, axis=-1, keepdims=True), jnp.max(key, axis=-1, keepdims=True))
     return jax.lax.fori_loop(0, 32, step, bounds)[0]
+
+
+def _kth_largest(z: jax.Array, k: jax.Array, cand: jax.Array, used: jax.Array) -> jax.Array:
+    """f32[R, 1]: the k-th largest entry of z[R, V] per row (k clipped to [1, V]): candidate
+    k when k <= K (cand: `_top_candidates` values), else bisection (only run if a `used` row
+    needs it)."""
+    k = jnp.clip(k, 1, z.shape[-1])
+    fits = k <= cand.shape[-1]
+    from_cand = jnp.take_along_axis(cand, jnp.minimum(k, cand.shape[-1])[:, None] - 1, axis=-1)
+
+    def bisect(_):
+        return _from_order_key(_kth_largest_key(_order_key(z), k))
+
+    slow = jax.lax.cond(jnp.any(used & ~fits), bisect, lambda _: from_cand, None)
+    return jnp.where(fits[:, None], from_cand, slow)
 
 
 def _top_p_threshold_bits(p: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -104,37 +189,74 @@ def _top_p_threshold_bits(p: jax.Array, top_p: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, 32, step, bounds)[0]
 
 
+def _top_p_threshold(z: jax.Array, cand: jax.Array, top_p: jax.Array, used: jax.Array) -> jax.Array:
+    """f32[R, 1]: the smallest z[R, V] top-p keeps, from the candidates cand[R, K] (z's largest,
+    descending). Rows whose nucleus runs past the candidates fall back to bisection on the whole
+    row (only run if a `used` row needs it)."""
+    m, _, block_mass = _blocks(z)
+    lse = _log_normalizer(m, block_mass)
+    pc = jnp.exp(cand - lse)  # the candidates' probabilities, non-increasing
+    cum = jnp.cumsum(pc, axis=-1)
+    exclusive = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
+    first = jnp.concatenate([jnp.ones_like(pc[:, :1], bool), pc[:, 1:] != pc[:, :-1]], axis=-1)
+    tie_start = jax.lax.cummax(jnp.where(first, jnp.arange(pc.shape[-1]), 0), axis=1)
+    kept = jnp.take_along_axis(exclusive, tie_start, axis=-1) < top_p[:, None]  # a prefix
+    smallest = jnp.take_along_axis(cand, jnp.sum(kept, axis=-1, keepdims=True) - 1, axis=-1)
+    fits = ~kept[:, -1] | (pc[:, -1] == 0.0)  # the last candidate is dropped, or all after are 0
+
+    def bisect(_):
+        p = jnp.exp(z - lse)
+        kept = _bits(p) >= _top_p_threshold_bits(p, top_p)
+        return jnp.min(jnp.where(kept, z, jnp.inf), axis=-1, keepdims=True)
+
+    slow = jax.lax.cond(jnp.any(used & ~fits), bisect, lambda _: smallest, None)
+    return jnp.where(fits[:, None], smallest, slow)
+
+
+def _filter_threshold(raw: jax.Array, temp: jax.Array, rp: SampleRows) -> jax.Array:
+    """f32[R, 1]: the smallest processed logit z = raw / temp each row keeps (-inf: all of them).
+
+    min-p, top-k and top-p each keep the tokens at or above a threshold computed on the previous
+    filters' survivors, so together they keep z >= the largest of the three. Top-k and top-p run
+    only when a sampling row of the tile uses them; for the other rows they keep every token, so
+    skipping them changes no bit. (z is recomputed from raw where needed rather than passed
+    around: a whole row written out costs more than the division.)
+    """
+    sampled = rp.temperature != 0.0
+    use_min_p, use_k = sampled & (rp.min_p > 0.0), sampled & (rp.top_k > 0)
+    use_p = sampled & (rp.top_p < 1.0)
+    none = jnp.full((raw.shape[0], 1), -jnp.inf, jnp.float32)
+    log_min_p = jnp.log(jnp.where(use_min_p, rp.min_p, 1.0))[:, None]
+    z_max = jnp.max(raw / temp, axis=-1, keepdims=True)
+    threshold = jnp.where(use_min_p[:, None], z_max + log_min_p, none)
+
+    def top_k_top_p(raw: jax.Array, threshold: jax.Array) -> jax.Array:
+        z = raw / temp
+        z = jnp.where(z < threshold, -jnp.inf, z)
+        cand, _ = _top_candidates(z)
+        kth = jnp.where(use_k[:, None], _kth_largest(z, rp.top_k, cand, use_k), none)
+        z, cand = jnp.where(z < kth, -jnp.inf, z), jnp.where(cand < kth, -jnp.inf, cand)
+        top_p = jax.lax.cond(
+            jnp.any(use_p), lambda z: _top_p_threshold(z, cand, rp.top_p, use_p), lambda z: none, z
+        )
+        return jnp.maximum(kth, jnp.where(use_p[:, None], top_p, none))
+
+    later = jax.lax.cond(
+        jnp.any(use_k | use_p), top_k_top_p, lambda raw, t: none, raw, threshold
+    )
+    return jnp.maximum(threshold, later)
+
+
 def processed_logits(raw: jax.Array, rp: SampleRows) -> jax.Array:
-    """f32[R, V] processed logits (see the module docstring); -inf where a filter dropped a token."""
+    """f32[R, V] processed logits (see the module docstring); -inf where a filter dropped a token.
+    A non-finite raw logit counts as 0 (the step reports the row as not finite)."""
+    raw = jnp.where(jnp.isfinite(raw), raw, 0.0)
     greedy = rp.temperature == 0.0
     temp = jnp.where(greedy, 1.0, rp.temperature)[:, None]
+    threshold = _filter_threshold(raw, temp, rp)
     z = raw / temp
-
-    def min_p_filter(z: jax.Array) -> jax.Array:
-        probs = _softmax(z)
-        keep = probs >= rp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-        return jnp.where(keep, z, -jnp.inf)
-
-    # Each filter runs only when a sampling row of the tile uses it; for the other rows the
-    # filter keeps every token, so skipping it changes no bit. Greedy and padding rows ignore
-    # filters (their processed logits are the raw ones).
-    sampled = ~greedy
-    z = jax.lax.cond(jnp.any(sampled & (rp.min_p > 0.0)), min_p_filter, lambda z: z, z)
-
-    def filters(z: jax.Array) -> jax.Array:
-        key = _order_key(z)
-        kth = _kth_largest_key(key, rp.top_k)  # [R, 1]
-        z = jnp.where((rp.top_k[:, None] > 0) & (key < kth), -jnp.inf, z)
-        p = _softmax(z)
-        threshold = _top_p_threshold_bits(p, rp.top_p)  # [R, 1]
-        return jnp.where((rp.top_p[:, None] < 1.0) & (_bits(p) < threshold), -jnp.inf, z)
-
-    needs_filters = jnp.any(sampled & ((rp.top_k > 0) | (rp.top_p < 1.0)))
-    z = jax.lax.cond(needs_filters, filters, lambda z: z, z)
-    return jnp.where(greedy[:, None], raw, z)
-
-
-CDF_BLOCK = 256  # tokens per first-level CDF block; part of the sampling contract
+    z = jnp.where(z < threshold, -jnp.inf, z)
+    return jnp.where(greedy[:, None], raw, z)  # greedy and padding rows: the raw logits
 
 
 def uniform_draw(seed: jax.Array, position: jax.Array) -> jax.Array:
@@ -160,18 +282,17 @@ def inverse_cdf(z: jax.Array, u: jax.Array) -> jax.Array:
     Where rounding leaves the target at or past a level's total, the last entry with positive mass
     is taken, so a dropped token is never returned.
     """
-    rows, vocab = z.shape
-    num_blocks = -(-vocab // CDF_BLOCK)
-    mass = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # unnormalised; dropped tokens 0
-    mass = jnp.pad(mass, ((0, 0), (0, num_blocks * CDF_BLOCK - vocab)))
-    mass = mass.reshape(rows, num_blocks, CDF_BLOCK)
-    block_mass = jnp.sum(mass, axis=-1)  # [R, num_blocks]
+    return _draw(*_blocks(z), u)
+
+
+def _draw(m: jax.Array, zb: jax.Array, block_mass: jax.Array, u: jax.Array) -> jax.Array:
+    """`inverse_cdf` from `_blocks(z)`; only the chosen block's masses are computed again."""
     block_cdf = jnp.cumsum(block_mass, axis=-1)
     target = u * block_cdf[:, -1]
     block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), _last_positive(block_mass))
     before = jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], axis=-1)[:, 0]
     rest = target - jnp.where(block > 0, before, 0.0)
-    in_block = jnp.take_along_axis(mass, block[:, None, None], axis=1)[:, 0]  # [R, CDF_BLOCK]
+    in_block = jnp.exp(jnp.take_along_axis(zb, block[:, None, None], axis=1)[:, 0] - m)
     cdf = jnp.cumsum(in_block, axis=-1)
     index = jnp.minimum(jnp.sum(cdf <= rest[:, None], axis=-1), _last_positive(in_block))
     return (block * CDF_BLOCK + index).astype(jnp.int32)
@@ -193,20 +314,28 @@ def _select_tile(raw: jax.Array, rp: SampleRows, logprobs_mode: str, top_n: int)
     raw = raw.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(raw), axis=-1)
     safe_raw = jnp.where(jnp.isfinite(raw), raw, 0.0)  # keep the tile well-defined; flagged anyway
-    z = processed_logits(safe_raw, rp)
-    values = {
-        "processed_logprobs": lambda: log_softmax(z),
-        "raw_logprobs": lambda: log_softmax(safe_raw),
-        "processed_logits": lambda: z,
-        "raw_logits": lambda: safe_raw,
-    }[logprobs_mode]()
+    z = processed_logits(raw, rp)
     greedy = rp.temperature == 0.0
-    drawn = inverse_cdf(z, uniform_draw(rp.seed, rp.position))
-    sampled = jnp.where(greedy, jnp.argmax(safe_raw, axis=-1), drawn)
-    token = jnp.where(rp.use_target, rp.target, sampled).astype(jnp.int32)
-    value = jnp.take_along_axis(values, token[:, None], axis=-1)[:, 0]
+    m, zb, block_mass = _blocks(z)
+    drawn = _draw(m, zb, block_mass, uniform_draw(rp.seed, rp.position))
+    argmax = jax.lax.cond(
+        jnp.any(greedy),
+        lambda raw: _first_max_index(jnp.where(jnp.isfinite(raw), raw, 0.0)),
+        lambda raw: jnp.zeros(raw.shape[:1], jnp.int32),
+        raw,
+    )
+    token = jnp.where(rp.use_target, rp.target, jnp.where(greedy, argmax, drawn)).astype(jnp.int32)
+    # the value under `logprobs_mode`: log_softmax(source)[token], computed as source[token] - lse
+    # (the same subtraction, without writing the whole row), or source[token]
+    source = safe_raw if logprobs_mode.startswith("raw") else z
+    lse = None
+    if logprobs_mode.endswith("logprobs"):
+        sums = (m, block_mass) if source is z else _blocks(source)[::2]
+        lse = _log_normalizer(*sums)
+    value = jnp.take_along_axis(source, token[:, None], axis=-1)
+    value = (value if lse is None else value - lse)[:, 0]
     if top_n:
-        top_values, top_ids = jax.lax.top_k(values, top_n)
+        top_values, top_ids = jax.lax.top_k(source if lse is None else source - lse, top_n)
     else:
         top_values = jnp.zeros((raw.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
@@ -223,4 +352,4 @@ def select(raw: jax.Array, rp: SampleRows, logprobs_mode: str, top_n: int = 0) -
         return _select_tile(raw_t, SampleRows(*fields), logprobs_mode, top_n)
 
     fields = [getattr(rp, f.name) for f in dataclasses.fields(SampleRows)]
-    return map_row_tiles(tile, raw, *fields, differentiable=True)
+    return map_row_tiles(tile, raw, *fields, tile=sample_tile(raw.shape[-1]), differentiable=True)

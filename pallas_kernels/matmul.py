@@ -3,24 +3,38 @@
 Layout: every weight matrix is `[out, in]` (nn.Linear's, HF's and GGUF's layout; the embedding
 `[vocab, hidden]` is the tied lm_head as it stands), and the product is `x @ w^T`.
 
-Invariance: every output row is produced by the same fixed-shape dot. On CPU that is one
-`[ROW_TILE, K]` tile of rows at a time (XLA's own dot changes kernels with the row count: a 1-row
-product goes to a matrix-vector kernel, a 256-row one re-blocks K), computed weight-first,
-`(w[N, K] @ t^T[K, ROW_TILE])^T`. That orientation streams the weight once per tile through
-the GEMM's large operand instead of re-packing it as the small one (BUILD.md has the measured
-gain), and for the lm_head a single whole-vocabulary dot beats vocabulary tiles. The transposes
-sit behind `optimization_barrier`s, so XLA cannot fold them back into the slow orientation; a
-column's bits are still fixed for a given N.
+Invariance: every output row has the bits of one fixed-shape dot, the weight-first product of a
+`ROW_TILE`-row tile, `(w[N, K] @ t^T[K, ROW_TILE])^T`, computed one tile at a time in a loop XLA
+cannot see through (`tiling.map_row_tiles`). XLA's own dot changes kernels with the row count (a
+1-row product goes to a matrix-vector kernel), and the weight-first orientation streams the weight
+once per tile through the GEMM's large operand instead of re-packing it as the small one (BUILD.md
+has the measured gain). The transposes sit behind `optimization_barrier`s, so XLA cannot fold them
+back into the slow orientation.
+
+Small batches: a batch of fewer than ROW_TILE rows runs one tile of `small_tile(rows)` rows (the
+next power of two, at least 2) instead of a padded ROW_TILE tile, but only where that smaller tile
+was checked, on this machine and for this weight shape and dtype, to give every row exactly the
+bits of the ROW_TILE tile (`small_tiles_agree`, run once per shape when a step is traced; XLA:CPU's
+dot library picks its kernel from the dot's shape, so this is measured, not assumed). Where it
+does not agree, the ROW_TILE tile runs: the numerics are the ROW_TILE tile's either way; only the
+speed changes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.tiling import map_row_tiles
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last axes of both operands
+
+# Rows per weight-first tile. Part of the numerics contract: changing it changes bits.
+ROW_TILE = 16
+SMALL_TILES = (2, 4, 8)  # the smaller tiles a batch under ROW_TILE rows may use instead
 
 
 def reference(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -29,15 +43,43 @@ def reference(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _weight_first(t: jax.Array, *ws: jax.Array) -> jax.Array:
-    """f32[ROW_TILE, N] = (w[N, K] @ t[ROW_TILE, K]^T)^T, in that orientation (see module doc).
+    """f32[T, N] = (w[N, K] @ t[T, K]^T)^T, in that orientation (see module doc).
 
     With several weights (column blocks), one dot per block and their outputs side by side:
-    f32[ROW_TILE, sum of N] (t and the result are transposed once, not per block).
+    f32[T, sum of N] (t and the result are transposed once, not per block).
     """
     barrier = jax.lax.optimization_barrier
     t = barrier(t)
     out = [jax.lax.dot_general(w, t, _NT, preferred_element_type=jnp.float32) for w in ws]
     return barrier(out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)).T
+
+
+@functools.lru_cache(maxsize=None)
+def small_tiles_agree(k: int, x_dtype: str, w_shapes: tuple[tuple[int, int], ...], w_dtype: str) -> bool:
+    """Whether, on this machine, weight-first tiles of every SMALL_TILES size give each row the bits
+    of the ROW_TILE tile, for activations [*, k] of x_dtype and weights of w_shapes and w_dtype
+    (one shape per column block). Checked on random values: a kernel with another reduction order
+    changes most of the outputs."""
+    with jax.ensure_compile_time_eval():  # runs now, also while a step is being traced
+        keys = jax.random.split(jax.random.key(0), len(w_shapes) + 1)
+        ws = [jax.random.normal(kk, s).astype(w_dtype) for kk, s in zip(keys[1:], w_shapes)]
+        x = jax.random.normal(keys[0], (ROW_TILE, k)).astype(x_dtype)
+        dot = jax.jit(_weight_first)
+        want = np.asarray(dot(x, *ws)).view(np.uint32)
+        return all(
+            np.array_equal(np.asarray(dot(x[:t], *ws)).view(np.uint32), want[:t])
+            for t in SMALL_TILES
+        )
+
+
+def small_tile(rows: int, x: jax.Array, *ws: jax.Array) -> int:
+    """The tile a batch of `rows` rows of x runs in with weights ws (see the module docstring)."""
+    if rows >= ROW_TILE:
+        return ROW_TILE
+    tile = next(t for t in (*SMALL_TILES, ROW_TILE) if t >= rows)
+    shapes = tuple(tuple(w.shape) for w in ws)
+    agree = small_tiles_agree(x.shape[1], jnp.dtype(x.dtype).name, shapes, jnp.dtype(ws[0].dtype).name)
+    return tile if agree else ROW_TILE
 
 
 # Above this many rows XLA's own orientation wins on CPU (measured per shape: BUILD.md).
@@ -50,9 +92,14 @@ def fast(x: jax.Array, w: jax.Array) -> jax.Array:
     return _weight_first(x, w) if x.shape[0] <= FAST_WEIGHT_FIRST_MAX_ROWS else reference(x, w)
 
 
+def _tiled(x: jax.Array, *ws: jax.Array) -> jax.Array:
+    tile = small_tile(x.shape[0], x, *ws)
+    return map_row_tiles(lambda t: _weight_first(t, *ws), x, tile=tile)
+
+
 def cpu(x: jax.Array, w: jax.Array) -> jax.Array:
-    """f32[M, N]: `reference`, computed one fixed `ROW_TILE`-row tile at a time."""
-    return map_row_tiles(lambda t: _weight_first(t, w), x)
+    """f32[M, N]: `reference`, computed one weight-first tile at a time (see the module docstring)."""
+    return _tiled(x, w)
 
 
 # -- column blocks (tensor-parallel-invariant numerics) ---------------------------------------
@@ -79,5 +126,4 @@ def column_blocked(fn, x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
 def cpu_column_blocked(x: jax.Array, w: jax.Array, blocks: int) -> jax.Array:
     """`cpu` with one fixed dot per column block (one row-tile loop, blocks inside; the weight
     blocks are sliced once, outside the loop)."""
-    ws = _column_blocks(w, blocks)
-    return map_row_tiles(lambda t: _weight_first(t, *ws), x)
+    return _tiled(x, *_column_blocks(w, blocks))

@@ -204,3 +204,85 @@ def test_filters_keep_ties_at_the_threshold(sp):
     rp = plan.SampleRows.of([sp] * 2, [0, 0], [0, 0])
     got = np.asarray(sampling.processed_logits(raw, jax.tree_util.tree_map(np.asarray, rp)))
     assert np.array_equal(np.isfinite(got), [[1, 1, 1, 0, 0], [0, 1, 1, 1, 0]]), got
+
+
+def test_top_candidates_are_the_exact_largest_entries():
+    """Block maxima preselect the blocks; the values are exactly `lax.top_k`'s (ties, -inf and a
+    vocabulary that is not a multiple of the block included)."""
+    rng = np.random.default_rng(7)
+    for vocab in (5, 64, 300, 1000, 2049):
+        z = np.round(rng.standard_normal((5, vocab)) * 4).astype(np.float32)  # many ties
+        z[1, : vocab // 2] = -np.inf
+        z[2] = 0.0
+        vals, idx = sampling._top_candidates(jax.numpy.asarray(z))
+        k = min(sampling.TOP_CANDIDATES, vocab)
+        want = np.sort(z, axis=-1)[:, ::-1][:, :k]
+        assert np.array_equal(np.asarray(vals), want), vocab
+        assert np.array_equal(np.take_along_axis(z, np.asarray(idx), -1), want), vocab
+        assert all(len(set(r)) == k for r in np.asarray(idx).tolist())  # distinct entries
+
+
+# Rows whose k or nucleus does not fit the candidates (bisection) next to rows that fit.
+FALLBACK_CASES = [
+    SamplingParams(top_k=sampling.TOP_CANDIDATES + 37),
+    SamplingParams(temperature=4.0, top_p=0.95),  # a flat row: the nucleus is most of the vocabulary
+    SamplingParams(temperature=0.5, top_p=0.6),  # a peaked row: it fits
+    SamplingParams(temperature=2.0, top_k=sampling.TOP_CANDIDATES + 1, top_p=0.9),
+]
+
+
+@pytest.mark.parametrize("sp", FALLBACK_CASES, ids=str)
+def test_thresholds_past_the_candidates_match_numpy(sp):
+    rng = np.random.default_rng(8)
+    raw = rng.standard_normal((3, 1000)).astype(np.float32)
+    rp = plan.SampleRows.of([sp] * 3, [0] * 3, [0] * 3)
+    got = np.asarray(sampling.processed_logits(raw, jax.tree_util.tree_map(np.asarray, rp)))
+    for r in range(3):
+        want = numpy_processed(raw[r], sp)
+        assert np.array_equal(np.isfinite(got[r]), np.isfinite(want)), (r, np.isfinite(got[r]).sum(), np.isfinite(want).sum())
+
+
+def test_a_row_keeps_its_bits_in_every_tile_and_batch():
+    """Token, value and top alternatives of a row are the same bits alone (batch 1), at every row
+    position of batches of 2 to 19 rows (whole, partial and several sampling tiles), next to rows
+    that need the bisection fallbacks, with top_n on or off."""
+    rng = np.random.default_rng(9)
+    vocab = 700
+    params = [PARAMS_FOR_TILES[i % len(PARAMS_FOR_TILES)] for i in range(19)]
+    raw = (rng.standard_normal((19, vocab)) * 2).astype(np.float32)
+    rp = plan.SampleRows.of(params, list(range(19)), [3 + i for i in range(19)])
+
+    def rows(idx):
+        return jax.tree_util.tree_map(lambda a: a[np.asarray(idx)], rp)
+
+    select = jax.jit(sampling.select, static_argnums=(2, 3))
+    for top_n in (0, 3):
+        alone = [select(raw[i : i + 1], rows([i]), "processed_logprobs", top_n) for i in range(19)]
+        for n in (2, 7, 8, 9, 16, 19):
+            order = rng.permutation(19)[:n]
+            got = select(raw[order], rows(order), "processed_logprobs", top_n)
+            for j, i in enumerate(order):
+                for field in ("token", "value", "top_ids", "top_values"):
+                    a = np.atleast_1d(np.asarray(getattr(got, field))[j])
+                    b = np.atleast_1d(np.asarray(getattr(alone[i], field))[0])
+                    assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (field, n, i)
+    plain = select(raw, rp, "processed_logprobs", 0)
+    with_top = select(raw, rp, "processed_logprobs", 3)
+    assert np.array_equal(np.asarray(plain.value).view(np.uint32), np.asarray(with_top.value).view(np.uint32))
+
+
+PARAMS_FOR_TILES = [
+    SamplingParams(),
+    SamplingParams(temperature=0.0),
+    *FALLBACK_CASES,
+    SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01),
+]
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    raw = np.zeros((3, 40), np.float32)
+    raw[0, [7, 30]] = 2.0
+    raw[1, [0, 39]] = 1.0
+    raw[2] = -1.0
+    rp = plan.SampleRows.of([SamplingParams(temperature=0.0)] * 3, [0] * 3, [0] * 3)
+    assert np.asarray(sampling.select(raw, rp, "processed_logprobs").token).tolist() == [7, 0, 0]

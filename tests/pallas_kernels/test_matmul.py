@@ -120,3 +120,49 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target):
                  (x, jnp.zeros((49157, 576), jnp.bfloat16))]:
         mlir = lower_for(platform, pallas_matmul.kernel, *args)
         assert target in mlir and kernel_calls(mlir)["mosaic_gpu"] == 0
+
+
+# Every tile size in use: a batch under ROW_TILE rows runs one tile of 2, 4 or 8 rows where that
+# tile gives the ROW_TILE tile's bits on this machine (checked per weight shape), else the
+# ROW_TILE tile; more rows run ROW_TILE tiles. Row counts around each tile size, batch 1 included.
+SMALL_BATCHES = [(1, 0), (2, 1), (3, 2), (4, 0), (5, 4), (8, 7), (9, 3), (15, 14), (16, 0), (17, 16)]
+
+
+@pytest.mark.parametrize(
+    "shape,x_dtype,w_dtype",
+    [
+        ((576, 576), jnp.float32, jnp.float32),  # SmolLM2-135M q/o
+        ((1536, 576), jnp.bfloat16, jnp.bfloat16),  # SmolLM2 gate/up in bf16
+        ((576, 1536), jnp.float32, jnp.float32),  # SmolLM2 down
+        ((49152, 576), jnp.float32, jnp.float32),  # SmolLM2 fp32 lm_head
+        ((896, 4864), jnp.float32, jnp.float32),  # Qwen2.5-0.5B down: K > 2048
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else jnp.dtype(v).name,
+)
+def test_every_tile_size_gives_the_row_tile_bits(shape, x_dtype, w_dtype):
+    """A row's bits are those of the row alone in a ROW_TILE tile, whatever the batch's tile."""
+    rng = np.random.default_rng(4)
+    w = _normal(rng, shape, w_dtype) * 0.05
+    x = _normal(rng, (matmul.ROW_TILE + 1, shape[1]), x_dtype)
+    probe = _normal(rng, (1, shape[1]), x_dtype)
+    op = _jitted("cpu")
+    alone = np.asarray(op(x[: matmul.ROW_TILE].at[0].set(probe[0]), w))[0]
+    for rows, at in SMALL_BATCHES:
+        assert_bitwise(op(x[:rows].at[at].set(probe[0]), w)[at], jnp.asarray(alone))
+
+
+def test_small_tiles_only_where_they_give_the_row_tile_bits(monkeypatch):
+    """`small_tile` uses a smaller tile only when the check finds every row's bits equal to the
+    ROW_TILE tile's: a dot whose bits depend on its tile rows sends every batch to ROW_TILE."""
+    x, w = jnp.zeros((3, 64), jnp.float32), jnp.zeros((32, 64), jnp.float32)
+    real = matmul._weight_first
+    tile_dependent = lambda t, *ws: real(t, *ws) + t.shape[0] * 1e-3  # noqa: E731
+    matmul.small_tiles_agree.cache_clear()
+    try:
+        monkeypatch.setattr(matmul, "_weight_first", tile_dependent)
+        assert [matmul.small_tile(r, x, w) for r in (1, 3, 8, 16, 40)] == [matmul.ROW_TILE] * 5
+        monkeypatch.setattr(matmul, "_weight_first", lambda t, *ws: real(t, *ws) * 0 + 1)
+        matmul.small_tiles_agree.cache_clear()
+        assert [matmul.small_tile(r, x, w) for r in (1, 3, 8, 16, 40)] == [2, 4, 8, 16, 16]
+    finally:
+        matmul.small_tiles_agree.cache_clear()
