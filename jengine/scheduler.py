@@ -66,18 +66,10 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        allocator: BlockAllocator,
-        *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        pages_per_seq: int,
-    ):
-        self.allocator = allocator
-        self.page_size = allocator.page_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+    def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, pages_per_seq: int):  # fmt: skip
+        self.allocator, self.page_size = allocator, allocator.page_size
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.pages_per_seq = pages_per_seq
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # in admission order
@@ -94,8 +86,7 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Frees a sequence's pages and drops it from the queues."""
         self.allocator.free(seq.pages)
-        seq.pages = []
-        seq.num_computed = 0
+        seq.pages, seq.num_computed = [], 0
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
@@ -125,9 +116,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, keys: list[PageKey]) -> None:
         """Prefix-cache lookup for a sequence about to run (`keys`: its `_cacheable_keys`)."""
-        hits = self.allocator.lookup(keys)
-        seq.pages = list(hits)
-        seq.num_computed = len(hits) * self.page_size
+        seq.pages = self.allocator.lookup(keys)
+        seq.num_computed = len(seq.pages) * self.page_size
         seq.kv_version = self.version
         self.prefix_hit_tokens += seq.num_computed
 
@@ -188,9 +178,7 @@ class Scheduler:
             in_flight.update(self._keys_registered_by(seq, n))
             budget -= n
         self.waiting[:0] = deferred  # still in arrival order, ahead of every later arrival
-        if not planned:
-            return None
-        return self._build(planned)
+        return self._build(planned) if planned else None
 
     def _build(self, planned: list[tuple[Sequence, int]]) -> Scheduled:
         chunks, samples = [], []
@@ -205,14 +193,8 @@ class Scheduler:
                 prefill += n
             rows = [plan.Row(n - 1, seq.params, seq.seed, len(seq.tokens))] if is_last else []
             chunks.append(plan.Chunk(seq.tokens[start : start + n], start, seq.pages, rows))
-        return Scheduled(
-            seqs=[s for s, _ in planned],
-            num_new=[n for _, n in planned],
-            samples=samples,
-            plan=plan.build(chunks, self.page_size, self.pages_per_seq),
-            num_prefill_tokens=prefill,
-            num_decode_tokens=decode,
-        )
+        return Scheduled([s for s, _ in planned], [n for _, n in planned], samples,
+                         plan.build(chunks, self.page_size, self.pages_per_seq), prefill, decode)
 
     def commit(self, scheduled: Scheduled) -> None:
         """Marks the planned tokens computed and registers newly full pages in the prefix cache."""

@@ -19,6 +19,7 @@ LEVELS = ("token", "sequence")
 
 
 def _mask(mask, like):
+    """bool mask shaped like `like`: `mask`, or all True when None."""
     if mask is None:
         return jnp.ones(jnp.shape(like), jnp.bool_)
     return jnp.asarray(mask).astype(jnp.bool_)
@@ -65,16 +66,8 @@ def truncated_is(logp_train, logp_rollout, mask=None, *, cap: float = 2.0, level
     return jax.lax.stop_gradient(jnp.where(m, jnp.minimum(w, cap), 0.0))
 
 
-def masked_is(
-    logp_train,
-    logp_rollout,
-    mask=None,
-    *,
-    lo: float = 0.2,
-    hi: float = 5.0,
-    level: str = "token",
-    keep_ratio: bool = True,
-):
+def masked_is(logp_train, logp_rollout, mask=None, *, lo: float = 0.2, hi: float = 5.0,
+              level: str = "token", keep_ratio: bool = True):  # fmt: skip
     """f32[B, T] MIS weights: the ratio (or 1 if not keep_ratio) inside [lo, hi], else 0."""
     w, m = _ratios(logp_train, logp_rollout, mask, level)
     inside = m & (w >= lo) & (w <= hi)
