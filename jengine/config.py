@@ -57,7 +57,7 @@ def _validate(obj: Any, skip: tuple[str, ...] = ()) -> None:
                 continue
             (kind,) = [a for a in args if a is not type(None)]
         if "choices" in m:
-            _check_choice(name, value, m["choices"])
+            check_choice(name, value, m["choices"])
         elif kind is bool and not isinstance(value, bool):
             raise TypeError(f"{name}={value!r} must be a bool")
         elif kind is int:
@@ -97,9 +97,15 @@ def _check_float(name: str, value: Any, lo: float | None = None, hi: float | Non
         raise ValueError(f"{name}={value!r} must be <= {hi}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+class _Replace:
+    def replace(self, **changes: Any) -> typing.Self:
+        """A copy with `changes` (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,7 +121,7 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+        check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
         _check_float("rope_scaling.factor", self.factor, lo=1.0)
         if self.rope_type == "linear":
             return
@@ -129,7 +135,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_Replace):
     """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3, Gemma 2 and 3 families).
 
     Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, Gemma 3: per-head RMSNorm on
@@ -201,7 +207,7 @@ class ModelConfig:
                 raise ValueError(f"layer_types={self.layer_types!r} must be a tuple of num_layers="
                                  f"{self.num_layers} entries from {LAYER_TYPES}")  # fmt: skip
             for t in self.layer_types:
-                _check_choice("layer_types[...]", t, LAYER_TYPES)
+                check_choice("layer_types[...]", t, LAYER_TYPES)
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError(
                     f"layer_types={self.layer_types!r} has sliding layers but sliding_window=None"
@@ -221,9 +227,6 @@ class ModelConfig:
     @property
     def queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -399,17 +402,14 @@ class SamplingParams:
     )  # fmt: skip
     stop_token_ids: tuple[int, ...] = _field((), "Token ids that end a request (comma-separated).")
     ignore_eos: bool = _field(False, "Keep generating past the model's EOS tokens.")
-    logprobs: int = _field(
-        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs",
-        lo=0, hi=20,
-    )  # fmt: skip
+    logprobs: int = _field(0, "Also return the n best (id, value) pairs per token (0-20).",
+                           flag="top_logprobs", lo=0, hi=20)  # fmt: skip
 
     def __post_init__(self) -> None:
         _validate(self)
         if 0.0 < self.temperature < MIN_TEMPERATURE:  # raw / T overflows fp32: NaN logprobs
-            raise ValueError(
-                f"temperature={self.temperature!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}"
-            )
+            raise ValueError(f"temperature={self.temperature!r} must be 0 (greedy) or >= "
+                             f"{MIN_TEMPERATURE}")  # fmt: skip
         if self.top_p <= 0.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
 
@@ -419,7 +419,7 @@ class SamplingParams:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Numerics:
+class Numerics(_Replace):
     """Everything besides params, tokens and sampling that decides a logprob's bits.
 
     The engine resolves one value from its config (`Engine.numerics`); `jengine.score`,
@@ -443,10 +443,10 @@ class Numerics:
     lm_head_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_choice("numerics", self.mode, NUMERICS_MODES)
-        _check_choice("kernel_backend", self.backend, KERNEL_BACKENDS)
+        check_choice("numerics", self.mode, NUMERICS_MODES)
+        check_choice("kernel_backend", self.backend, KERNEL_BACKENDS)
         _check_int("column_blocks", self.column_blocks, lo=1)
-        _check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
+        check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
 
     def resolved(self) -> Numerics:
         """This value with backend 'auto' replaced by the platform's ('cpu' or 'pallas')."""
@@ -456,9 +456,6 @@ class Numerics:
 
         backend = "cpu" if jax.default_backend() == "cpu" else "pallas"
         return dataclasses.replace(self, backend=backend)
-
-    def replace(self, **changes: Any) -> Numerics:
-        return dataclasses.replace(self, **changes)
 
 
 def check_column_blocks(column_blocks: int, tensor_parallel_size: int) -> None:
@@ -484,7 +481,7 @@ def resolve_numerics(numerics: Numerics | None, tensor_parallel_size: int = 1) -
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
+class EngineConfig(_Replace):
     """How the engine runs. The numerics fields resolve to one `Numerics` (`resolved_numerics`,
     exposed as `Engine.numerics`); score with that value to get the engine's bits."""
 
@@ -495,40 +492,26 @@ class EngineConfig:
     )  # fmt: skip
     max_num_seqs: int = _field(64, "Most sequences in one step.", lo=1)
     max_num_batched_tokens: int = _field(
-        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket).", lo=1
-    )
+        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket).", lo=1)
     max_model_len: int | None = _field(
-        None, "Longest prompt + completion; unset: the model's max positions.", lo=2
-    )
-    logprobs_mode: str = _field(
-        "processed_logprobs", "Which number is returned per token (vLLM's names).",
-        choices=LOGPROBS_MODES,
-    )
+        None, "Longest prompt + completion; unset: the model's max positions.", lo=2)
+    logprobs_mode: str = _field("processed_logprobs", "Which number is returned per token (vLLM's "
+                                "names).", choices=LOGPROBS_MODES)
     lm_head_dtype: str = _field("float32", "lm_head compute dtype.", choices=LM_HEAD_DTYPES)
-    enable_prefix_caching: bool = _field(
-        True, "Reuse KV pages of full identical prefixes (keyed by policy version).",
-        flag="prefix_caching",
-    )
+    enable_prefix_caching: bool = _field(True, "Reuse KV pages of full identical prefixes (keyed "
+                                         "by policy version).", flag="prefix_caching")
     tensor_parallel_size: int = _field(1, "Devices each model replica is split over.", lo=1)
     data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.", lo=1)
-    seed: int = _field(
-        0, "Engine seed: a request without its own seed gets fold(seed, arrival index).",
-        flag="engine_seed", lo=0,
-    )
-    numerics: str = _field(
-        "invariant", "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
-        choices=NUMERICS_MODES,
-    )
-    kernel_backend: str = _field(
-        "auto", "Kernel lowering; auto picks cpu on CPU, pallas on TPU/GPU.",
-        choices=KERNEL_BACKENDS,
-    )
+    seed: int = _field(0, "Engine seed: a request without its own seed gets fold(seed, arrival "
+                       "index).", flag="engine_seed", lo=0)
+    numerics: str = _field("invariant", "invariant: batch-invariant kernels (the bitwise "
+                           "contract); fast: plain XLA.", choices=NUMERICS_MODES)
+    kernel_backend: str = _field("auto", "Kernel lowering; auto picks cpu on CPU, pallas on "
+                                 "TPU/GPU.", choices=KERNEL_BACKENDS)
     check_finite: bool = _field(
-        True, "Finish requests whose logits are non-finite with finish_reason='error'."
-    )
+        True, "Finish requests whose logits are non-finite with finish_reason='error'.")
     trace_path: str | None = _field(
-        None, "Write the JSONL step trace here (see jengine.diagnostics).", flag="trace", path=True
-    )
+        None, "Write the JSONL step trace here (see jengine.diagnostics).", flag="trace", path=True)
     column_blocks: int | None = _field(
         None, "Tensor-parallel-invariant numerics: compute in this many column blocks, so any "
         "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size.", lo=1,
@@ -541,18 +524,16 @@ class EngineConfig:
     verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
     check_divergence: bool = _field(
         True, "Multi-process runs: compare every step's plan across processes before running it "
-        "(an all-gather of a digest); a difference raises on every process."
-    )
+        "(an all-gather of a digest); a difference raises on every process.")  # fmt: skip
 
     def __post_init__(self) -> None:
         _validate(self)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size={self.page_size} must be a power of two")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
-                f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)"
-            )
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={self.max_num_seqs} (every running sequence decodes "
+                             "one token a step)")  # fmt: skip
         self._numerics()  # column_blocks against tensor_parallel_size
 
     def _numerics(self) -> Numerics:
@@ -565,6 +546,3 @@ class EngineConfig:
     def resolved_numerics(self) -> Numerics:
         """The engine's `Numerics` (backend resolved for this platform)."""
         return resolve_numerics(self._numerics(), self.tensor_parallel_size)
-
-    def replace(self, **changes: Any) -> EngineConfig:
-        return dataclasses.replace(self, **changes)

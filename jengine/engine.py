@@ -31,7 +31,7 @@ import numpy as np
 from jengine import plan as plan_lib
 from jengine import sharding
 from jengine.allocator import BlockAllocator
-from jengine.config import EngineConfig, SamplingParams
+from jengine.config import EngineConfig, SamplingParams, check_choice
 from jengine.models.transformer import Model, Params, param_shapes
 from jengine.runner import Runner
 from jengine.scheduler import Scheduled, Scheduler
@@ -75,27 +75,27 @@ class RequestOutput:
 def check_params(params: Params, shapes: Params, where: str, dtypes: Params | None = None) -> None:
     """Raises ValueError naming the first leaf of `params` whose place in the tree, shape or dtype
     differs from `shapes` (a tree of shape tuples) / `dtypes`, or that holds a non-finite value."""
-    want, want_def = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    got, got_def = jax.tree_util.tree_flatten_with_path(params)
+    tu = jax.tree_util
+    want, want_def = tu.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    got, got_def = tu.tree_flatten_with_path(params)
     if got_def != want_def:
-        want_names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-            shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}  # fmt: skip
-        got_names = {jax.tree_util.keystr(p) for p, _ in got}
+        want_names, got_names = ({tu.keystr(p) for p, _ in leaves} for leaves in (want, got))
         raise ValueError(f"{where}: params tree structure differs: missing leaves "
                          f"{sorted(want_names - got_names)[:10]}, unexpected leaves "
                          f"{sorted(got_names - want_names)[:10]}")  # fmt: skip
-    want_dtypes = [None] * len(want) if dtypes is None else jax.tree_util.tree_leaves(dtypes)
-    for (path, leaf), shape, dtype in zip(got, want, want_dtypes):
-        name = jax.tree_util.keystr(path)
+    want_dtypes = [None] * len(want) if dtypes is None else tu.tree_leaves(dtypes)
+    for (path, leaf), (_, shape), dtype in zip(got, want, want_dtypes):
+        name = tu.keystr(path)
         if tuple(getattr(leaf, "shape", ())) != tuple(shape):
-            raise ValueError(f"{where}{name} has shape {getattr(leaf, 'shape', None)}, expected {shape}")
+            got_shape = getattr(leaf, "shape", None)
+            raise ValueError(f"{where}{name} has shape {got_shape}, expected {shape}")
         if dtype is not None and leaf.dtype != dtype:
             raise ValueError(f"{where}{name} has dtype {leaf.dtype}, expected {dtype}")
     # one program for every leaf: on a multi-process mesh, many small programs in flight can
     # start their collectives in different orders on different processes and deadlock
     for (path, _), ok in zip(got, np.asarray(_all_finite(params))):
         if not ok:
-            raise ValueError(f"{where}{jax.tree_util.keystr(path)} holds non-finite values")
+            raise ValueError(f"{where}{tu.keystr(path)} holds non-finite values")
 
 
 @jax.jit
@@ -164,16 +164,13 @@ class Engine:
                       max_num_batched_tokens=config.max_num_batched_tokens)
             for _ in range(dp)
         ]  # fmt: skip
-        self.policy_version = 0
-        self.paused = False
+        self.policy_version, self.paused = 0, False
         self._arrivals = itertools.count()
         self._seqs: dict[str, Seq] = {}
         self._finished_ids: set[str] = set()
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
-        self._step_index = 0
-        self._generated = 0
         self._to_verify: list[tuple[RequestOutput, SamplingParams]] = []
-        self._verified = self._verify_mismatches = 0
+        self._step_index = self._generated = self._verified = self._verify_mismatches = 0
         self._trace = open(config.trace_path, "w") if config.trace_path else None
 
     @property
@@ -280,9 +277,9 @@ class Engine:
         """The parity guard checks a deterministic `verify_fraction` of the finished requests
         (the same ones on every process) whose KV and tokens all come from the current weights."""
         f = self.config.verify_fraction
-        if not f or reason not in ("stop", "length") or seq.kv_version != self.policy_version:
+        if not f or reason not in ("stop", "length"):
             return False
-        if any(v != self.policy_version for v in seq.versions):
+        if any(v != self.policy_version for v in [seq.kv_version, *seq.versions]):
             return False
         h = hashlib.blake2b(f"{self.config.seed}:{seq.arrival}".encode(), digest_size=8)
         return int.from_bytes(h.digest(), "little") < f * 2**64
@@ -437,15 +434,12 @@ class Engine:
                 self._validate_request(p, sp)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"prompts[{i}]: {e}") from None
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        pending = set(ids)
-        results: dict[str, RequestOutput] = {}
-        bar = None
-        if progress or (progress is None and sys.stderr.isatty()):
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ids), desc="generate", unit="req")
-        try:
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        pending, results = set(ids), {}
+        show = progress or (progress is None and sys.stderr.isatty())
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
             while pending:
                 if self.paused:
                     raise RuntimeError(_PAUSED)
@@ -453,11 +447,7 @@ class Engine:
                     if out.request_id in pending:
                         pending.discard(out.request_id)
                         results[out.request_id] = out
-                        if bar:
-                            bar.update(1)
-        finally:
-            if bar:
-                bar.close()
+                        bar.update(1)
         return [results[i] for i in ids]
 
     def warmup(self, with_top_logprobs: bool = False) -> int:
@@ -478,8 +468,7 @@ class Engine:
                      output; the next `step()` returns them.
         Prefix-cache keys carry the version, so later requests never reuse older KV.
         """
-        if mode not in UPDATE_MODES:
-            raise ValueError(f"mode={mode!r} must be one of {UPDATE_MODES}")
+        check_choice("mode", mode, UPDATE_MODES)
         old, tree_map = self.runner.params, jax.tree_util.tree_map
         check_params(params, tree_map(lambda x: tuple(x.shape), old), "update_weights: ",
                      tree_map(lambda x: x.dtype, old))  # fmt: skip

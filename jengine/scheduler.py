@@ -42,7 +42,6 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in `pages`
     kv_version: int = 0  # policy version the first computed page was keyed under
     finish_reason: str | None = None
-    error: str | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -103,11 +102,14 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _grow(self, seq: Sequence, upto: int) -> None:
-        """Ensures `seq` owns pages for positions < upto (raises OutOfPages)."""
-        need = -(-upto // self.page_size) - len(seq.pages)
+    def _grow(self, seq: Sequence, budget: int) -> int:
+        """Ensures `seq` owns pages for its next n = min(uncomputed tokens, budget) tokens and
+        returns n (raises OutOfPages)."""
+        n = min(len(seq.tokens) - seq.num_computed, budget)
+        need = -(-(seq.num_computed + n) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages.extend(self.allocator.allocate(need))
+        return n
 
     def _cacheable_keys(self, seq: Sequence) -> list[PageKey]:
         """Prefix keys of `seq`'s full pages, never covering its last token."""
@@ -128,7 +130,8 @@ class Scheduler:
         after = (seq.num_computed + n) // self.page_size
         if after <= before or seq.kv_version != self.version:
             return []
-        return page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)[before:after]
+        keys = page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)
+        return keys[before:after]
 
     def schedule(self) -> Scheduled | None:
         """Plans the next step, preempting as needed. None when there is nothing to run."""
@@ -138,9 +141,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq.tokens) - seq.num_computed, budget)
             try:
-                self._grow(seq, seq.num_computed + n)
+                n = self._grow(seq, budget)
             except OutOfPages:
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -164,9 +166,8 @@ class Scheduler:
                 deferred.append(seq)
                 continue
             self._admit(seq, keys)
-            n = min(len(seq.tokens) - seq.num_computed, budget)
             try:
-                self._grow(seq, seq.num_computed + n)
+                n = self._grow(seq, budget)
             except OutOfPages:
                 self.allocator.free(seq.pages)
                 self.prefix_hit_tokens -= seq.num_computed

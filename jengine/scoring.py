@@ -16,7 +16,7 @@ import numpy as np
 
 from jengine import plan as plan_lib
 from jengine import sharding
-from jengine.config import LOGPROBS_MODES, Numerics, SamplingParams, resolve_numerics
+from jengine.config import LOGPROBS_MODES, Numerics, SamplingParams, check_choice, resolve_numerics
 from jengine.models.transformer import Model
 from jengine.runner import empty_pages, next_pow2, place, run_plans
 
@@ -80,8 +80,7 @@ def score(model: Model, prompt_token_ids, completion_token_ids,
       f32[len(completion)] for one sequence, or a list of them for a batch. Tokens a filter
       dropped score -inf under the processed modes.
     """
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
+    check_choice("logprobs_mode", logprobs_mode, LOGPROBS_MODES)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jengine Model, got {type(model).__name__}")
     for name, ids in (("prompt_token_ids", prompt_token_ids),

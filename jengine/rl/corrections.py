@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jengine.config import check_choice
+
 LEVELS = ("token", "sequence")
 
 
@@ -50,8 +52,7 @@ def sequence_ratios(logp_num, logp_den, mask=None) -> jax.Array:
 
 
 def _ratios(logp_train, logp_rollout, mask, level: str) -> jax.Array:
-    if level not in LEVELS:
-        raise ValueError(f"level={level!r} must be one of {LEVELS}")
+    check_choice("level", level, LEVELS)
     m = _mask(mask, logp_train)
     if level == "token":
         w = token_ratios(logp_train, logp_rollout, m)

@@ -28,7 +28,7 @@ import numpy as np
 
 from jengine import plan as plan_lib
 from jengine import sampling, sharding
-from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams
+from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams, check_choice
 from jengine.models.transformer import Params, empty_kv_cache, forward
 from jengine.scoring import layout, per_sequence
 
@@ -166,8 +166,7 @@ def token_logprobs(
     Jit-able and differentiable w.r.t. params; every argument except params, tokens, lengths and
     sampling arrays is static.
     """
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
+    check_choice("logprobs_mode", logprobs_mode, LOGPROBS_MODES)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, L] with L >= 2, got shape {tokens.shape}")
