@@ -109,20 +109,15 @@ def score(model: Model, prompt_token_ids, completion_token_ids,
     # change (attention walks a sequence's own blocks only, in logical order).
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     width = next_pow2(-(-longest // SCRATCH_PAGE))
-    plans, num_pages = [], 1
-    for idx in groups:
-        p, n = plan_lib.teacher_forcing(
-            [prompts[i] for i in idx], [completions[i] for i in idx], [per_seq[i] for i in idx],
-            SCRATCH_PAGE, width,
-        )  # fmt: skip
-        plans.append(p)
-        num_pages = max(num_pages, n)
-    shape = (
-        next_pow2(max(p.num_tokens for p in plans), 16),
-        next_pow2(max(len(idx) for idx in groups)),
-        next_pow2(max(len(p.logit_rows) for p in plans), 16),
-    )
-    num_pages = next_pow2(num_pages)
+    # per data row: (its plan, the scratch pages the plan writes)
+    forced = [plan_lib.teacher_forcing([prompts[i] for i in idx], [completions[i] for i in idx],
+                                       [per_seq[i] for i in idx], SCRATCH_PAGE, width)
+              for idx in groups]  # fmt: skip
+    plans = [p for p, _ in forced]
+    shape = (next_pow2(max(p.num_tokens for p in plans), 16),
+             next_pow2(max(len(idx) for idx in groups)),
+             next_pow2(max(len(p.logit_rows) for p in plans), 16))  # fmt: skip
+    num_pages = next_pow2(max([1] + [n for _, n in forced]))
     dtype = model.params["embed"].dtype
     sels, _ = run_plans(
         place(model, mesh), empty_pages(model.config, num_pages, SCRATCH_PAGE, dtype, mesh),
