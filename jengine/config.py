@@ -187,9 +187,8 @@ class ModelConfig(_Replace):
     def __post_init__(self) -> None:
         _validate(self, skip=("eos_token_ids", "bos_token_id"))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")  # fmt: skip
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         if not isinstance(self.eos_token_ids, tuple):
@@ -209,9 +208,8 @@ class ModelConfig(_Replace):
             for t in self.layer_types:
                 check_choice("layer_types[...]", t, LAYER_TYPES)
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
-                raise ValueError(
-                    f"layer_types={self.layer_types!r} has sliding layers but sliding_window=None"
-                )
+                raise ValueError(f"layer_types={self.layer_types!r} has sliding layers but "
+                                 "sliding_window=None")  # fmt: skip
 
     def is_sliding(self, layer: int) -> bool:
         """Whether layer `layer` attends through the sliding window."""
@@ -239,8 +237,7 @@ class ModelConfig(_Replace):
         if "hidden_size" in d and "num_attention_heads" in d:
             return cls._from_hf(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - known):
             raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
         d = dict(d)
         if d.get("rope_scaling") is not None:
@@ -258,10 +255,8 @@ class ModelConfig(_Replace):
                      "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
         if model_type not in supported and not set(archs) & set(supported.values()):
-            raise ValueError(
-                f"unsupported architecture model_type={model_type!r} architectures={archs}; "
-                f"jengine supports {sorted(supported.values())}"
-            )
+            raise ValueError(f"unsupported architecture model_type={model_type!r} architectures="
+                             f"{archs}; jengine supports {sorted(supported.values())}")  # fmt: skip
         gemma = {"gemma2": 2, "Gemma2ForCausalLM": 2, "gemma3_text": 3, "Gemma3ForCausalLM": 3}
         gemma = next((gemma[k] for k in [model_type, *archs] if k in gemma), None)
         heads = d["num_attention_heads"]

@@ -238,11 +238,8 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Ends a request now with finish_reason='aborted' and its partial output.
-
-        Returns that output; None if the request already finished (a no-op). Raises KeyError for
-        an id the engine never saw.
-        """
+        """Ends a request now with finish_reason='aborted'; returns its partial output, None if it
+        already finished (a no-op). Raises KeyError for an id the engine never saw."""
         if not isinstance(request_id, str):
             raise TypeError(f"abort: request_id={request_id!r} must be a str")
         seq = self._seqs.get(request_id)
@@ -339,9 +336,9 @@ class Engine:
         return finished
 
     def _check_processes_agree(self, plans: list[plan_lib.StepPlan], top_n: int) -> None:
-        """All-gathers a digest of this step (its plans, the live request ids, the policy version)
-        from every process and raises DivergenceError on all of them if any differs: running
-        different plans would hang in a collective or silently compute different things."""
+        """Raises DivergenceError on every process if this step's digest (plans, live request
+        ids, policy version) differs across processes: different plans would hang in a
+        collective or silently compute different things."""
         from jax.experimental import multihost_utils
 
         h = hashlib.blake2b(digest_size=16)
@@ -414,11 +411,8 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  progress: bool | None = None) -> list[RequestOutput]:  # fmt: skip
-        """Runs `prompts` to completion; outputs in prompt order.
-
-        Everything is validated before the first request is queued. `progress` shows a tqdm bar
-        on stderr (default: when stderr is a terminal).
-        """
+        """Runs `prompts` to completion; outputs in prompt order. Everything is validated before
+        the first request is queued. `progress`: a tqdm bar on stderr (default: when a terminal)."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of token-id lists")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

@@ -44,10 +44,8 @@ def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     need = tensor_parallel_size * data_parallel_size
     if len(devices) < need:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
-            f"needs {need} devices; {len(devices)} available"
-        )
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size="
+                         f"{data_parallel_size} needs {need} devices; {len(devices)} available")
     grid = np.asarray(devices[:need], dtype=object)
     return Mesh(grid.reshape(data_parallel_size, tensor_parallel_size), (DATA, MODEL))
 
@@ -84,10 +82,8 @@ def engine_mesh(config: EngineConfig, mesh: Mesh | None) -> Mesh:
         return make_mesh(tp, dp)
     mesh = normalize_mesh(mesh)
     if mesh_sizes(mesh) != (dp, tp):
-        raise ValueError(
-            f"mesh has (data, model) sizes {mesh_sizes(mesh)} but the config asks for "
-            f"data_parallel_size={dp}, tensor_parallel_size={tp}"
-        )
+        raise ValueError(f"mesh has (data, model) sizes {mesh_sizes(mesh)} but the config asks "
+                         f"for data_parallel_size={dp}, tensor_parallel_size={tp}")
     return mesh
 
 

