@@ -9,22 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
-    "CheckpointError": "jengine.models.loading",
-    "Engine": "jengine.engine",
-    "EngineConfig": "jengine.config",
-    "Model": "jengine.models.transformer",
-    "ModelConfig": "jengine.config",
-    "Numerics": "jengine.config",
-    "RequestOutput": "jengine.engine",
-    "RopeScaling": "jengine.config",
-    "SamplingParams": "jengine.config",
-    "init_params": "jengine.models.transformer",
-    "load_model": "jengine.models.loading",
-    "load_tokenizer": "jengine.tokenizer",
-    "save_model": "jengine.models.loading",
-    "score": "jengine.scoring",
-}
+_EXPORTS = {name: f"jengine.{module}" for module, names in {
+    "config": ("EngineConfig", "ModelConfig", "Numerics", "RopeScaling", "SamplingParams"),
+    "engine": ("Engine", "RequestOutput"),
+    "models.loading": ("CheckpointError", "load_model", "save_model"),
+    "models.transformer": ("Model", "init_params"),
+    "scoring": ("score",),
+    "tokenizer": ("load_tokenizer",),
+}.items() for name in names}  # fmt: skip
 __all__ = sorted(_EXPORTS)
 
 

@@ -12,6 +12,7 @@ out again, so later requests can still hit it.
 
 from __future__ import annotations
 
+import collections
 import heapq
 from collections.abc import Sequence
 
@@ -39,8 +40,7 @@ class BlockAllocator:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         if num_pages < 1:
             raise ValueError(f"{num_pages=} must be >= 1")
-        self.num_pages = num_pages
-        self.page_size = page_size
+        self.num_pages, self.page_size = num_pages, page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.refcount = [0] * num_pages
         self._free_heap = list(range(num_pages))
@@ -76,10 +76,7 @@ class BlockAllocator:
         Checks every page first: a bad list (a page not held, or dropped more times than held)
         raises before any refcount changes.
         """
-        drops: dict[int, int] = {}
-        for page in pages:
-            drops[page] = drops.get(page, 0) + 1
-        for page, n in drops.items():
+        for page, n in collections.Counter(pages).items():
             if not 0 <= page < self.num_pages or self.refcount[page] < n:
                 raise AssertionError(f"page {page} freed while not owned")
         for page in pages:
@@ -114,10 +111,8 @@ class BlockAllocator:
 
     def num_cached(self, keys: Sequence[PageKey]) -> int:
         """How many of `keys`, from the start, `lookup` would hit (takes nothing)."""
-        if not self.enable_prefix_caching:
-            return 0
         n = 0
-        while n < len(keys) and keys[n] in self._cached:
+        while self.enable_prefix_caching and n < len(keys) and keys[n] in self._cached:
             n += 1
         return n
 

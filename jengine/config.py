@@ -1,13 +1,10 @@
 """Frozen, validated configuration: the model's shape, the engine's knobs, a request's sampling,
 and the numerics that decide a logprob's bits.
 
-Every dataclass here is frozen and keyword-only, so it is hashable (usable as a static jit
-argument) and a field the caller set is never rewritten. `__post_init__` validates and raises a
-`ValueError` (or `TypeError`) that names the field and the bad value. This module imports no jax:
-the host layer (allocator, scheduler, step plan) builds on it alone.
-
-`SamplingParams` and `EngineConfig` fields carry their command-line help (and choices) as field
-metadata; `jengine.cli` generates its flags from them.
+Every dataclass here is frozen and keyword-only (hashable: usable as a static jit argument).
+`__post_init__` raises a `ValueError` (or `TypeError`) naming the field and the bad value. No jax
+here: the host layer builds on this module alone. `SamplingParams` and `EngineConfig` fields carry
+their command-line help (and choices) as metadata; `jengine.cli` generates its flags from them.
 """
 
 from __future__ import annotations
@@ -34,9 +31,10 @@ MIN_TEMPERATURE = 1e-5  # smallest nonzero temperature; below it raw/T can overf
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
 
 
-def _field(default: Any, help: str, **metadata: Any) -> Any:
+def _field(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
     """A dataclass field with its command-line help and its checks: optional `lo` / `hi` bounds,
-    `choices`, and the `flag` name it has on the command line (`_validate` enforces them)."""
+    `choices`, `path` (a str that may be an os.PathLike), and the `flag` name it has on the
+    command line (`_validate` enforces the checks)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -45,11 +43,13 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _validate(obj: Any) -> None:
-    """Checks every `_field` of a config dataclass against its type and metadata; the error names
-    the field and the bad value."""
+def _validate(obj: Any, skip: tuple[str, ...] = ()) -> None:
+    """Checks every field of a config dataclass but `skip` against its type and its `_field`
+    metadata; the error names the field and the bad value."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
         name, value, kind, m = f.name, getattr(obj, f.name), hints[f.name], f.metadata
         args = typing.get_args(kind)
         if type(None) in args:  # X | None
@@ -57,7 +57,7 @@ def _validate(obj: Any) -> None:
                 continue
             (kind,) = [a for a in args if a is not type(None)]
         if "choices" in m:
-            _check_choice(name, value, m["choices"])
+            check_choice(name, value, m["choices"])
         elif kind is bool and not isinstance(value, bool):
             raise TypeError(f"{name}={value!r} must be a bool")
         elif kind is int:
@@ -69,7 +69,7 @@ def _validate(obj: Any) -> None:
                 raise TypeError(f"{name}={value!r} must be a tuple of ints")
             for t in value:
                 _check_int(f"{name}[...]", t, lo=0)
-        elif kind is str and not isinstance(value, (str, os.PathLike)):
+        elif kind is str and not isinstance(value, (str, os.PathLike) if m.get("path") else str):
             raise TypeError(f"{name}={value!r} must be a str")
 
 
@@ -97,9 +97,15 @@ def _check_float(name: str, value: Any, lo: float | None = None, hi: float | Non
         raise ValueError(f"{name}={value!r} must be <= {hi}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+class _Replace:
+    def replace(self, **changes: Any) -> typing.Self:
+        """A copy with `changes` (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,26 +121,21 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+        check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
         _check_float("rope_scaling.factor", self.factor, lo=1.0)
         if self.rope_type == "linear":
             return
         _check_float("rope_scaling.low_freq_factor", self.low_freq_factor, lo=0.0)
         _check_float("rope_scaling.high_freq_factor", self.high_freq_factor, lo=0.0)
         if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(
-                f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
-                f"low_freq_factor={self.low_freq_factor}"
-            )
-        _check_int(
-            "rope_scaling.original_max_position_embeddings",
-            self.original_max_position_embeddings,
-            lo=1,
-        )
+            raise ValueError(f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")  # fmt: skip
+        _check_int("rope_scaling.original_max_position_embeddings",
+                   self.original_max_position_embeddings, lo=1)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_Replace):
     """Shape of a decoder-only transformer (Llama 3.x, Qwen2/2.5, Qwen3, Gemma 2 and 3 families).
 
     Families are config flags: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, Gemma 3: per-head RMSNorm on
@@ -154,95 +155,61 @@ class ModelConfig:
         to the full-attention layers only.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float = 10000.0
+    vocab_size: int = _field(lo=1)
+    hidden_size: int = _field(lo=1)
+    intermediate_size: int = _field(lo=1)
+    num_layers: int = _field(lo=1)
+    num_heads: int = _field(lo=1)
+    num_kv_heads: int = _field(lo=1)
+    head_dim: int = _field(lo=1)
+    rope_theta: float = _field(10000.0, lo=1e-6)
     rope_scaling: RopeScaling | None = None
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = _field(1e-6, lo=0.0)
     qkv_bias: bool = False
     qk_norm: bool = False
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 4096
-    dtype: str = "float32"
-    eos_token_ids: tuple[int, ...] = ()
+    max_position_embeddings: int = _field(4096, lo=1)
+    dtype: str = _field("float32", choices=PARAM_DTYPES)
+    eos_token_ids: tuple[int, ...] = ()  # these two are checked against vocab_size
     bos_token_id: int | None = None
     name: str = "model"
-    hidden_act: str = "silu"
+    hidden_act: str = _field("silu", choices=ACTIVATIONS)
     norm_unit_offset: bool = False
     post_norms: bool = False
     scale_embeddings: bool = False
-    query_pre_attn_scalar: float | None = None
-    attn_logit_softcap: float | None = None
-    final_logit_softcap: float | None = None
-    sliding_window: int | None = None
+    query_pre_attn_scalar: float | None = _field(None, lo=1e-6)
+    attn_logit_softcap: float | None = _field(None, lo=1e-6)
+    final_logit_softcap: float | None = _field(None, lo=1e-6)
+    sliding_window: int | None = _field(None, lo=1)
     layer_types: tuple[str, ...] | None = None
-    rope_local_theta: float | None = None
+    rope_local_theta: float | None = _field(None, lo=1e-6)
 
     def __post_init__(self) -> None:
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            _check_int(field, getattr(self, field), lo=1)
+        _validate(self, skip=("eos_token_ids", "bos_token_id"))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")  # fmt: skip
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-        _check_float("rope_theta", self.rope_theta, lo=1e-6)
-        _check_float("rms_norm_eps", self.rms_norm_eps, lo=0.0)
-        _check_choice("dtype", self.dtype, PARAM_DTYPES)
         if not isinstance(self.eos_token_ids, tuple):
             raise TypeError(f"eos_token_ids={self.eos_token_ids!r} must be a tuple of ints")
         for t in self.eos_token_ids:
             if not _is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"eos_token_ids contains {t!r}, outside [0, {self.vocab_size})")
-        for field in (
-            "qkv_bias", "qk_norm", "tie_word_embeddings", "norm_unit_offset", "post_norms",
-            "scale_embeddings",
-        ):  # fmt: skip
-            if not isinstance(getattr(self, field), bool):
-                raise TypeError(f"{field}={getattr(self, field)!r} must be a bool")
-        if self.bos_token_id is not None and (
-            not _is_int(self.bos_token_id) or not 0 <= self.bos_token_id < self.vocab_size
-        ):
-            raise ValueError(f"bos_token_id={self.bos_token_id!r} must be None or in [0, {self.vocab_size})")
-        if not isinstance(self.name, str):
-            raise TypeError(f"name={self.name!r} must be a str")
+        bos = self.bos_token_id
+        if bos is not None and (not _is_int(bos) or not 0 <= bos < self.vocab_size):
+            raise ValueError(f"bos_token_id={bos!r} must be None or in [0, {self.vocab_size})")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling")
-        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
-        for field in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
-            if getattr(self, field) is not None:
-                _check_float(field, getattr(self, field), lo=1e-6)
-        if self.rope_local_theta is not None:
-            _check_float("rope_local_theta", self.rope_local_theta, lo=1e-6)
-        if self.sliding_window is not None:
-            _check_int("sliding_window", self.sliding_window, lo=1)
         if self.layer_types is not None:
             if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers:
-                raise ValueError(
-                    f"layer_types={self.layer_types!r} must be a tuple of "
-                    f"num_layers={self.num_layers} entries from {LAYER_TYPES}"
-                )
+                raise ValueError(f"layer_types={self.layer_types!r} must be a tuple of num_layers="
+                                 f"{self.num_layers} entries from {LAYER_TYPES}")  # fmt: skip
             for t in self.layer_types:
-                _check_choice("layer_types[...]", t, LAYER_TYPES)
+                check_choice("layer_types[...]", t, LAYER_TYPES)
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
-                raise ValueError(
-                    f"layer_types={self.layer_types!r} has sliding layers but sliding_window=None"
-                )
+                raise ValueError(f"layer_types={self.layer_types!r} has sliding layers but "
+                                 "sliding_window=None")  # fmt: skip
 
     def is_sliding(self, layer: int) -> bool:
         """Whether layer `layer` attends through the sliding window."""
@@ -259,9 +226,6 @@ class ModelConfig:
     def queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
@@ -273,8 +237,7 @@ class ModelConfig:
         if "hidden_size" in d and "num_attention_heads" in d:
             return cls._from_hf(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - known):
             raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
         d = dict(d)
         if d.get("rope_scaling") is not None:
@@ -288,18 +251,12 @@ class ModelConfig:
     def _from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         archs = list(d.get("architectures") or [])
         model_type = d.get("model_type", "")
-        supported = {
-            "llama": "LlamaForCausalLM",
-            "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM",
-            "gemma2": "Gemma2ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM",
-        }
+        supported = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                     "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
         if model_type not in supported and not set(archs) & set(supported.values()):
-            raise ValueError(
-                f"unsupported architecture model_type={model_type!r} architectures={archs}; "
-                f"jengine supports {sorted(supported.values())}"
-            )
+            raise ValueError(f"unsupported architecture model_type={model_type!r} architectures="
+                             f"{archs}; jengine supports {sorted(supported.values())}")  # fmt: skip
         gemma = {"gemma2": 2, "Gemma2ForCausalLM": 2, "gemma3_text": 3, "Gemma3ForCausalLM": 3}
         gemma = next((gemma[k] for k in [model_type, *archs] if k in gemma), None)
         heads = d["num_attention_heads"]
@@ -316,25 +273,19 @@ class ModelConfig:
             rs = family.pop("rope_scaling")
             theta = family.pop("rope_theta")
         return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rope_theta=float(theta if theta is not None else 10000.0),
-            rope_scaling=_rope_scaling(rs),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_scaling=_rope_scaling(rs), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma is not None)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            dtype="bfloat16" if torch_dtype == "bfloat16" else "float32",
-            eos_token_ids=eos_ids,
+            dtype="bfloat16" if torch_dtype == "bfloat16" else "float32", eos_token_ids=eos_ids,
             bos_token_id=d.get("bos_token_id", 2 if gemma else None),
-            name=d.get("_name_or_path") or model_type,
-            **family,
-        )
+            name=d.get("_name_or_path") or model_type, **family,
+        )  # fmt: skip
 
     @classmethod
     def from_json(cls, path: str) -> ModelConfig:
@@ -366,15 +317,22 @@ def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
         return RopeScaling(rope_type="linear", factor=float(rs["factor"]))
     if kind == "llama3":
         return RopeScaling(
-            factor=float(rs["factor"]),
-            low_freq_factor=float(rs["low_freq_factor"]),
+            factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
             high_freq_factor=float(rs["high_freq_factor"]),
             original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-        )
+        )  # fmt: skip
     raise ValueError(f"unsupported rope_scaling {dict(rs)!r}: jengine supports {ROPE_TYPES}, none")
 
 
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+# What every Gemma (2 and 3, HF or GGUF) sets in the same way.
+GEMMA_FLAGS = dict(norm_unit_offset=True, post_norms=True, scale_embeddings=True)
+
+
+def gemma_layer_types(num_layers: int, pattern: int) -> tuple[str, ...]:
+    """Every `pattern`-th layer full attention, the others sliding."""
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention"
+                 for i in range(num_layers))  # fmt: skip
 
 
 def _gemma_fields(d: Mapping[str, Any], version: int) -> dict[str, Any]:
@@ -392,10 +350,7 @@ def _gemma_fields(d: Mapping[str, Any], version: int) -> dict[str, Any]:
     if d.get("use_bidirectional_attention"):
         raise ValueError("use_bidirectional_attention=True is not supported (causal decoders only)")
     pattern = d.get("sliding_window_pattern", 6) if version == 3 else 2
-    layer_types = d.get("layer_types") or [
-        "sliding_attention" if (i + 1) % pattern else "full_attention"
-        for i in range(d["num_hidden_layers"])
-    ]
+    layer_types = d.get("layer_types") or gemma_layer_types(d["num_hidden_layers"], pattern)
     rp = d.get("rope_parameters") or {}
     if "full_attention" in rp or "sliding_attention" in rp:
         full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
@@ -410,21 +365,15 @@ def _gemma_fields(d: Mapping[str, Any], version: int) -> dict[str, Any]:
     caps = [d.get(key, default) for key, default in zip(keys, default_caps)]
     if version == 3:
         caps[0] = None
-    return {
-        "rope_theta": full.get("rope_theta") or default_theta,
-        "rope_scaling": full,
-        "rope_local_theta": float(local.get("rope_theta") or 1e4) if version == 3 else None,
-        "qk_norm": version == 3,
-        "hidden_act": GEMMA_ACTIVATIONS[act],
-        "norm_unit_offset": True,
-        "post_norms": True,
-        "scale_embeddings": True,
-        "query_pre_attn_scalar": float(d.get("query_pre_attn_scalar") or 256),
-        "attn_logit_softcap": None if caps[0] is None else float(caps[0]),
-        "final_logit_softcap": None if caps[1] is None else float(caps[1]),
-        "sliding_window": d.get("sliding_window") or 4096,
-        "layer_types": tuple(layer_types),
-    }
+    return dict(
+        rope_theta=full.get("rope_theta") or default_theta, rope_scaling=full,
+        rope_local_theta=float(local.get("rope_theta") or 1e4) if version == 3 else None,
+        qk_norm=version == 3, hidden_act=GEMMA_ACTIVATIONS[act], **GEMMA_FLAGS,
+        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),
+        attn_logit_softcap=None if caps[0] is None else float(caps[0]),
+        final_logit_softcap=None if caps[1] is None else float(caps[1]),
+        sliding_window=d.get("sliding_window") or 4096, layer_types=tuple(layer_types),
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -448,17 +397,14 @@ class SamplingParams:
     )  # fmt: skip
     stop_token_ids: tuple[int, ...] = _field((), "Token ids that end a request (comma-separated).")
     ignore_eos: bool = _field(False, "Keep generating past the model's EOS tokens.")
-    logprobs: int = _field(
-        0, "Also return the n best (id, value) pairs per token (0-20).", flag="top_logprobs",
-        lo=0, hi=20,
-    )  # fmt: skip
+    logprobs: int = _field(0, "Also return the n best (id, value) pairs per token (0-20).",
+                           flag="top_logprobs", lo=0, hi=20)  # fmt: skip
 
     def __post_init__(self) -> None:
         _validate(self)
         if 0.0 < self.temperature < MIN_TEMPERATURE:  # raw / T overflows fp32: NaN logprobs
-            raise ValueError(
-                f"temperature={self.temperature!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}"
-            )
+            raise ValueError(f"temperature={self.temperature!r} must be 0 (greedy) or >= "
+                             f"{MIN_TEMPERATURE}")  # fmt: skip
         if self.top_p <= 0.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
 
@@ -468,12 +414,11 @@ class SamplingParams:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Numerics:
+class Numerics(_Replace):
     """Everything besides params, tokens and sampling that decides a logprob's bits.
 
     The engine resolves one value from its config (`Engine.numerics`); `jengine.score`,
-    `jengine.rl.token_logprobs` and `diagnostics.parity_report` take that same value, so a trainer
-    cannot silently compute with other numerics than its engine.
+    `jengine.rl.token_logprobs` and `diagnostics.parity_report` take that same value.
 
     Attributes:
       mode: 'invariant' (batch-invariant kernels: the bitwise contract) or 'fast' (plain XLA).
@@ -493,10 +438,10 @@ class Numerics:
     lm_head_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_choice("numerics", self.mode, NUMERICS_MODES)
-        _check_choice("kernel_backend", self.backend, KERNEL_BACKENDS)
+        check_choice("numerics", self.mode, NUMERICS_MODES)
+        check_choice("kernel_backend", self.backend, KERNEL_BACKENDS)
         _check_int("column_blocks", self.column_blocks, lo=1)
-        _check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
+        check_choice("lm_head_dtype", self.lm_head_dtype, LM_HEAD_DTYPES)
 
     def resolved(self) -> Numerics:
         """This value with backend 'auto' replaced by the platform's ('cpu' or 'pallas')."""
@@ -507,8 +452,14 @@ class Numerics:
         backend = "cpu" if jax.default_backend() == "cpu" else "pallas"
         return dataclasses.replace(self, backend=backend)
 
-    def replace(self, **changes: Any) -> Numerics:
-        return dataclasses.replace(self, **changes)
+
+def check_column_blocks(column_blocks: int, tensor_parallel_size: int) -> None:
+    if column_blocks % tensor_parallel_size:
+        raise ValueError(
+            f"column_blocks={column_blocks} must be a multiple of tensor_parallel_size="
+            f"{tensor_parallel_size}: every device computes column_blocks / tensor_parallel_size "
+            "whole blocks"
+        )
 
 
 def resolve_numerics(numerics: Numerics | None, tensor_parallel_size: int = 1) -> Numerics:
@@ -518,21 +469,14 @@ def resolve_numerics(numerics: Numerics | None, tensor_parallel_size: int = 1) -
     if numerics is None:
         numerics = Numerics(column_blocks=tensor_parallel_size)
     if not isinstance(numerics, Numerics):
-        raise TypeError(
-            f"numerics={numerics!r} must be a jengine.Numerics (for an engine's bits pass "
-            "engine.numerics)"
-        )
-    if numerics.column_blocks % tensor_parallel_size:
-        raise ValueError(
-            f"column_blocks={numerics.column_blocks} must be a multiple of "
-            f"tensor_parallel_size={tensor_parallel_size}: every device computes "
-            "column_blocks / tensor_parallel_size whole blocks"
-        )
+        raise TypeError(f"numerics={numerics!r} must be a jengine.Numerics (for an engine's bits "
+                        "pass engine.numerics)")  # fmt: skip
+    check_column_blocks(numerics.column_blocks, tensor_parallel_size)
     return numerics.resolved()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
+class EngineConfig(_Replace):
     """How the engine runs. The numerics fields resolve to one `Numerics` (`resolved_numerics`,
     exposed as `Engine.numerics`); score with that value to get the engine's bits."""
 
@@ -543,40 +487,26 @@ class EngineConfig:
     )  # fmt: skip
     max_num_seqs: int = _field(64, "Most sequences in one step.", lo=1)
     max_num_batched_tokens: int = _field(
-        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket).", lo=1
-    )
+        512, "Token budget of one step (prefill chunks + decode tokens; its largest bucket).", lo=1)
     max_model_len: int | None = _field(
-        None, "Longest prompt + completion; unset: the model's max positions.", lo=2
-    )
-    logprobs_mode: str = _field(
-        "processed_logprobs", "Which number is returned per token (vLLM's names).",
-        choices=LOGPROBS_MODES,
-    )
+        None, "Longest prompt + completion; unset: the model's max positions.", lo=2)
+    logprobs_mode: str = _field("processed_logprobs", "Which number is returned per token (vLLM's "
+                                "names).", choices=LOGPROBS_MODES)
     lm_head_dtype: str = _field("float32", "lm_head compute dtype.", choices=LM_HEAD_DTYPES)
-    enable_prefix_caching: bool = _field(
-        True, "Reuse KV pages of full identical prefixes (keyed by policy version).",
-        flag="prefix_caching",
-    )
+    enable_prefix_caching: bool = _field(True, "Reuse KV pages of full identical prefixes (keyed "
+                                         "by policy version).", flag="prefix_caching")
     tensor_parallel_size: int = _field(1, "Devices each model replica is split over.", lo=1)
     data_parallel_size: int = _field(1, "Model replicas, each with its own KV pool.", lo=1)
-    seed: int = _field(
-        0, "Engine seed: a request without its own seed gets fold(seed, arrival index).",
-        flag="engine_seed", lo=0,
-    )
-    numerics: str = _field(
-        "invariant", "invariant: batch-invariant kernels (the bitwise contract); fast: plain XLA.",
-        choices=NUMERICS_MODES,
-    )
-    kernel_backend: str = _field(
-        "auto", "Kernel lowering; auto picks cpu on CPU, pallas on TPU/GPU.",
-        choices=KERNEL_BACKENDS,
-    )
+    seed: int = _field(0, "Engine seed: a request without its own seed gets fold(seed, arrival "
+                       "index).", flag="engine_seed", lo=0)
+    numerics: str = _field("invariant", "invariant: batch-invariant kernels (the bitwise "
+                           "contract); fast: plain XLA.", choices=NUMERICS_MODES)
+    kernel_backend: str = _field("auto", "Kernel lowering; auto picks cpu on CPU, pallas on "
+                                 "TPU/GPU.", choices=KERNEL_BACKENDS)
     check_finite: bool = _field(
-        True, "Finish requests whose logits are non-finite with finish_reason='error'."
-    )
+        True, "Finish requests whose logits are non-finite with finish_reason='error'.")
     trace_path: str | None = _field(
-        None, "Write the JSONL step trace here (see jengine.diagnostics).", flag="trace"
-    )
+        None, "Write the JSONL step trace here (see jengine.diagnostics).", flag="trace", path=True)
     column_blocks: int | None = _field(
         None, "Tensor-parallel-invariant numerics: compute in this many column blocks, so any "
         "tensor_parallel_size dividing it gives the same bits; unset: tensor_parallel_size.", lo=1,
@@ -589,37 +519,25 @@ class EngineConfig:
     verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
     check_divergence: bool = _field(
         True, "Multi-process runs: compare every step's plan across processes before running it "
-        "(an all-gather of a digest); a difference raises on every process."
-    )
+        "(an all-gather of a digest); a difference raises on every process.")  # fmt: skip
 
     def __post_init__(self) -> None:
         _validate(self)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size={self.page_size} must be a power of two")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
-                f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)"
-            )
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={self.max_num_seqs} (every running sequence decodes "
+                             "one token a step)")  # fmt: skip
         self._numerics()  # column_blocks against tensor_parallel_size
 
     def _numerics(self) -> Numerics:
         tp = self.tensor_parallel_size
         blocks = tp if self.column_blocks is None else self.column_blocks
-        if blocks % tp:
-            raise ValueError(
-                f"column_blocks={blocks} must be a multiple of tensor_parallel_size={tp}"
-            )
-        return Numerics(
-            mode=self.numerics,
-            backend=self.kernel_backend,
-            column_blocks=blocks,
-            lm_head_dtype=self.lm_head_dtype,
-        )
+        check_column_blocks(blocks, tp)
+        return Numerics(mode=self.numerics, backend=self.kernel_backend, column_blocks=blocks,
+                        lm_head_dtype=self.lm_head_dtype)  # fmt: skip
 
     def resolved_numerics(self) -> Numerics:
         """The engine's `Numerics` (backend resolved for this platform)."""
         return resolve_numerics(self._numerics(), self.tensor_parallel_size)
-
-    def replace(self, **changes: Any) -> EngineConfig:
-        return dataclasses.replace(self, **changes)

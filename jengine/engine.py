@@ -31,7 +31,7 @@ import numpy as np
 from jengine import plan as plan_lib
 from jengine import sharding
 from jengine.allocator import BlockAllocator
-from jengine.config import EngineConfig, SamplingParams
+from jengine.config import EngineConfig, SamplingParams, check_choice
 from jengine.models.transformer import Model, Params, param_shapes
 from jengine.runner import Runner
 from jengine.scheduler import Scheduled, Scheduler
@@ -39,6 +39,7 @@ from jengine.scheduler import Sequence as Seq
 
 FINISH_REASONS = ("stop", "length", "aborted", "error")
 UPDATE_MODES = ("keep", "recompute", "abort")
+_PAUSED = "generate() on a paused engine would never finish; resume()"
 
 
 class VerificationError(RuntimeError):
@@ -74,30 +75,27 @@ class RequestOutput:
 def check_params(params: Params, shapes: Params, where: str, dtypes: Params | None = None) -> None:
     """Raises ValueError naming the first leaf of `params` whose place in the tree, shape or dtype
     differs from `shapes` (a tree of shape tuples) / `dtypes`, or that holds a non-finite value."""
-    want, want_def = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    got, got_def = jax.tree_util.tree_flatten_with_path(params)
+    tu = jax.tree_util
+    want, want_def = tu.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    got, got_def = tu.tree_flatten_with_path(params)
     if got_def != want_def:
-        want_names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-            shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}  # fmt: skip
-        got_names = {jax.tree_util.keystr(p) for p, _ in got}
-        raise ValueError(
-            f"{where}: params tree structure differs: missing leaves "
-            f"{sorted(want_names - got_names)[:10]}, unexpected leaves "
-            f"{sorted(got_names - want_names)[:10]}"
-        )
-    want_dtypes = [None] * len(want) if dtypes is None else jax.tree_util.tree_leaves(dtypes)
-    for (path, leaf), shape, dtype in zip(got, want, want_dtypes):
-        name = jax.tree_util.keystr(path)
+        want_names, got_names = ({tu.keystr(p) for p, _ in leaves} for leaves in (want, got))
+        raise ValueError(f"{where}: params tree structure differs: missing leaves "
+                         f"{sorted(want_names - got_names)[:10]}, unexpected leaves "
+                         f"{sorted(got_names - want_names)[:10]}")  # fmt: skip
+    want_dtypes = [None] * len(want) if dtypes is None else tu.tree_leaves(dtypes)
+    for (path, leaf), (_, shape), dtype in zip(got, want, want_dtypes):
+        name = tu.keystr(path)
         if tuple(getattr(leaf, "shape", ())) != tuple(shape):
-            raise ValueError(f"{where}{name} has shape {getattr(leaf, 'shape', None)}, expected {shape}")
+            got_shape = getattr(leaf, "shape", None)
+            raise ValueError(f"{where}{name} has shape {got_shape}, expected {shape}")
         if dtype is not None and leaf.dtype != dtype:
             raise ValueError(f"{where}{name} has dtype {leaf.dtype}, expected {dtype}")
     # one program for every leaf: on a multi-process mesh, many small programs in flight can
     # start their collectives in different orders on different processes and deadlock
-    finite = np.asarray(_all_finite(params))
-    for (path, _), ok in zip(got, finite):
+    for (path, _), ok in zip(got, np.asarray(_all_finite(params))):
         if not ok:
-            raise ValueError(f"{where}{jax.tree_util.keystr(path)} holds non-finite values")
+            raise ValueError(f"{where}{tu.keystr(path)} holds non-finite values")
 
 
 @jax.jit
@@ -137,10 +135,8 @@ class Engine:
         check_params(model.params, param_shapes(mc), "model.params")
         max_model_len = config.max_model_len or mc.max_position_embeddings
         if max_model_len > mc.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len={max_model_len} exceeds the model's "
-                f"max_position_embeddings={mc.max_position_embeddings}"
-            )
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={mc.max_position_embeddings}")  # fmt: skip
         self.numerics = config.resolved_numerics()
         tp, dp = config.tensor_parallel_size, config.data_parallel_size
         if tp * dp > 1 or mesh is not None:
@@ -148,13 +144,11 @@ class Engine:
         if mesh is not None or self.numerics.column_blocks > 1:
             sharding.check_model(mc, tp, self.numerics.column_blocks)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
-        self.config = config
-        self.max_model_len = max_model_len
+        self.config, self.max_model_len = config, max_model_len
         self.pages_per_seq = -(-max_model_len // config.page_size)
         num_pages = config.num_pages
         if num_pages is None:
-            c = mc
-            page_bytes = (2 * c.num_layers * config.page_size * c.num_kv_heads * c.head_dim
+            page_bytes = (2 * mc.num_layers * config.page_size * mc.num_kv_heads * mc.head_dim
                           * jnp.dtype(model.params["embed"].dtype).itemsize)  # fmt: skip
             want = config.max_num_seqs * self.pages_per_seq
             num_pages = max(1, min(want, _kv_budget_bytes() // page_bytes))
@@ -165,24 +159,18 @@ class Engine:
             max_seqs=config.max_num_seqs, mesh=self.mesh,
         )  # fmt: skip
         self.schedulers = [
-            Scheduler(
-                BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching),
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                pages_per_seq=self.pages_per_seq,
-            )
+            Scheduler(BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching),
+                      max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
+                      max_num_batched_tokens=config.max_num_batched_tokens)
             for _ in range(dp)
-        ]
-        self.policy_version = 0
-        self.paused = False
+        ]  # fmt: skip
+        self.policy_version, self.paused = 0, False
         self._arrivals = itertools.count()
         self._seqs: dict[str, Seq] = {}
         self._finished_ids: set[str] = set()
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
-        self._step_index = 0
-        self._generated = 0
         self._to_verify: list[tuple[RequestOutput, SamplingParams]] = []
-        self._verified = self._verify_mismatches = 0
+        self._step_index = self._generated = self._verified = self._verify_mismatches = 0
         self._trace = open(config.trace_path, "w") if config.trace_path else None
 
     @property
@@ -195,41 +183,30 @@ class Engine:
     def _validate_prompt(self, prompt: Any) -> list[int]:
         prompt = plan_lib.check_token_ids("prompt_token_ids", prompt, self.runner.config.vocab_size)
         if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt)} tokens; max_model_len={self.max_model_len} leaves no "
-                "room for a completion"
-            )
+            raise ValueError(f"prompt has {len(prompt)} tokens; max_model_len={self.max_model_len} "
+                             "leaves no room for a completion")  # fmt: skip
         return prompt
 
-    def _validate_request(
-        self, prompt_token_ids: Any, sampling_params: Any
-    ) -> tuple[list[int], SamplingParams, int]:
+    def _validate_request(self, prompt: Any, params: Any) -> tuple[list, SamplingParams, int]:
         """Checks one request without changing any state; returns (prompt, params, max_len)."""
-        prompt = self._validate_prompt(prompt_token_ids)
-        params = sampling_params if sampling_params is not None else SamplingParams()
+        prompt = self._validate_prompt(prompt)
+        params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         vocab = self.runner.config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
+        if bad := [t for t in params.stop_token_ids if t >= vocab]:
             raise ValueError(f"stop_token_ids holds {bad}, outside [0, {vocab})")
         max_len = min(len(prompt) + params.max_tokens, self.max_model_len)
         pages_needed = -(-max_len // self.config.page_size)
         if pages_needed > self.num_pages:
-            raise ValueError(
-                f"request needs up to {pages_needed} KV pages ({max_len} tokens) but the pool has "
-                f"{self.num_pages}: it could never run; raise num_pages or lower max_tokens"
-            )
+            raise ValueError(f"request needs up to {pages_needed} KV pages ({max_len} tokens) but "
+                             f"the pool has {self.num_pages}: it could never run; raise num_pages "
+                             "or lower max_tokens")  # fmt: skip
         return prompt, params, max_len
 
-    def add_request(
-        self,
-        prompt_token_ids: Sequence[int],
-        sampling_params: SamplingParams | None = None,
-        request_id: str | None = None,
-        *,
-        stop: Callable[[list[int]], bool] | None = None,
-    ) -> str:
+    def add_request(self, prompt_token_ids: Sequence[int],
+                    sampling_params: SamplingParams | None = None, request_id: str | None = None,
+                    *, stop: Callable[[list[int]], bool] | None = None) -> str:  # fmt: skip
         """Queues a request; returns its id. Validates everything before anything is queued.
 
         `stop`, if given, is called with the generated token ids after every new token; True
@@ -251,7 +228,9 @@ class Engine:
             while taken(request_id):  # a caller already used this id: never overwrite it
                 k += 1
                 request_id = f"req-{arrival}-{k}"
-        seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + arrival) % (2**31)
+        seed = params.seed
+        if seed is None:
+            seed = (self.config.seed * 1_000_003 + arrival) % (2**31)
         replica = arrival % len(self.schedulers)
         seq = Seq(request_id, arrival, prompt, params, seed, max_len, stop, replica)
         self._seqs[request_id] = seq
@@ -259,11 +238,8 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Ends a request now with finish_reason='aborted' and its partial output.
-
-        Returns that output; None if the request already finished (a no-op). Raises KeyError for
-        an id the engine never saw.
-        """
+        """Ends a request now with finish_reason='aborted'; returns its partial output, None if it
+        already finished (a no-op). Raises KeyError for an id the engine never saw."""
         if not isinstance(request_id, str):
             raise TypeError(f"abort: request_id={request_id!r} must be a str")
         seq = self._seqs.get(request_id)
@@ -283,18 +259,13 @@ class Engine:
         del self._seqs[seq.request_id]
         self._finished_ids.add(seq.request_id)
         seq.finish_reason = reason
+        top = [list(zip(i.tolist(), v.tolist())) for i, v in seq.top]
         out = RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=list(seq.prompt),
-            token_ids=seq.tokens[len(seq.prompt) :],
-            logprobs=np.asarray(seq.logprobs, np.float32),
-            policy_versions=np.asarray(seq.versions, np.int32),
-            finish_reason=reason,
-            top_logprobs=[list(zip(i.tolist(), v.tolist())) for i, v in seq.top]
-            if seq.params.logprobs
-            else None,
-            error=error,
-        )
+            request_id=seq.request_id, prompt_token_ids=list(seq.prompt),
+            token_ids=seq.tokens[len(seq.prompt) :], logprobs=np.asarray(seq.logprobs, np.float32),
+            policy_versions=np.asarray(seq.versions, np.int32), finish_reason=reason,
+            top_logprobs=top if seq.params.logprobs else None, error=error,
+        )  # fmt: skip
         if self._verify_selects(seq, reason):
             self._to_verify.append((out, seq.params))
         return out
@@ -303,9 +274,9 @@ class Engine:
         """The parity guard checks a deterministic `verify_fraction` of the finished requests
         (the same ones on every process) whose KV and tokens all come from the current weights."""
         f = self.config.verify_fraction
-        if not f or reason not in ("stop", "length") or seq.kv_version != self.policy_version:
+        if not f or reason not in ("stop", "length"):
             return False
-        if any(v != self.policy_version for v in seq.versions):
+        if any(v != self.policy_version for v in [seq.kv_version, *seq.versions]):
             return False
         h = hashlib.blake2b(f"{self.config.seed}:{seq.arrival}".encode(), digest_size=8)
         return int.from_bytes(h.digest(), "little") < f * 2**64
@@ -333,10 +304,8 @@ class Engine:
         return bad
 
     def _stop_reason(self, seq: Seq, token: int) -> str | None:
-        p = seq.params
-        if not p.ignore_eos and token in self.runner.config.eos_token_ids:
-            return "stop"
-        if token in p.stop_token_ids:
+        p, eos = seq.params, self.runner.config.eos_token_ids
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
             return "stop"
         if seq.num_generated >= p.max_tokens or len(seq.tokens) >= seq.max_len:
             return "length"
@@ -367,9 +336,9 @@ class Engine:
         return finished
 
     def _check_processes_agree(self, plans: list[plan_lib.StepPlan], top_n: int) -> None:
-        """All-gathers a digest of this step (its plans, the live request ids, the policy version)
-        from every process and raises DivergenceError on all of them if any differs: running
-        different plans would hang in a collective or silently compute different things."""
+        """Raises DivergenceError on every process if this step's digest (plans, live request
+        ids, policy version) differs across processes: different plans would hang in a
+        collective or silently compute different things."""
         from jax.experimental import multihost_utils
 
         h = hashlib.blake2b(digest_size=16)
@@ -381,15 +350,12 @@ class Engine:
         mine = np.concatenate([np.frombuffer(h.digest(), np.uint32), np.asarray(counts, np.uint32)])
         every = np.asarray(multihost_utils.process_allgather(mine))
         if (every != every[0]).any():
-            lines = [
-                f"process {i}: step {r[4]}, policy version {r[5]}, {r[6]} tokens, {r[7]} live "
-                f"requests, top_n {r[8]}, plan digest {r[:4].tobytes().hex()}"
-                for i, r in enumerate(every)
-            ]
-            raise DivergenceError(
-                f"step {self._step_index}: the processes' step plans differ (every process must "
-                "make the same engine calls with the same arguments):\n  " + "\n  ".join(lines)
-            )
+            lines = [f"process {i}: step {r[4]}, policy version {r[5]}, {r[6]} tokens, {r[7]} live "
+                     f"requests, top_n {r[8]}, plan digest {r[:4].tobytes().hex()}"
+                     for i, r in enumerate(every)]  # fmt: skip
+            raise DivergenceError(f"step {self._step_index}: the processes' step plans differ "
+                                  "(every process must make the same engine calls with the same "
+                                  "arguments):\n  " + "\n  ".join(lines))  # fmt: skip
 
     def _absorb(self, scheduled: Scheduled, sel) -> list[RequestOutput]:
         finished = []
@@ -400,20 +366,17 @@ class Engine:
             r, row = row, row + 1
             if seq.request_id not in self._seqs:
                 continue
-            if self.config.check_finite and not sel.finite[r]:
-                finished.append(self._finish(seq, "error", "non-finite logits"))
-                continue
-            if self.config.check_finite and not np.isfinite(sel.value[r]):
-                # finite logits but a NaN/inf number for the sampled token (fp32 overflow in
-                # processing): never hand the trainer a non-finite logprob
-                finished.append(self._finish(seq, "error", "non-finite logprob"))
+            # finite logits can still give a NaN/inf number for the sampled token (fp32 overflow in
+            # processing): never hand the trainer a non-finite logprob
+            if self.config.check_finite and not (sel.finite[r] and np.isfinite(sel.value[r])):
+                why = "non-finite logits" if not sel.finite[r] else "non-finite logprob"
+                finished.append(self._finish(seq, "error", why))
                 continue
             token = int(sel.token[r])
             seq.tokens.append(token)
             seq.logprobs.append(float(sel.value[r]))
             seq.versions.append(self.policy_version)
-            if seq.params.logprobs:
-                n = seq.params.logprobs
+            if n := seq.params.logprobs:
                 seq.top.append((sel.top_ids[r, :n].copy(), sel.top_values[r, :n].copy()))
             self._generated += 1
             reason = self._stop_reason(seq, token)
@@ -427,41 +390,29 @@ class Engine:
                 finished.append(self._finish(seq, reason))
         return finished
 
-    def _write_trace(
-        self, planned: list[Scheduled], compiled_now: bool, seconds: float, mismatches: list[str]
-    ) -> None:
+    def _write_trace(self, planned: list[Scheduled], compiled_now: bool, seconds: float,
+                     mismatches: list[str]) -> None:  # fmt: skip
         num_tokens, num_seqs = self.runner.bucket(max(p.plan.num_tokens for p in planned))
-        record = {
-            "step": self._step_index - 1,
-            "bucket_tokens": num_tokens,
-            "bucket_seqs": num_seqs,
-            "prefill_tokens": sum(p.num_prefill_tokens for p in planned),
-            "decode_tokens": sum(p.num_decode_tokens for p in planned),
-            "seqs": sum(len(p.seqs) for p in planned),
-            "policy_version": self.policy_version,
-            "compiled": compiled_now,
-            "step_seconds": round(seconds, 6),
-            "compile_seconds": round(seconds, 6) if compiled_now else 0.0,
-            "pages_free": sum(s.allocator.num_free for s in self.schedulers),
-            "preemptions": sum(s.num_preemptions for s in self.schedulers),
-        }
+        record = dict(
+            step=self._step_index - 1, bucket_tokens=num_tokens, bucket_seqs=num_seqs,
+            prefill_tokens=sum(p.num_prefill_tokens for p in planned),
+            decode_tokens=sum(p.num_decode_tokens for p in planned),
+            seqs=sum(len(p.seqs) for p in planned), policy_version=self.policy_version,
+            compiled=compiled_now, step_seconds=round(seconds, 6),
+            compile_seconds=round(seconds, 6) if compiled_now else 0.0,
+            pages_free=sum(s.allocator.num_free for s in self.schedulers),
+            preemptions=sum(s.num_preemptions for s in self.schedulers),
+        )  # fmt: skip
         if mismatches:
             record["verify_mismatches"] = mismatches
         self._trace.write(json.dumps(record) + "\n")
         self._trace.flush()
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        progress: bool | None = None,
-    ) -> list[RequestOutput]:
-        """Runs `prompts` to completion; outputs in prompt order.
-
-        Everything is validated before the first request is queued. `progress` shows a tqdm bar
-        on stderr (default: when stderr is a terminal).
-        """
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 progress: bool | None = None) -> list[RequestOutput]:  # fmt: skip
+        """Runs `prompts` to completion; outputs in prompt order. Everything is validated before
+        the first request is queued. `progress`: a tqdm bar on stderr (default: when a terminal)."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of token-id lists")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -471,33 +422,26 @@ class Engine:
             if len(params) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling_params")
         if self.paused:  # checked before queuing anything: the requests could never finish
-            raise RuntimeError("generate() on a paused engine would never finish; resume()")
+            raise RuntimeError(_PAUSED)
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
                 self._validate_request(p, sp)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"prompts[{i}]: {e}") from None
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        pending = set(ids)
-        results: dict[str, RequestOutput] = {}
-        bar = None
-        if progress or (progress is None and sys.stderr.isatty()):
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ids), desc="generate", unit="req")
-        try:
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        pending, results = set(ids), {}
+        show = progress or (progress is None and sys.stderr.isatty())
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
             while pending:
                 if self.paused:
-                    raise RuntimeError("generate() on a paused engine would never finish; resume()")
+                    raise RuntimeError(_PAUSED)
                 for out in self.step():
                     if out.request_id in pending:
                         pending.discard(out.request_id)
                         results[out.request_id] = out
-                        if bar:
-                            bar.update(1)
-        finally:
-            if bar:
-                bar.close()
+                        bar.update(1)
         return [results[i] for i in ids]
 
     def warmup(self, with_top_logprobs: bool = False) -> int:
@@ -518,15 +462,10 @@ class Engine:
                      output; the next `step()` returns them.
         Prefix-cache keys carry the version, so later requests never reuse older KV.
         """
-        if mode not in UPDATE_MODES:
-            raise ValueError(f"mode={mode!r} must be one of {UPDATE_MODES}")
-        old = self.runner.params
-        check_params(
-            params,
-            jax.tree_util.tree_map(lambda x: tuple(x.shape), old),
-            "update_weights: ",
-            jax.tree_util.tree_map(lambda x: x.dtype, old),
-        )
+        check_choice("mode", mode, UPDATE_MODES)
+        old, tree_map = self.runner.params, jax.tree_util.tree_map
+        check_params(params, tree_map(lambda x: tuple(x.shape), old), "update_weights: ",
+                     tree_map(lambda x: x.dtype, old))  # fmt: skip
         self.runner.set_params(params)
         self.policy_version += 1
         for scheduler in self.schedulers:
@@ -553,22 +492,19 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters of the engine (summed over data-parallel replicas; `num_pages` is the total)."""
         total = lambda f: sum(f(s) for s in self.schedulers)  # noqa: E731
-        return {
-            "compilations": len(self.runner.compiled),
-            "compile_seconds": round(self.runner.compile_seconds, 3),
-            "bucket_table_size": self.runner.bucket_table_size,
-            "prefix_cache_hit_tokens": total(lambda s: s.prefix_hit_tokens),
-            "preemptions": total(lambda s: s.num_preemptions),
-            "num_pages": self.num_pages * len(self.schedulers),
-            "num_pages_free": total(lambda s: s.allocator.num_free),
-            "generated_tokens": self._generated,
-            "steps": self._step_index,
-            "policy_version": self.policy_version,
-            "running": total(lambda s: len(s.running)),
-            "waiting": total(lambda s: len(s.waiting)),
-            "verified_requests": self._verified,
-            "verify_mismatches": self._verify_mismatches,
-        }
+        return dict(
+            compilations=len(self.runner.compiled),
+            compile_seconds=round(self.runner.compile_seconds, 3),
+            bucket_table_size=self.runner.bucket_table_size,
+            prefix_cache_hit_tokens=total(lambda s: s.prefix_hit_tokens),
+            preemptions=total(lambda s: s.num_preemptions),
+            num_pages=self.num_pages * len(self.schedulers),
+            num_pages_free=total(lambda s: s.allocator.num_free),
+            generated_tokens=self._generated, steps=self._step_index,
+            policy_version=self.policy_version, running=total(lambda s: len(s.running)),
+            waiting=total(lambda s: len(s.waiting)), verified_requests=self._verified,
+            verify_mismatches=self._verify_mismatches,
+        )  # fmt: skip
 
     def check_invariants(self) -> None:
         """Raises AssertionError if any replica's page books do not balance (tests call this)."""

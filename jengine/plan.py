@@ -22,6 +22,8 @@ import numpy as np
 
 from jengine.config import SamplingParams
 
+FILTERS = ("temperature", "top_k", "top_p", "min_p")  # the SamplingParams fields a row carries
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleRows:
@@ -42,34 +44,21 @@ class SampleRows:
     use_target: np.ndarray  # bool
 
     @classmethod
-    def of(
-        cls,
-        params: Sequence[SamplingParams],
-        seeds: Sequence[int],
-        positions: Sequence[int],
-        targets: Sequence[int | None] | None = None,
-    ) -> SampleRows:
+    def of(cls, params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int],
+           targets: Sequence[int | None] | None = None) -> SampleRows:  # fmt: skip
         """Rows from per-row sampling params, seeds, positions and (scoring) targets."""
         targets = [None] * len(params) if targets is None else targets
-        columns = dict(
-            temperature=[p.temperature for p in params],
-            top_k=[p.top_k for p in params],
-            top_p=[p.top_p for p in params],
-            min_p=[p.min_p for p in params],
-            seed=seeds,
-            position=positions,
-            target=[0 if t is None else t for t in targets],
-            use_target=[t is not None for t in targets],
-        )
-        return cls(
-            **{k: np.asarray(v, _ROW_DTYPES[k]).reshape(len(params)) for k, v in columns.items()}
-        )
+        columns = {k: [getattr(p, k) for p in params] for k in FILTERS}
+        columns.update(seed=seeds, position=positions, target=[t or 0 for t in targets],
+                       use_target=[t is not None for t in targets])  # fmt: skip
+        n = len(params)
+        return cls(**{k: np.asarray(v, ROW_DTYPES[k]).reshape(n) for k, v in columns.items()})
 
 
 # Fill values that make a padding row inert: greedy, no filters, no target.
 _ROW_FILL = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, position=0, target=0,
                  use_target=False)  # fmt: skip
-_ROW_DTYPES = dict(temperature=np.float32, top_k=np.int32, top_p=np.float32, min_p=np.float32,
+ROW_DTYPES = dict(temperature=np.float32, top_k=np.int32, top_p=np.float32, min_p=np.float32,
                    seed=np.uint32, position=np.int32, target=np.int32, use_target=np.bool_)  # fmt: skip
 
 
@@ -101,21 +90,14 @@ class StepPlan:
             out[: a.shape[0]] = a
             return out
 
-        rows = SampleRows(
-            **{
-                f.name: pad(getattr(self.rows, f.name), num_rows, _ROW_FILL[f.name])
-                for f in dataclasses.fields(SampleRows)
-            }
-        )
+        rows = SampleRows(**{f.name: pad(getattr(self.rows, f.name), num_rows, _ROW_FILL[f.name])
+                             for f in dataclasses.fields(SampleRows)})  # fmt: skip
         return StepPlan(
-            tokens=pad(self.tokens, num_tokens, 0),
-            positions=pad(self.positions, num_tokens, -1),
-            seq_ids=pad(self.seq_ids, num_tokens, 0),
-            slots=pad(self.slots, num_tokens, no_slot),
+            tokens=pad(self.tokens, num_tokens, 0), positions=pad(self.positions, num_tokens, -1),
+            seq_ids=pad(self.seq_ids, num_tokens, 0), slots=pad(self.slots, num_tokens, no_slot),
             page_table=pad(self.page_table, num_seqs, 0),
-            logit_rows=pad(self.logit_rows, num_rows, 0),
-            rows=rows,
-        )
+            logit_rows=pad(self.logit_rows, num_rows, 0), rows=rows,
+        )  # fmt: skip
 
     def digest(self) -> str:
         """A hex digest of every array (dtype, shape, bytes): equal plans, equal digests."""
@@ -192,21 +174,13 @@ def build(chunks: Sequence[Chunk], page_size: int, pages_per_seq: int) -> StepPl
         [r.params for r in rows], [r.seed for r in rows], [r.position for r in rows],
         [r.target for r in rows],
     )  # fmt: skip
-    return StepPlan(
-        **{k: v.astype(np.int32) for k, v in flat.items()},
-        page_table=table,
-        logit_rows=np.asarray(logit_rows, np.int32),
-        rows=sample_rows,
-    )
+    return StepPlan(**{k: v.astype(np.int32) for k, v in flat.items()}, page_table=table,
+                    logit_rows=np.asarray(logit_rows, np.int32), rows=sample_rows)  # fmt: skip
 
 
-def teacher_forcing(
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    params: Sequence[SamplingParams],
-    page_size: int,
-    pages_per_seq: int,
-) -> tuple[StepPlan, int]:
+def teacher_forcing(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                    params: Sequence[SamplingParams], page_size: int,
+                    pages_per_seq: int) -> tuple[StepPlan, int]:  # fmt: skip
     """One plan holding every prompt + completion[:-1], with consecutive scratch pages, and one
     logit row per completion token scoring it as the target (in sequence order).
 
@@ -218,10 +192,9 @@ def teacher_forcing(
     for prompt, completion, sp in zip(prompts, completions, params):
         seq = list(prompt) + list(completion)
         num_pages = -(-len(seq) // page_size)
-        rows = [
-            Row(len(prompt) - 1 + j, sp, 0, len(prompt) + j, int(tok))
-            for j, tok in enumerate(completion)
-        ]  # the target at position p + j is scored by the logits of position p + j - 1
+        # the target at position p + j is scored by the logits of position p + j - 1
+        p = len(prompt)
+        rows = [Row(p - 1 + j, sp, 0, p + j, int(t)) for j, t in enumerate(completion)]
         n = len(seq) - 1 if completion else len(seq)
         chunks.append(Chunk(seq[:n], 0, range(next_page, next_page + num_pages), rows))
         next_page += num_pages

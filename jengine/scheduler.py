@@ -42,7 +42,6 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in `pages`
     kv_version: int = 0  # policy version the first computed page was keyed under
     finish_reason: str | None = None
-    error: str | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -66,18 +65,10 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        allocator: BlockAllocator,
-        *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        pages_per_seq: int,
-    ):
-        self.allocator = allocator
-        self.page_size = allocator.page_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+    def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, pages_per_seq: int):  # fmt: skip
+        self.allocator, self.page_size = allocator, allocator.page_size
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.pages_per_seq = pages_per_seq
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # in admission order
@@ -94,8 +85,7 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Frees a sequence's pages and drops it from the queues."""
         self.allocator.free(seq.pages)
-        seq.pages = []
-        seq.num_computed = 0
+        seq.pages, seq.num_computed = [], 0
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
@@ -112,11 +102,14 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _grow(self, seq: Sequence, upto: int) -> None:
-        """Ensures `seq` owns pages for positions < upto (raises OutOfPages)."""
-        need = -(-upto // self.page_size) - len(seq.pages)
+    def _grow(self, seq: Sequence, budget: int) -> int:
+        """Ensures `seq` owns pages for its next n = min(uncomputed tokens, budget) tokens and
+        returns n (raises OutOfPages)."""
+        n = min(len(seq.tokens) - seq.num_computed, budget)
+        need = -(-(seq.num_computed + n) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages.extend(self.allocator.allocate(need))
+        return n
 
     def _cacheable_keys(self, seq: Sequence) -> list[PageKey]:
         """Prefix keys of `seq`'s full pages, never covering its last token."""
@@ -125,9 +118,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, keys: list[PageKey]) -> None:
         """Prefix-cache lookup for a sequence about to run (`keys`: its `_cacheable_keys`)."""
-        hits = self.allocator.lookup(keys)
-        seq.pages = list(hits)
-        seq.num_computed = len(hits) * self.page_size
+        seq.pages = self.allocator.lookup(keys)
+        seq.num_computed = len(seq.pages) * self.page_size
         seq.kv_version = self.version
         self.prefix_hit_tokens += seq.num_computed
 
@@ -138,7 +130,8 @@ class Scheduler:
         after = (seq.num_computed + n) // self.page_size
         if after <= before or seq.kv_version != self.version:
             return []
-        return page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)[before:after]
+        keys = page_keys(seq.tokens[: after * self.page_size], self.page_size, self.version)
+        return keys[before:after]
 
     def schedule(self) -> Scheduled | None:
         """Plans the next step, preempting as needed. None when there is nothing to run."""
@@ -148,9 +141,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq.tokens) - seq.num_computed, budget)
             try:
-                self._grow(seq, seq.num_computed + n)
+                n = self._grow(seq, budget)
             except OutOfPages:
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -174,9 +166,8 @@ class Scheduler:
                 deferred.append(seq)
                 continue
             self._admit(seq, keys)
-            n = min(len(seq.tokens) - seq.num_computed, budget)
             try:
-                self._grow(seq, seq.num_computed + n)
+                n = self._grow(seq, budget)
             except OutOfPages:
                 self.allocator.free(seq.pages)
                 self.prefix_hit_tokens -= seq.num_computed
@@ -188,9 +179,7 @@ class Scheduler:
             in_flight.update(self._keys_registered_by(seq, n))
             budget -= n
         self.waiting[:0] = deferred  # still in arrival order, ahead of every later arrival
-        if not planned:
-            return None
-        return self._build(planned)
+        return self._build(planned) if planned else None
 
     def _build(self, planned: list[tuple[Sequence, int]]) -> Scheduled:
         chunks, samples = [], []
@@ -205,14 +194,8 @@ class Scheduler:
                 prefill += n
             rows = [plan.Row(n - 1, seq.params, seq.seed, len(seq.tokens))] if is_last else []
             chunks.append(plan.Chunk(seq.tokens[start : start + n], start, seq.pages, rows))
-        return Scheduled(
-            seqs=[s for s, _ in planned],
-            num_new=[n for _, n in planned],
-            samples=samples,
-            plan=plan.build(chunks, self.page_size, self.pages_per_seq),
-            num_prefill_tokens=prefill,
-            num_decode_tokens=decode,
-        )
+        return Scheduled([s for s, _ in planned], [n for _, n in planned], samples,
+                         plan.build(chunks, self.page_size, self.pages_per_seq), prefill, decode)
 
     def commit(self, scheduled: Scheduled) -> None:
         """Marks the planned tokens computed and registers newly full pages in the prefix cache."""

@@ -9,13 +9,14 @@ therefore the same function of the same inputs: bitwise equal under the same `Nu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from jengine import plan as plan_lib
 from jengine import sharding
-from jengine.config import LOGPROBS_MODES, Numerics, SamplingParams, resolve_numerics
+from jengine.config import LOGPROBS_MODES, Numerics, SamplingParams, check_choice, resolve_numerics
 from jengine.models.transformer import Model
 from jengine.runner import empty_pages, next_pow2, place, run_plans
 
@@ -40,25 +41,25 @@ def per_sequence(sampling_params, n: int) -> list[SamplingParams]:
     return per_seq
 
 
-def mesh_of(params, mesh):
-    """`mesh` (normalised), or the mesh the params are sharded on, or None for one device."""
+def layout(params, config, mesh, numerics) -> tuple[Any, int, Numerics]:
+    """(mesh, its data size, numerics): `mesh` normalised, else the mesh the params are sharded on,
+    else None (one device); `numerics` resolved for the mesh's 'model' size and the model checked
+    against it."""
     if mesh is None:
         s = getattr(params["embed"], "sharding", None)
         if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
             mesh = s.mesh
-    return None if mesh is None else sharding.normalize_mesh(mesh)
+    mesh = None if mesh is None else sharding.normalize_mesh(mesh)
+    dp, tp = sharding.mesh_sizes(mesh) if mesh is not None else (1, 1)
+    numerics = resolve_numerics(numerics, tp)
+    if mesh is not None or numerics.column_blocks > 1:
+        sharding.check_model(config, tp, numerics.column_blocks)
+    return mesh, dp, numerics
 
 
-def score(
-    model: Model,
-    prompt_token_ids,
-    completion_token_ids,
-    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    *,
-    numerics: Numerics | None = None,
-    logprobs_mode: str = "processed_logprobs",
-    mesh=None,
-):
+def score(model: Model, prompt_token_ids, completion_token_ids,
+          sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+          numerics: Numerics | None = None, logprobs_mode: str = "processed_logprobs", mesh=None):
     """Each completion token's number under `logprobs_mode`, teacher-forced, in one forward pass.
 
     Args:
@@ -79,58 +80,44 @@ def score(
       f32[len(completion)] for one sequence, or a list of them for a batch. Tokens a filter
       dropped score -inf under the processed modes.
     """
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
+    check_choice("logprobs_mode", logprobs_mode, LOGPROBS_MODES)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jengine Model, got {type(model).__name__}")
-    for name, ids in (("prompt_token_ids", prompt_token_ids), ("completion_token_ids", completion_token_ids)):
+    for name, ids in (("prompt_token_ids", prompt_token_ids),
+                      ("completion_token_ids", completion_token_ids)):  # fmt: skip
         if not isinstance(ids, (list, tuple, np.ndarray)) or not (
             _is_token_list(ids) or all(isinstance(x, (list, tuple, np.ndarray)) for x in ids)
         ):
-            raise TypeError(
-                f"{name} must be a list of ints (one sequence) or a list of such lists, got "
-                f"{type(ids).__name__}"
-            )
+            raise TypeError(f"{name} must be a list of ints (one sequence) or a list of such "
+                            f"lists, got {type(ids).__name__}")  # fmt: skip
     single = _is_token_list(prompt_token_ids)
     prompts = [prompt_token_ids] if single else list(prompt_token_ids)
     completions = [completion_token_ids] if single else list(completion_token_ids)
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    vocab = model.config.vocab_size
+    vocab, max_pos = model.config.vocab_size, model.config.max_position_embeddings
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        prompts[i] = plan_lib.check_token_ids(f"prompt_token_ids[{i}]", p, vocab)
+        prompts[i] = p = plan_lib.check_token_ids(f"prompt_token_ids[{i}]", p, vocab)
         completions[i] = c = plan_lib.check_token_ids(f"completion_token_ids[{i}]", c, vocab, True)
-        p = prompts[i]
-        if len(p) + len(c) > model.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence {i} has {len(p) + len(c)} tokens, more than "
-                f"max_position_embeddings={model.config.max_position_embeddings}"
-            )
+        if len(p) + len(c) > max_pos:
+            raise ValueError(f"sequence {i} has {len(p) + len(c)} tokens, more than "
+                             f"max_position_embeddings={max_pos}")  # fmt: skip
     per_seq = per_sequence(sampling_params, len(prompts))
-    mesh = mesh_of(model.params, mesh)
-    dp, tp = sharding.mesh_sizes(mesh) if mesh is not None else (1, 1)
-    numerics = resolve_numerics(numerics, tp)
-    if mesh is not None or numerics.column_blocks > 1:
-        sharding.check_model(model.config, tp, numerics.column_blocks)
+    mesh, dp, numerics = layout(model.params, model.config, mesh, numerics)
     groups = [list(range(g, len(prompts), dp)) for g in range(dp)]  # sequences of data row g
     # Page-table width and scratch pool in powers of two: programs repeat across calls, bits do not
     # change (attention walks a sequence's own blocks only, in logical order).
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     width = next_pow2(-(-longest // SCRATCH_PAGE))
-    plans, num_pages = [], 1
-    for idx in groups:
-        p, n = plan_lib.teacher_forcing(
-            [prompts[i] for i in idx], [completions[i] for i in idx], [per_seq[i] for i in idx],
-            SCRATCH_PAGE, width,
-        )  # fmt: skip
-        plans.append(p)
-        num_pages = max(num_pages, n)
-    shape = (
-        next_pow2(max(p.num_tokens for p in plans), 16),
-        next_pow2(max(len(idx) for idx in groups)),
-        next_pow2(max(len(p.logit_rows) for p in plans), 16),
-    )
-    num_pages = next_pow2(num_pages)
+    # per data row: (its plan, the scratch pages the plan writes)
+    forced = [plan_lib.teacher_forcing([prompts[i] for i in idx], [completions[i] for i in idx],
+                                       [per_seq[i] for i in idx], SCRATCH_PAGE, width)
+              for idx in groups]  # fmt: skip
+    plans = [p for p, _ in forced]
+    shape = (next_pow2(max(p.num_tokens for p in plans), 16),
+             next_pow2(max(len(idx) for idx in groups)),
+             next_pow2(max(len(p.logit_rows) for p in plans), 16))  # fmt: skip
+    num_pages = next_pow2(max([1] + [n for _, n in forced]))
     dtype = model.params["embed"].dtype
     sels, _ = run_plans(
         place(model, mesh), empty_pages(model.config, num_pages, SCRATCH_PAGE, dtype, mesh),

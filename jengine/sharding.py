@@ -3,31 +3,20 @@
 Mesh: axes ('data', 'model') of shape (data_parallel_size, tensor_parallel_size), from
 `jax.devices()` or given. Every partition spec lives here (`param_specs`, `KV_SPEC`).
 
-Tensor parallelism (axis 'model'), by construction bitwise equal to one device:
-  * attention heads, KV pages (by KV head) and every projection are split by OUTPUT columns; the
-    embedding / lm_head by vocabulary rows. Activations are all-gathered between layers; no
-    reduction is ever split (no psum of partial products, rule 7 of the numerical contract).
-  * when num_kv_heads < tp, each device computes all KV heads (the k/v weights are replicated;
-    they are small under GQA) and keeps the one its query heads use: KV head j is stored on the
-    tp / num_kv_heads devices that need it.
-  * XLA's CPU dot is row-invariant but not column-invariant (a column's bits change with the
-    number of columns of the dot), and reductions over heads change with the number of heads.
-    So the numerics carry `column_blocks = C` (`Numerics.column_blocks`): every matmul computes
-    its output in C fixed column blocks, the lm_head in C fixed vocabulary blocks, attention and
-    qk-norm in fixed head units. A device holding 1/tp of the columns computes C/tp of those
-    blocks with exactly the same fixed-shape dots as one device computing all C.
+Tensor parallelism (axis 'model'), bitwise equal to one device (BUILD.md's tensor-parallel
+section): heads, KV pages (by KV head) and every projection are split by output columns, the
+embedding / lm_head by vocabulary rows; activations are all-gathered, no reduction is ever split.
+With num_kv_heads < tp the k/v weights are replicated and each device keeps the KV head its query
+heads use. Every matmul computes its output in `Numerics.column_blocks` = C fixed blocks, so a
+device holding 1/tp of the columns runs C/tp of exactly the dots one device runs.
 
-Data parallelism (axis 'data'): data row i of the mesh serves replica i's step plan. The step is
-one SPMD program over the whole mesh: the replicas' plans are stacked on a leading [dp] axis, the
-KV pages carry the same leading axis (each replica's pool on its own data row), params are
-replicated over 'data'. Since a request's output does not depend on its batch, dp changes no bit.
-
+Data parallelism (axis 'data'): one SPMD step over the whole mesh; data row i runs replica i's
+plan (plans and KV pages carry a leading [dp] axis), params are replicated over 'data'.
 This module imports nothing above the model layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jengine.config import EngineConfig, ModelConfig, Numerics
+from jengine.config import EngineConfig, ModelConfig, Numerics, check_column_blocks
 from jengine.models.transformer import KVCache, Params, forward, param_shapes
 from pallas_kernels.ops import head_unit
 
@@ -49,23 +38,16 @@ KV_SPEC = P(DATA, None, None, MODEL, None)
 # -- meshes -----------------------------------------------------------------------------------
 
 
-def make_mesh(
-    tensor_parallel_size: int = 1,
-    data_parallel_size: int = 1,
-    devices: Sequence[jax.Device] | None = None,
-) -> Mesh:
+def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:  # fmt: skip
     """A ('data', 'model') mesh of shape (dp, tp) over the first dp * tp of `devices`."""
     devices = list(jax.devices() if devices is None else devices)
     need = tensor_parallel_size * data_parallel_size
     if len(devices) < need:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
-            f"needs {need} devices; {len(devices)} available"
-        )
-    grid = np.asarray(devices[:need], dtype=object).reshape(
-        data_parallel_size, tensor_parallel_size
-    )
-    return Mesh(grid, (DATA, MODEL))
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size="
+                         f"{data_parallel_size} needs {need} devices; {len(devices)} available")
+    grid = np.asarray(devices[:need], dtype=object)
+    return Mesh(grid.reshape(data_parallel_size, tensor_parallel_size), (DATA, MODEL))
 
 
 def normalize_mesh(mesh: Mesh) -> Mesh:
@@ -100,10 +82,8 @@ def engine_mesh(config: EngineConfig, mesh: Mesh | None) -> Mesh:
         return make_mesh(tp, dp)
     mesh = normalize_mesh(mesh)
     if mesh_sizes(mesh) != (dp, tp):
-        raise ValueError(
-            f"mesh has (data, model) sizes {mesh_sizes(mesh)} but the config asks for "
-            f"data_parallel_size={dp}, tensor_parallel_size={tp}"
-        )
+        raise ValueError(f"mesh has (data, model) sizes {mesh_sizes(mesh)} but the config asks "
+                         f"for data_parallel_size={dp}, tensor_parallel_size={tp}")
     return mesh
 
 
@@ -121,22 +101,17 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
     problems = []
     if kvh % tp and tp % kvh:
         problems.append(f"num_kv_heads={kvh} and tp={tp}: one must divide the other")
-    for name, n in (
-        ("num_heads", heads),
-        ("hidden_size", config.hidden_size),
-        ("intermediate_size", config.intermediate_size),
-        ("vocab_size", config.vocab_size),
-        ("num_kv_heads * head_dim", kvh * config.head_dim),
-    ):
+    for name, n in (("num_heads", heads), ("hidden_size", config.hidden_size),
+                    ("intermediate_size", config.intermediate_size),
+                    ("vocab_size", config.vocab_size),
+                    ("num_kv_heads * head_dim", kvh * config.head_dim)):  # fmt: skip
         if n % c:
             problems.append(f"{name}={n} is not a multiple of column_blocks={c}")
     if not problems and c > 1:
-        group = heads // kvh
-        unit = head_unit(heads, kvh, c)
+        unit, group = head_unit(heads, kvh, c), heads // kvh
         if group % unit:
-            problems.append(
-                f"attention head unit {unit} does not divide the {group} heads per KV head"
-            )
+            problems.append(f"attention head unit {unit} does not divide the {group} heads per "
+                            "KV head")  # fmt: skip
     if problems:
         raise ValueError("cannot shard this model bitwise: " + "; ".join(problems))
 
@@ -147,26 +122,12 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
 def param_specs(config: ModelConfig, tp: int) -> Params:
     """PartitionSpec per param (the `param_shapes` tree): output rows (columns of the product) and
     the vocabulary split; every matrix is `[out, in]`."""
-    kv = P(MODEL, None) if config.num_kv_heads % tp == 0 else P()
-    kv_bias = P(MODEL) if config.num_kv_heads % tp == 0 else P()
-    by_name = {
-        "attn_norm": P(),
-        "mlp_norm": P(),
-        "post_attn_norm": P(),
-        "post_mlp_norm": P(),
-        "q_norm": P(),
-        "k_norm": P(),
-        "wq": P(MODEL, None),
-        "bq": P(MODEL),
-        "wk": kv,
-        "wv": kv,
-        "bk": kv_bias,
-        "bv": kv_bias,
-        "wo": P(MODEL, None),
-        "w_gate": P(MODEL, None),
-        "w_up": P(MODEL, None),
-        "w_down": P(MODEL, None),
-    }
+    split = config.num_kv_heads % tp == 0  # else the k/v weights are replicated
+    kv, kv_bias = (P(MODEL, None), P(MODEL)) if split else (P(), P())
+    by_name = dict.fromkeys(("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm",
+                             "k_norm"), P())  # fmt: skip
+    by_name.update(dict.fromkeys(("wq", "wo", "w_gate", "w_up", "w_down"), P(MODEL, None)))
+    by_name.update(bq=P(MODEL), wk=kv, wv=kv, bk=kv_bias, bv=kv_bias)
     shapes = param_shapes(config)
     specs: Params = {
         "embed": P(MODEL, None),
@@ -182,11 +143,8 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
     """NamedSharding per param on `mesh` (pass to loaders as `shardings`)."""
     mesh = normalize_mesh(mesh)
     _, tp = mesh_sizes(mesh)
-    return jax.tree_util.tree_map(
-        lambda s: NamedSharding(mesh, s),
-        param_specs(config, tp),
-        is_leaf=lambda x: isinstance(x, P),
-    )
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(config, tp),
+                                  is_leaf=lambda x: isinstance(x, P))  # fmt: skip
 
 
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
@@ -194,9 +152,8 @@ def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
     return jax.device_put(params, param_shardings(config, mesh))
 
 
-def empty_kv_cache(
-    config: ModelConfig, num_pages: int, page_size: int, dtype: Any, mesh: Mesh
-) -> KVCache:
+def empty_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: Any,
+                   mesh: Mesh) -> KVCache:  # fmt: skip
     """Zeroed per-layer (k_pages, v_pages) [dp, num_pages, page_size, kv_stored, head_dim], one
     pool per data row, split by KV head over 'model', made on the devices."""
     mesh = normalize_mesh(mesh)
@@ -214,15 +171,11 @@ class _LocalContext:
     """What `models.transformer.forward` needs inside shard_map (see its `tp` argument)."""
 
     def __init__(self, config: ModelConfig, tp: int, numerics: Numerics):
-        self.config = config
-        self.tp = tp
+        self.config, self.tp = config, tp
         self.kv_replicated = config.num_kv_heads % tp != 0
         # replicated k/v weights hold all columns: computed in all C blocks, as on one device
-        self.kv_numerics = (
-            dataclasses.replace(numerics, column_blocks=numerics.column_blocks * tp)
-            if self.kv_replicated
-            else numerics
-        )
+        self.kv_numerics = numerics.replace(column_blocks=numerics.column_blocks * tp) if (
+            self.kv_replicated) else numerics  # fmt: skip
 
     def gather(self, x: jax.Array) -> jax.Array:
         """All devices' column shards of x, concatenated in device order (exact)."""
@@ -248,20 +201,13 @@ class _LocalContext:
 
 
 def local_numerics(numerics: Numerics, tp: int) -> Numerics:
-    if numerics.column_blocks % tp:
-        raise ValueError(f"column_blocks={numerics.column_blocks} must be a multiple of tp={tp}")
-    return dataclasses.replace(numerics, column_blocks=numerics.column_blocks // tp)
+    check_column_blocks(numerics.column_blocks, tp)
+    return numerics.replace(column_blocks=numerics.column_blocks // tp)
 
 
-def sharded_forward(
-    mesh: Mesh,
-    params: Params,
-    config: ModelConfig,
-    plan: Any,
-    kv: KVCache,
-    numerics: Numerics,
-    post: Callable[[jax.Array, Any], Any] | None = None,
-) -> tuple[Any, KVCache]:
+def sharded_forward(mesh: Mesh, params: Params, config: ModelConfig, plan: Any, kv: KVCache,
+                    numerics: Numerics, post: Callable[[jax.Array, Any], Any] | None = None,
+                    ) -> tuple[Any, KVCache]:  # fmt: skip
     """`forward` under shard_map over the whole ('data', 'model') mesh (called inside a jit).
 
     `plan` is a pytree of arrays with a leading [dp] axis (data row i's plan), `kv` is laid out as
@@ -274,26 +220,16 @@ def sharded_forward(
     _, tp = mesh_sizes(mesh)
     inner = local_numerics(numerics, tp)
     kv_specs = [(KV_SPEC, KV_SPEC) for _ in kv]
-
-    def first(tree):
-        return jax.tree_util.tree_map(lambda x: x[0], tree)
-
-    def stacked(tree):
-        return jax.tree_util.tree_map(lambda x: x[None], tree)
+    tree_map = jax.tree_util.tree_map
 
     def body(params, kv, plan):
-        plan, kv = first(plan), first(kv)
+        plan, kv = tree_map(lambda x: x[0], (plan, kv))  # this data row's
         ctx = _LocalContext(config, tp, inner) if tp > 1 else None
         logits, kv = forward(params, config, plan, kv, inner, tp=ctx)
         out = logits if post is None else post(logits, plan)
-        every = jax.tree_util.tree_map(lambda x: jax.lax.all_gather(x, DATA), out)  # [dp, ...]
-        return every, stacked(kv)
+        every = tree_map(lambda x: jax.lax.all_gather(x, DATA), out)  # [dp, ...]
+        return every, tree_map(lambda x: x[None], kv)
 
-    fn = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(param_specs(config, tp), kv_specs, P(DATA)),
-        out_specs=(P(), kv_specs),
-        check_vma=False,
-    )
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(param_specs(config, tp), kv_specs, P(DATA)),
+                       out_specs=(P(), kv_specs), check_vma=False)  # fmt: skip
     return fn(params, kv, plan)

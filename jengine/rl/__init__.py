@@ -24,22 +24,8 @@ from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
 from jengine.rl.pipeline import Group, GroupRequest, RolloutActor
 
 __all__ = [
-    "bitwise_equal",
-    "completion_mask",
-    "Group",
-    "GroupRequest",
-    "group_advantages",
-    "grpo_loss",
-    "gspo_loss",
-    "log_ratios",
-    "masked_is",
-    "mismatch_metrics",
-    "pack",
-    "RolloutActor",
-    "sequence_log_ratios",
-    "sequence_ratios",
-    "to_host",
-    "token_logprobs",
-    "token_ratios",
+    "bitwise_equal", "completion_mask", "Group", "GroupRequest", "group_advantages", "grpo_loss",
+    "gspo_loss", "log_ratios", "masked_is", "mismatch_metrics", "pack", "RolloutActor",
+    "sequence_log_ratios", "sequence_ratios", "to_host", "token_logprobs", "token_ratios",
     "truncated_is",
-]
+]  # fmt: skip

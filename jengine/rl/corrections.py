@@ -15,10 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jengine.config import check_choice
+
 LEVELS = ("token", "sequence")
 
 
 def _mask(mask, like):
+    """bool mask shaped like `like`: `mask`, or all True when None."""
     if mask is None:
         return jnp.ones(jnp.shape(like), jnp.bool_)
     return jnp.asarray(mask).astype(jnp.bool_)
@@ -49,8 +52,7 @@ def sequence_ratios(logp_num, logp_den, mask=None) -> jax.Array:
 
 
 def _ratios(logp_train, logp_rollout, mask, level: str) -> jax.Array:
-    if level not in LEVELS:
-        raise ValueError(f"level={level!r} must be one of {LEVELS}")
+    check_choice("level", level, LEVELS)
     m = _mask(mask, logp_train)
     if level == "token":
         w = token_ratios(logp_train, logp_rollout, m)
@@ -65,16 +67,8 @@ def truncated_is(logp_train, logp_rollout, mask=None, *, cap: float = 2.0, level
     return jax.lax.stop_gradient(jnp.where(m, jnp.minimum(w, cap), 0.0))
 
 
-def masked_is(
-    logp_train,
-    logp_rollout,
-    mask=None,
-    *,
-    lo: float = 0.2,
-    hi: float = 5.0,
-    level: str = "token",
-    keep_ratio: bool = True,
-):
+def masked_is(logp_train, logp_rollout, mask=None, *, lo: float = 0.2, hi: float = 5.0,
+              level: str = "token", keep_ratio: bool = True):  # fmt: skip
     """f32[B, T] MIS weights: the ratio (or 1 if not keep_ratio) inside [lo, hi], else 0."""
     w, m = _ratios(logp_train, logp_rollout, mask, level)
     inside = m & (w >= lo) & (w <= hi)

@@ -1,13 +1,10 @@
 """Differentiable, batched trainer-side logprobs that are bitwise the engine's rollout logprobs.
 
 `token_logprobs(params, config, tokens[B, L], prompt_lens[B], completion_lens[B])` runs the same
-`models.transformer.forward` and `sampling.select` (with the tokens as targets) that the engine's
-compiled step runs, over a fixed layout: sequence b's KV pages are the static range
-`b * P .. b * P + P - 1` (P = ceil(L / page_size)), every token of every row is computed, and
-the logit rows are all positions but the last (`dense_plan`, built by the same `plan.build` as the
-engine's steps). Every op is row-invariant, so the value of a completion token equals the
-engine's logprob of that token, bit for bit, when `logprobs_mode`, the `Numerics` (pass
-`engine.numerics`) and the sampling filters match the engine's.
+`models.transformer.forward` and `sampling.select` (the tokens as targets) as the engine's compiled
+step, over a fixed teacher-forcing layout (`dense_plan`, made by the engine's `plan.build`). Every
+op is row-invariant, so a completion token's value is the engine's logprob of it, bit for bit,
+when `logprobs_mode`, the `Numerics` (pass `engine.numerics`) and the sampling filters match.
 
 Alignment: output column t holds the number of `tokens[:, t + 1]` given `tokens[:, : t + 1]`,
 so the output is f32[B, L - 1]; `completion_mask` says which columns are completion tokens.
@@ -31,9 +28,9 @@ import numpy as np
 
 from jengine import plan as plan_lib
 from jengine import sampling, sharding
-from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams, resolve_numerics
+from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams, check_choice
 from jengine.models.transformer import Params, empty_kv_cache, forward
-from jengine.scoring import mesh_of, per_sequence
+from jengine.scoring import layout, per_sequence
 
 DEFAULT_PAGE_SIZE = 16  # any page size gives the same bits; this one keeps the page table short
 PAD_MULTIPLE = 32  # flat token / logit-row counts are padded to a multiple of this
@@ -62,10 +59,8 @@ def dense_plan(batch: int, length: int, page_size: int) -> tuple[plan_lib.StepPl
     pages = -(-length // page_size)
     placeholder = SamplingParams()
     rows = [plan_lib.Row(t, placeholder, 0, t + 1, 0) for t in range(length - 1)]
-    chunks = [
-        plan_lib.Chunk([0] * length, 0, range(b * pages, (b + 1) * pages), rows)
-        for b in range(batch)
-    ]
+    chunks = [plan_lib.Chunk([0] * length, 0, range(b * pages, (b + 1) * pages), rows)
+              for b in range(batch)]  # fmt: skip
     layout = plan_lib.build(chunks, page_size, pages)
     num_tokens = _round_up(batch * length, PAD_MULTIPLE)
     num_rows = _round_up(batch * (length - 1), PAD_MULTIPLE)
@@ -82,24 +77,12 @@ def _entropy(raw: jax.Array, rp: plan_lib.SampleRows, logprobs_mode: str) -> jax
     return -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "logprobs_mode", "numerics", "mesh", "page_size", "with_entropy"),
-)
-def _token_values(
-    params: Params,
-    tokens: jax.Array,
-    prompt_lens: jax.Array,
-    completion_lens: jax.Array,
-    sampling_rows: dict[str, jax.Array],
-    *,
-    config: ModelConfig,
-    logprobs_mode: str,
-    numerics: Numerics,
-    mesh: jax.sharding.Mesh | None,
-    page_size: int,
-    with_entropy: bool,
-):
+@functools.partial(jax.jit, static_argnames=("config", "logprobs_mode", "numerics", "mesh",
+                                              "page_size", "with_entropy"))  # fmt: skip
+def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
+                  completion_lens: jax.Array, sampling_rows: dict[str, jax.Array], *,
+                  config: ModelConfig, logprobs_mode: str, numerics: Numerics,
+                  mesh: jax.sharding.Mesh | None, page_size: int, with_entropy: bool):  # fmt: skip
     batch, length = tokens.shape
     dp = 1 if mesh is None else sharding.mesh_sizes(mesh)[0]
     layout, num_pages = dense_plan(batch // dp, length, page_size)
@@ -124,9 +107,8 @@ def _token_values(
         rp = jax.tree_util.tree_map(lambda x: x[:n], p.rows)
         logits = logits[:n]
         values = sampling.select(logits, rp, logprobs_mode).value
-        if not with_entropy:
-            return values, None
-        return values, _entropy(jax.lax.stop_gradient(logits), rp, logprobs_mode)
+        ent = _entropy(jax.lax.stop_gradient(logits), rp, logprobs_mode) if with_entropy else None
+        return values, ent
 
     if mesh is None:
         kv = empty_kv_cache(config, num_pages, page_size, params["embed"].dtype)
@@ -148,23 +130,14 @@ def _token_values(
 
 
 def token_logprobs(
-    params: Params,
-    config: ModelConfig,
-    tokens: jax.Array,
-    prompt_lens: jax.Array,
-    completion_lens: jax.Array | None = None,
-    *,
+    params: Params, config: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array,
+    completion_lens: jax.Array | None = None, *,
     sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    temperature: Any = None,
-    top_k: Any = None,
-    top_p: Any = None,
-    min_p: Any = None,
-    logprobs_mode: str = "processed_logprobs",
-    numerics: Numerics | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    temperature: Any = None, top_k: Any = None, top_p: Any = None, min_p: Any = None,
+    logprobs_mode: str = "processed_logprobs", numerics: Numerics | None = None,
+    mesh: jax.sharding.Mesh | None = None, page_size: int = DEFAULT_PAGE_SIZE,
     with_entropy: bool = False,
-):
+):  # fmt: skip
     """Per-token numbers of `tokens` under `params`, teacher-forced: f32[B, L - 1].
 
     Args:
@@ -193,33 +166,23 @@ def token_logprobs(
     Jit-able and differentiable w.r.t. params; every argument except params, tokens, lengths and
     sampling arrays is static.
     """
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {LOGPROBS_MODES}")
+    check_choice("logprobs_mode", logprobs_mode, LOGPROBS_MODES)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, L] with L >= 2, got shape {tokens.shape}")
     batch, length = tokens.shape
-    mesh = mesh_of(params, mesh)
-    dp, tp = sharding.mesh_sizes(mesh) if mesh is not None else (1, 1)
+    mesh, dp, numerics = layout(params, config, mesh, numerics)
     if batch % dp:
         raise ValueError(f"tokens has {batch} rows, not a multiple of the mesh's data size {dp}")
-    numerics = resolve_numerics(numerics, tp)
-    if mesh is not None or numerics.column_blocks > 1:
-        sharding.check_model(config, tp, numerics.column_blocks)
     prompt_lens = jnp.broadcast_to(jnp.asarray(prompt_lens, jnp.int32), (batch,))
     if completion_lens is None:
         completion_lens = length - prompt_lens
     completion_lens = jnp.broadcast_to(jnp.asarray(completion_lens, jnp.int32), (batch,))
     per_seq = per_sequence(sampling_params, batch)
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    dtypes = dict(temperature=jnp.float32, top_k=jnp.int32, top_p=jnp.float32, min_p=jnp.float32)
-    rows = {
-        k: jnp.broadcast_to(
-            jnp.asarray([getattr(s, k) for s in per_seq] if given[k] is None else given[k], dtype),
-            (batch,),
-        )
-        for k, dtype in dtypes.items()
-    }
+    rows = {k: jnp.broadcast_to(jnp.asarray([getattr(s, k) for s in per_seq] if given[k] is None
+                                            else given[k], plan_lib.ROW_DTYPES[k]), (batch,))
+            for k in plan_lib.FILTERS}  # fmt: skip
     return _token_values(
         params, tokens, prompt_lens, completion_lens, rows, config=config,
         logprobs_mode=logprobs_mode, numerics=numerics, mesh=mesh, page_size=page_size,
@@ -227,13 +190,9 @@ def token_logprobs(
     )  # fmt: skip
 
 
-def pack(
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    length: int | None = None,
-    pad_id: int = 0,
-    rollout_logprobs: Sequence[Sequence[float]] | None = None,
-) -> dict[str, np.ndarray]:
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+         length: int | None = None, pad_id: int = 0,
+         rollout_logprobs: Sequence[Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """Host-side: right-padded `tokens` i32[B, L], `prompt_lens`, `completion_lens`, and when
     `rollout_logprobs` is given, `logprobs` f32[B, L - 1] aligned with `token_logprobs` (0 outside
     the completion)."""
@@ -248,11 +207,8 @@ def pack(
         if rollout_logprobs is not None:
             lp = np.asarray(rollout_logprobs[i], np.float32)
             out_lp[i, len(p) - 1 : len(p) - 1 + len(c)] = lp
-    out = dict(
-        tokens=tokens,
-        prompt_lens=np.asarray([len(p) for p in prompts], np.int32),
-        completion_lens=np.asarray([len(c) for c in completions], np.int32),
-    )
+    out = dict(tokens=tokens, prompt_lens=np.asarray([len(p) for p in prompts], np.int32),
+               completion_lens=np.asarray([len(c) for c in completions], np.int32))  # fmt: skip
     if rollout_logprobs is not None:
         out["logprobs"] = out_lp
     return out

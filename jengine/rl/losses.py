@@ -30,18 +30,10 @@ def _clip_obj(ratio, adv, eps_low, eps_high):
     return jnp.minimum(ratio * adv, clipped * adv)
 
 
-def grpo_loss(
-    logp: jax.Array,
-    logp_old: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    is_weights: jax.Array | None = None,
-    kl_coef: float = 0.0,
-    logp_ref: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def grpo_loss(logp: jax.Array, logp_old: jax.Array, advantages: jax.Array, mask: jax.Array, *,
+              eps_low: float = 0.2, eps_high: float = 0.2, is_weights: jax.Array | None = None,
+              kl_coef: float = 0.0, logp_ref: jax.Array | None = None,
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
     """Token-level clipped objective. logp/logp_old/mask: [B, T]; advantages: [B] (one per row).
 
     Returns (loss, aux) with aux['ratio'] f32[B, T] and aux['clipped'] (fraction of masked
@@ -66,17 +58,9 @@ def grpo_loss(
     return loss, {"ratio": ratio, "clipped": clipped}
 
 
-def gspo_loss(
-    logp: jax.Array,
-    logp_old: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    eps_low: float = 3e-4,
-    eps_high: float = 4e-4,
-    is_weights: jax.Array | None = None,
-    length_weighted: bool = False,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def gspo_loss(logp: jax.Array, logp_old: jax.Array, advantages: jax.Array, mask: jax.Array, *,
+              eps_low: float = 3e-4, eps_high: float = 4e-4, is_weights: jax.Array | None = None,
+              length_weighted: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
     """Sequence-level clipped objective (GSPO). Shapes as in `grpo_loss`.
 
     `is_weights` [B, T] are averaged over each row's tokens into one weight per sequence.

@@ -20,11 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _mask(mask, like: jax.Array) -> jax.Array:
-    if mask is None:
-        return jnp.ones(like.shape, jnp.bool_)
-    return jnp.asarray(mask).astype(jnp.bool_)
+from jengine.rl.corrections import _mask
 
 
 def bitwise_equal(a: jax.Array, b: jax.Array, mask=None) -> jax.Array:
@@ -34,20 +30,13 @@ def bitwise_equal(a: jax.Array, b: jax.Array, mask=None) -> jax.Array:
     return jnp.sum((a32 == b32) & _mask(mask, a32)).astype(jnp.int32)
 
 
-def mismatch_metrics(
-    logp_new: jax.Array,
-    logp_old: jax.Array,
-    mask=None,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-) -> dict[str, jax.Array]:
+def mismatch_metrics(logp_new: jax.Array, logp_old: jax.Array, mask=None, *, eps_low: float = 0.2,
+                     eps_high: float = 0.2) -> dict[str, jax.Array]:  # fmt: skip
     """Mismatch/ratio metrics of logp_new against logp_old over the masked tokens (see module)."""
     logp_new = jnp.asarray(logp_new, jnp.float32)
     logp_old = jnp.asarray(logp_old, jnp.float32)
     m = _mask(mask, logp_new)
-    mf = m.astype(jnp.float32)
-    n = jnp.sum(mf)
+    n = jnp.sum(m.astype(jnp.float32))
     denom = jnp.maximum(n, 1.0)
     r = jnp.where(m, logp_new - logp_old, 0.0)
     w = jnp.where(m, jnp.exp(r), 0.0)
@@ -61,22 +50,13 @@ def mismatch_metrics(
     sum_w2 = jnp.sum(w * w)
     ess = jnp.where(sum_w2 > 0, sum_w * sum_w / jnp.where(sum_w2 > 0, sum_w2, 1.0), 0.0)
     k3 = mean(jnp.expm1(r) - r)  # = w - r - 1, with less cancellation near r = 0
-    return {
-        "ratio_mean": mean(w),
-        "ratio_max": jnp.max(jnp.where(m, w, -jnp.inf)),
-        "clip_frac_low": low,
-        "clip_frac_high": high,
-        "clip_frac": low + high,
-        "k1": mean(-r),
-        "k3": k3,
-        "kl_new_old": k3,
-        "mean_abs_log_ratio": mean(jnp.abs(r)),
-        "max_abs_diff": jnp.max(jnp.where(m, jnp.abs(r), 0.0)),
-        "ess": ess,
-        "ess_frac": ess / denom,
-        "bitwise_equal": bitwise_equal(logp_new, logp_old, m),
-        "num_tokens": n.astype(jnp.int32),
-    }
+    return dict(
+        ratio_mean=mean(w), ratio_max=jnp.max(jnp.where(m, w, -jnp.inf)), clip_frac_low=low,
+        clip_frac_high=high, clip_frac=low + high, k1=mean(-r), k3=k3, kl_new_old=k3,
+        mean_abs_log_ratio=mean(jnp.abs(r)), max_abs_diff=jnp.max(jnp.where(m, jnp.abs(r), 0.0)),
+        ess=ess, ess_frac=ess / denom, bitwise_equal=bitwise_equal(logp_new, logp_old, m),
+        num_tokens=n.astype(jnp.int32),
+    )  # fmt: skip
 
 
 def to_host(metrics: dict[str, jax.Array]) -> dict[str, float | int]:

@@ -8,26 +8,24 @@
             actor.publish(params, version=step + 1)    # reaches the engine between two steps
 
 One background thread owns the `Engine`: after `start()` only that thread calls it, until `close()`
-returns (the engine stays single-threaded). It pulls `GroupRequest`s from `source` (any iterator;
-the source is read on the actor thread), keeps at most `max_in_flight` groups in the engine, and
-puts each finished `Group` on a bounded queue of `queue_size`. It admits a new group only while
-fewer than `queue_size` groups are in flight or finished but not yet taken by `get()`: generation
-runs at most `queue_size` groups ahead of the trainer (the bound on policy lag: a trainer taking
-N groups per update with queue_size = N sees lag <= 1 when generation keeps up). Between two engine steps it applies the newest params the trainer
-published (a latest-value mailbox: an update superseded before the actor saw it is skipped) with
+returns. It pulls `GroupRequest`s from `source` (any iterator, read on the actor thread), keeps at
+most `max_in_flight` groups in the engine and puts each finished `Group` on a bounded queue. A new
+group is admitted only while fewer than `queue_size` groups are in flight or finished but not yet
+taken by `get()`: the bound on policy lag (a trainer taking N groups per update with
+queue_size = N sees lag <= 1 when generation keeps up). Between two engine steps the actor applies
+the newest published params (a latest-value mailbox: a superseded update is skipped) with
 `engine.update_weights(params, mode=update_mode)`.
 
-Versions are the trainer's: `publish(params, version)` names the version, the actor maps the
-engine's policy version onto it, and `Group.versions[i][t]` is the trainer version that produced
-token t of sample i (the engine's own counter is in `outputs[i].policy_versions`).
-`Group.submitted_version` is the version served when the group entered the engine; a group whose
-submitted version and token versions all equal v was computed entirely (prompt KV included) under
-v's params, so under v its rollout logprobs are the trainer's bits exactly.
+Versions are the trainer's: `publish(params, version)` names the version, and
+`Group.versions[i][t]` is the trainer version that produced token t of sample i (the engine's own
+counter is in `outputs[i].policy_versions`). A group whose `submitted_version` (served when it
+entered the engine) and token versions all equal v was computed entirely under v's params, so
+under v its rollout logprobs are the trainer's bits exactly.
 
-Shutdown: `close()` sets a stop event; the thread aborts its in-flight requests (the engine is left
-empty, no pages held), exits, and is joined with a timeout. An exception on the actor thread stops
-it and is re-raised in the trainer by the next `get()` (or by `close()` if never delivered).
-Published params must not be donated or mutated by the trainer afterwards.
+`close()` stops the thread: in-flight requests are aborted (the engine is left empty, no pages
+held) and the thread is joined with a timeout. An exception on the actor thread is re-raised in
+the trainer by the next `get()` (or by `close()` if never delivered). Published params must not
+be donated or mutated by the trainer afterwards.
 """
 
 from __future__ import annotations
@@ -76,28 +74,18 @@ class Group:
     def on_policy(self, version: int) -> bool:
         """Every token and every KV entry of the group was computed under `version`."""
         return self.submitted_version == version and all(
-            (v == version).all() for v in self.versions
-        )
+            (v == version).all() for v in self.versions)  # fmt: skip
 
 
 class RolloutActor:
     """A background thread that owns `engine` and turns `source` into finished `Group`s."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        source: Iterable[GroupRequest],
-        *,
-        max_in_flight: int = 8,
-        queue_size: int = 8,
-        update_mode: str = "keep",
-        version: int = 0,
-        join_timeout: float = 120.0,
-    ):
+    def __init__(self, engine: Engine, source: Iterable[GroupRequest], *, max_in_flight: int = 8,
+                 queue_size: int = 8, update_mode: str = "keep", version: int = 0,
+                 join_timeout: float = 120.0):  # fmt: skip
         if max_in_flight < 1 or queue_size < 1:
-            raise ValueError(
-                f"max_in_flight={max_in_flight} and queue_size={queue_size} must be >= 1"
-            )
+            raise ValueError(f"max_in_flight={max_in_flight} and queue_size={queue_size} must "
+                             "be >= 1")  # fmt: skip
         self.engine, self._source = engine, iter(source)
         self.max_in_flight, self.update_mode = max_in_flight, update_mode
         self.join_timeout = join_timeout
@@ -124,9 +112,8 @@ class RolloutActor:
         """Hands new params (trainer version `version`, > every earlier one) to the actor."""
         with self._lock:
             if version <= self._published:
-                raise ValueError(
-                    f"version={version} must exceed the last published {self._published}"
-                )
+                raise ValueError(f"version={version} must exceed the last published "
+                                 f"{self._published}")  # fmt: skip
             if self._mailbox is not None:
                 self.stats["skipped_updates"] += 1
             self._mailbox, self._published = (params, version), version
@@ -195,11 +182,8 @@ class RolloutActor:
         try:
             while not self._stop.is_set():
                 self._apply_update()
-                while (
-                    not exhausted
-                    and len(building) < self.max_in_flight
-                    and self._room(building, ready)
-                ):
+                while (not exhausted and len(building) < self.max_in_flight
+                       and self._room(building, ready)):  # fmt: skip
                     req = next(self._source, None)
                     if req is None:
                         exhausted = True
@@ -218,8 +202,7 @@ class RolloutActor:
                 if self.engine.has_unfinished_requests():
                     for out in self.engine.step():
                         g, i = owner.pop(out.request_id)
-                        building[g]["outputs"][i] = out
-                        b = building[g]
+                        (b := building[g])["outputs"][i] = out
                         if len(b["outputs"]) == len(b["request"].sampling_params):
                             ready.append(self._group(g, building.pop(g)))
                     self.stats["steps"] += 1
@@ -252,8 +235,6 @@ class RolloutActor:
     def _group(self, index: int, b: dict) -> Group:
         outs = [b["outputs"][i] for i in range(len(b["request"].sampling_params))]
         lookup = np.vectorize(self._version_of.__getitem__, otypes=[np.int32])
-        versions = [
-            lookup(o.policy_versions) if o.policy_versions.size else np.zeros((0,), np.int32)
-            for o in outs
-        ]
+        versions = [lookup(o.policy_versions) if o.policy_versions.size else np.zeros(0, np.int32)
+                    for o in outs]  # fmt: skip
         return Group(index, b["request"], outs, versions, b["submitted"])
