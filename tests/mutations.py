@@ -82,20 +82,11 @@ MUTATIONS = [
     ),
     Mutation(
         "top_p_before_top_k",
-        "processed_logits applies top-p before top-k (vLLM V1 applies top-k first)",
+        "processed_logits computes the top-p threshold before top-k drops tokens (vLLM V1 applies "
+        "top-k first and top-p to the survivors)",
         "jengine/sampling.py",
-        "        key = _order_key(z)\n"
-        "        kth = _kth_largest_key(key, rp.top_k)  # [R, 1]\n"
-        "        z = jnp.where((rp.top_k[:, None] > 0) & (key < kth), -jnp.inf, z)\n"
-        "        p = _softmax(z)\n"
-        "        threshold = _top_p_threshold_bits(p, rp.top_p)  # [R, 1]\n"
-        "        return jnp.where((rp.top_p[:, None] < 1.0) & (_bits(p) < threshold), -jnp.inf, z)",
-        "        p = _softmax(z)\n"
-        "        threshold = _top_p_threshold_bits(p, rp.top_p)  # [R, 1]\n"
-        "        z = jnp.where((rp.top_p[:, None] < 1.0) & (_bits(p) < threshold), -jnp.inf, z)\n"
-        "        key = _order_key(z)\n"
-        "        kth = _kth_largest_key(key, rp.top_k)  # [R, 1]\n"
-        "        return jnp.where((rp.top_k[:, None] > 0) & (key < kth), -jnp.inf, z)",
+        "        z, cand = jnp.where(z < kth, -jnp.inf, z), jnp.where(cand < kth, -jnp.inf, cand)\n",
+        "",
         ("tests/test_semantics.py",),
         "processed_distribution",
         ("test_rollout_and_score_follow_the_processed_distribution",),
