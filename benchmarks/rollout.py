@@ -61,7 +61,10 @@ def main(argv=None) -> int:
         lengths=lengths, seed=seed, tokenizer=tok)
     warm = mk(1, "uniform")
     seeds = {"uniform": 0, "mixed": 2, "straggler": 3}
-    workloads = {name: mk(seeds[name], name) for name in args.workloads.split(",")}
+    names = args.workloads.split(",")
+    if unknown := [n for n in names if n not in seeds]:
+        ap.error(f"--workloads: unknown {unknown}; choose from {sorted(seeds)}")
+    workloads = {name: mk(seeds[name], name) for name in names}
     results = {"machine": bench.machine(), "model": desc, "args": vars(args),
                "workloads": {k: v.name for k, v in workloads.items()}, "rows": []}
 

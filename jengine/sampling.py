@@ -250,7 +250,16 @@ def _filter_threshold(raw: jax.Array, temp: jax.Array, rp: SampleRows) -> jax.Ar
 def processed_logits(raw: jax.Array, rp: SampleRows) -> jax.Array:
     """f32[R, V] processed logits (see the module docstring); -inf where a filter dropped a token.
     A non-finite raw logit counts as 0 (the step reports the row as not finite)."""
-    raw = jnp.where(jnp.isfinite(raw), raw, 0.0)
+    return _processed(_finite(raw), rp)
+
+
+def _finite(raw: jax.Array) -> jax.Array:
+    """raw with every non-finite entry replaced by 0 (keeps a tile well-defined; flagged anyway)."""
+    return jnp.where(jnp.isfinite(raw), raw, 0.0)
+
+
+def _processed(raw: jax.Array, rp: SampleRows) -> jax.Array:
+    """`processed_logits` of an all-finite raw."""
     greedy = rp.temperature == 0.0
     temp = jnp.where(greedy, 1.0, rp.temperature)[:, None]
     threshold = _filter_threshold(raw, temp, rp)
@@ -313,16 +322,16 @@ class Selected:
 def _select_tile(raw: jax.Array, rp: SampleRows, logprobs_mode: str, top_n: int) -> Selected:
     raw = raw.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(raw), axis=-1)
-    safe_raw = jnp.where(jnp.isfinite(raw), raw, 0.0)  # keep the tile well-defined; flagged anyway
-    z = processed_logits(raw, rp)
+    safe_raw = _finite(raw)
+    z = _processed(safe_raw, rp)
     greedy = rp.temperature == 0.0
     m, zb, block_mass = _blocks(z)
     drawn = _draw(m, zb, block_mass, uniform_draw(rp.seed, rp.position))
     argmax = jax.lax.cond(
         jnp.any(greedy),
-        lambda raw: _first_max_index(jnp.where(jnp.isfinite(raw), raw, 0.0)),
+        _first_max_index,
         lambda raw: jnp.zeros(raw.shape[:1], jnp.int32),
-        raw,
+        safe_raw,
     )
     token = jnp.where(rp.use_target, rp.target, jnp.where(greedy, argmax, drawn)).astype(jnp.int32)
     # the value under `logprobs_mode`: log_softmax(source)[token], computed as source[token] - lse

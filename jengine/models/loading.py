@@ -210,7 +210,8 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
 
     def tensor_dtype(name: str) -> str:
         file = files[name]
-        handles.setdefault(file, _open_safetensors(file))
+        if file not in handles:
+            handles[file] = _open_safetensors(file)
         stored = handles[file].get_slice(name).get_dtype()
         if stored not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has dtype {stored}; supported: "
