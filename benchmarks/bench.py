@@ -297,6 +297,7 @@ def run_jengine(
     max_num_batched_tokens: int = 512,
     max_model_len: int = 256,
     page_size: int = 16,
+    min_token_bucket: int = 16,
     label: str | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Runs `warm` and `engine.warmup()` (untimed: every bucket compiled), then `workload`, timed.
@@ -316,6 +317,7 @@ def run_jengine(
             max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs or workload.num_seqs),
             max_model_len=max_model_len,
             page_size=page_size,
+            min_token_bucket=min_token_bucket,
             trace_path=trace,
         )
         engine = Engine(model, cfg)
@@ -553,7 +555,8 @@ def decode_bytes(model, batch: int, context: int) -> dict[str, int]:
     return {"weights": layers + head + int(p["final_norm"].nbytes), "kv": kv}
 
 
-def _decode_runner(model, batch: int, context: int, numerics: str, page_size: int = 16):
+def _decode_runner(model, batch: int, context: int, numerics: str, page_size: int = 16,
+                   min_tokens: int = 16):
     """The engine's Runner over pages for `batch` sequences and one decode plan at `context`."""
     from jengine import plan
     from jengine.config import Numerics, SamplingParams
@@ -562,7 +565,7 @@ def _decode_runner(model, batch: int, context: int, numerics: str, page_size: in
     pps = -(-(context + 1) // page_size)
     runner = Runner(model, Numerics(mode=numerics).resolved(), logprobs_mode="processed_logprobs",
                     num_pages=batch * pps, page_size=page_size, max_tokens=max(batch, 16),
-                    max_seqs=batch)  # fmt: skip
+                    max_seqs=batch, min_tokens=min_tokens)  # fmt: skip
     rng = np.random.default_rng(0)
     sp = SamplingParams(temperature=1.0)
     chunks = [
@@ -573,9 +576,11 @@ def _decode_runner(model, batch: int, context: int, numerics: str, page_size: in
     return runner, plan.build(chunks, page_size, pps)
 
 
-def decode_step(model, batch: int, context: int, numerics: str = "invariant", iters: int = 5) -> dict[str, Any]:
-    """Times the engine's own compiled step (Runner.run) on `batch` decode tokens at `context`."""
-    runner, inputs = _decode_runner(model, batch, context, numerics)
+def decode_step(model, batch: int, context: int, numerics: str = "invariant", iters: int = 5,
+                min_tokens: int = 16) -> dict[str, Any]:
+    """Times the engine's own compiled step (Runner.run) on `batch` decode tokens at `context`
+    (the smallest token bucket `min_tokens`: EngineConfig.min_token_bucket)."""
+    runner, inputs = _decode_runner(model, batch, context, numerics, min_tokens=min_tokens)
     _, _, compile_s = runner.run([inputs])
     times = []
     load0 = loadavg()
@@ -590,9 +595,9 @@ def decode_step(model, batch: int, context: int, numerics: str = "invariant", it
 
 
 def roofline_row(name: str, model, batch: int, context: int, bw_gbs: float, numerics: str = "invariant",
-                 iters: int = 5) -> dict[str, Any]:
+                 iters: int = 5, min_tokens: int = 16) -> dict[str, Any]:
     b = decode_bytes(model, batch, context)
-    r = decode_step(model, batch, context, numerics, iters)
+    r = decode_step(model, batch, context, numerics, iters, min_tokens)
     floor_ms = 1000 * (b["weights"] + b["kv"]) / (bw_gbs * 1e9)
     return {
         "model": name,
@@ -632,7 +637,8 @@ def _timeit(fn: Callable[[], Any], iters: int) -> float:
     return 1000 * float(min(times))
 
 
-def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant", iters: int = 5) -> list[dict[str, Any]]:
+def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant", iters: int = 5,
+                     min_tokens: int = 16) -> list[dict[str, Any]]:
     """Per-op time of one decode step at the engine's padded shapes: all layers' matmuls, all
     layers' attention, lm_head, sampling, and the whole step; 'rest' is the difference."""
     import jax
@@ -645,7 +651,7 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
 
     c = model.config
     num = Numerics(mode=numerics).resolved()
-    runner, inputs = _decode_runner(model, batch, context, numerics)
+    runner, inputs = _decode_runner(model, batch, context, numerics, min_tokens=min_tokens)
     tb, sb = runner.bucket(batch)
     padded = inputs.padded(tb, sb, sb, runner.no_slot)
     rows = padded.rows

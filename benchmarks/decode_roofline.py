@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--numerics", default="invariant")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--min-token-buckets", default="16",
+                    help="EngineConfig.min_token_bucket values to time (comma list)")
     ap.add_argument("--breakdown", default="smollm2-135m", help="models to profile per op ('' for none)")
     ap.add_argument("--breakdown-batch", type=int, default=32)
     ap.add_argument("--breakdown-only", action="store_true")
@@ -50,18 +52,22 @@ def main(argv=None) -> int:
     for name in args.models.split(",") if not args.breakdown_only else []:
         model = bench.random_model(name, args.dtype)
         for numerics in args.numerics.split(","):
-            for b in map(int, args.batches.split(",")):
-                r = bench.roofline_row(name, model, b, args.context, bw, numerics, args.iters)
-                print(json.dumps(r), flush=True)
-                res["rows"].append(r)
-                save()
+            for min_tokens in map(int, args.min_token_buckets.split(",")):
+                for b in map(int, args.batches.split(",")):
+                    r = bench.roofline_row(name, model, b, args.context, bw, numerics, args.iters, min_tokens)
+                    r["min_token_bucket"] = min_tokens
+                    print(json.dumps(r), flush=True)
+                    res["rows"].append(r)
+                    save()
         del model
     for name in filter(None, args.breakdown.split(",")):
         model = bench.random_model(name, args.dtype)
         for numerics in ("invariant", "fast"):
-            rows = bench.decode_breakdown(model, args.breakdown_batch, args.context, numerics, args.iters)
+            min_tokens = int(args.min_token_buckets.split(",")[-1])
+            rows = bench.decode_breakdown(model, args.breakdown_batch, args.context, numerics, args.iters,
+                                          min_tokens)
             for r in rows:
-                r["model"] = name
+                r.update(model=name, min_token_bucket=min_tokens)
                 print(json.dumps(r), flush=True)
             res["breakdown"] += rows
             save()

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
+    ap.add_argument("--min-token-bucket", type=int, default=16, help="EngineConfig.min_token_bucket")
     ap.add_argument("--engines", default="invariant,fast,hf")
     ap.add_argument("--workloads", default="uniform,mixed,straggler",
                     help="comma-separated, from " + ",".join(bench.WORKLOAD_LENGTHS))
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
                 bench.wait_for_quiet(1.5, args.wait_quiet)
             r, engine = bench.run_jengine(model, wl, numerics=mode, warm=warm if i == 0 else None, engine=engine,
                                           max_num_seqs=wl.num_seqs, max_num_batched_tokens=args.budget,
-                                          max_model_len=args.max_model_len)
+                                          max_model_len=args.max_model_len,
+                                          min_token_bucket=args.min_token_bucket)
             r["workload"] = name
             r["compile_s_total"] = round(engine.runner.compile_seconds, 2)
             r["compilations_total"] = len(engine.runner.compiled)

@@ -6,7 +6,7 @@ file. Each record (`TRACE_SCHEMA`) has:
 | key | type | meaning |
 |---|---|---|
 | step | int | step index, from 0, increasing by 1 within one engine |
-| bucket_tokens | int | token bucket the step ran at (a power of two, >= 16) |
+| bucket_tokens | int | token bucket the step ran at (a power of two, >= `min_token_bucket`) |
 | bucket_seqs | int | sequence/logit-row bucket the step ran at |
 | prefill_tokens | int | prompt (or recompute) tokens in the step |
 | decode_tokens | int | decode tokens in the step (one per decoding sequence) |

@@ -156,7 +156,7 @@ class Engine:
         self.runner = Runner(
             model, self.numerics, logprobs_mode=config.logprobs_mode, num_pages=num_pages,
             page_size=config.page_size, max_tokens=config.max_num_batched_tokens,
-            max_seqs=config.max_num_seqs, mesh=self.mesh,
+            max_seqs=config.max_num_seqs, min_tokens=config.min_token_bucket, mesh=self.mesh,
         )  # fmt: skip
         self.schedulers = [
             Scheduler(BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching),

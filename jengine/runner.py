@@ -23,7 +23,7 @@ from jengine.config import ModelConfig, Numerics
 from jengine.models.transformer import KVCache, Model, Params, empty_kv_cache, forward
 from jengine.plan import StepPlan
 
-MIN_TOKEN_BUCKET = 16
+MIN_TOKEN_BUCKET = 16  # EngineConfig.min_token_bucket's default
 MAX_TOP_N = 20  # a step returns 0 or MAX_TOP_N alternatives per token: two entries per bucket
 
 
@@ -118,7 +118,7 @@ def run_plans(
 class Runner:
     """Owns the engine's params and KV pages and runs its steps at bucketed shapes.
 
-    Token buckets: powers of two from MIN_TOKEN_BUCKET up to `max_tokens`; the sequence/logit-row
+    Token buckets: powers of two from `min_tokens` up to `max_tokens`; the sequence/logit-row
     bucket is min(token bucket, next_pow2(max_seqs)). `top_n` is 0 or MAX_TOP_N, so the table
     has 2 x len(token_buckets) entries. With a mesh, every data row runs its replica's plan in
     the same step (padded to the largest replica's bucket).
@@ -134,6 +134,7 @@ class Runner:
         page_size: int,
         max_tokens: int,
         max_seqs: int,
+        min_tokens: int = MIN_TOKEN_BUCKET,
         mesh: jax.sharding.Mesh | None = None,
     ):
         self.config = model.config
@@ -144,7 +145,7 @@ class Runner:
         self.params = place(model, mesh)
         self.kv = empty_pages(model.config, num_pages, page_size, model.params["embed"].dtype, mesh)
         self.no_slot = num_pages * page_size
-        self.token_buckets = [MIN_TOKEN_BUCKET]
+        self.token_buckets = [min_tokens]
         while self.token_buckets[-1] < max_tokens:
             self.token_buckets.append(2 * self.token_buckets[-1])
         self.max_seq_bucket = next_pow2(max_seqs)

@@ -15,10 +15,13 @@ Numerical contract (what makes a token's output bitwise independent of its batch
   * a block with no visible key is an exact no-op for that token (state kept by `where`, not by
     arithmetic that could flip the sign of a zero);
   * physical page ids only select where a key is read from, so page placement changes nothing;
+  * a block's probabilities are summed in a fixed pairwise tree (`block_sum`), not by XLA's
+    reduce, whose CPU loop (and so its order) changes with the number of rows reduced;
   * queries are processed in fixed tiles of Q_TILE tokens; a token's arithmetic does not depend on
     the other tokens of its tile (tests check row position, batch size, and prefill vs decode).
-    Q_TILE divides the engine's smallest token bucket, so the engine never pads a tile (a padded
-    tile compiled inside the full step gave 1-ulp different outputs at Q_TILE = 32).
+    A batch of fewer rows runs one smaller tile (the next power of two) where, for that shape on
+    this machine, every smaller tile was checked to give the Q_TILE tile's bits
+    (`small_q_tiles_agree`, like the matmul's `small_tiles_agree`).
 
 On the CPU lowering a KV block is gathered as whole units of gcd(page_size, KV_BLOCK) consecutive
 positions (contiguous in a page), not position by position: the same values, gathered faster.
@@ -31,11 +34,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.tiling import map_row_tiles
 
 KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
-Q_TILE = 16  # query tokens per tile on the CPU lowering; divides runner.MIN_TOKEN_BUCKET
+Q_TILE = 16  # query tokens per tile on the CPU lowering
+SMALL_Q_TILES = (1, 2, 4, 8)  # the tiles a batch under Q_TILE rows may run instead
 _NEG = -1e30  # running-max seed: finite, so exp(m - m) stays 1 for an untouched state
 
 
@@ -82,6 +87,14 @@ def first_block(pos: jax.Array, sliding_window: int | None) -> jax.Array:
     if sliding_window is None:
         return jnp.int32(0)
     return jnp.maximum(pos - sliding_window + 1, 0) // KV_BLOCK
+
+
+def block_sum(p: jax.Array) -> jax.Array:
+    """Sum over the last axis (a power of two long) as a fixed pairwise tree of halves."""
+    while p.shape[-1] > 1:
+        half = p.shape[-1] // 2
+        p = p[..., :half] + p[..., half:]
+    return p[..., 0]
 
 
 def apply_soft_cap(s: jax.Array, cap: float | None) -> jax.Array:
@@ -181,7 +194,7 @@ def _attend_tile(
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [Q, kvh, G]
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        l_new = l * alpha + jnp.sum(p, axis=-1)
+        l_new = l * alpha + block_sum(p)
         acc_new = acc * alpha[..., None] + jnp.einsum("tkgb,tbkd->tkgd", p, v)
         seen = jnp.any(mask, axis=-1)[:, None, None]  # an all-masked block keeps the state as is
         return (
@@ -202,19 +215,30 @@ def _attend_tile(
     return out.reshape(num_q, heads, head_dim)
 
 
-def _tile_fn(
+def _tiles(
+    q: jax.Array,
+    rows: jax.Array,
+    positions: jax.Array,
+    kv_head: jax.Array | None,
     k_pages: jax.Array,
     v_pages: jax.Array,
+    *,
+    tile: int,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
-):
-    """`_attend_tile` bound to one layer's pages, viewed as units [-1, unit, kv_heads, head_dim]
-    of `unit = gcd(page_size, KV_BLOCK)` consecutive positions: a KV block is gathered as a few
-    contiguous units, not position by position."""
+) -> jax.Array:
+    """`_attend_tile` over q's rows, `tile` rows at a time: f32[rows, heads, D].
+
+    One layer's pages are viewed as units [-1, unit, kv_heads, head_dim] of
+    `unit = gcd(page_size, KV_BLOCK)` consecutive positions: a KV block is gathered as a few
+    contiguous units, not position by position. Padding rows added by the tiling sit at position 0
+    of row 0: their outputs are dropped and the blocks they add to their tile are no-ops for
+    every real row.
+    """
     page_size, kv_heads, head_dim = k_pages.shape[1:]
     unit = math.gcd(page_size, KV_BLOCK)
-    return functools.partial(
+    fn = functools.partial(
         _attend_tile,
         k_units=k_pages.reshape(-1, unit, kv_heads, head_dim),
         v_units=v_pages.reshape(-1, unit, kv_heads, head_dim),
@@ -223,6 +247,53 @@ def _tile_fn(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
+    if kv_head is None:
+        return map_row_tiles(fn, q, rows, positions, tile=tile)
+    tiled = lambda qt, rt, pt, ht: fn(qt, rt, pt, kv_head=ht)  # noqa: E731
+    return map_row_tiles(tiled, q, rows, positions, kv_head, tile=tile)
+
+
+@functools.lru_cache(maxsize=None)
+def small_q_tiles_agree(
+    row_shape: tuple[int, int], q_dtype: str, page_shape: tuple[int, int, int], kv_dtype: str,
+    head_units: bool, sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+) -> bool:  # fmt: skip
+    """Whether, on this machine, query tiles of every SMALL_Q_TILES size give each row the bits of
+    the Q_TILE tile, for query rows [heads, D] of q_dtype over pages [page_size, kv_heads, D] of
+    kv_dtype (`head_units`: each row attends to one KV head). Checked on random values over three
+    KV blocks: another reduction order changes most of the outputs."""
+    with jax.ensure_compile_time_eval():  # runs now, also while a step is being traced
+        rng = np.random.default_rng(0)
+        pages_per_seq = -(-3 * KV_BLOCK // page_shape[0])
+        num_pages = Q_TILE * pages_per_seq
+        k, v = (jnp.asarray(rng.standard_normal((num_pages, *page_shape)), kv_dtype) for _ in "kv")
+        q = jnp.asarray(rng.standard_normal((Q_TILE, *row_shape)), q_dtype)
+        rows = jnp.asarray(rng.permutation(num_pages).reshape(Q_TILE, pages_per_seq), jnp.int32)
+        positions = jnp.asarray(rng.integers(0, 3 * KV_BLOCK, Q_TILE), jnp.int32)
+        kv_head = jnp.asarray(rng.integers(0, page_shape[1], Q_TILE), jnp.int32) if head_units else None
+        run = jax.jit(
+            functools.partial(_tiles, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap),
+            static_argnames="tile",
+        )
+
+        def bits(t: int) -> np.ndarray:
+            head = None if kv_head is None else kv_head[:t]
+            return np.asarray(run(q[:t], rows[:t], positions[:t], head, k, v, tile=t)).view(np.uint32)
+
+        want = bits(Q_TILE)
+        return all(np.array_equal(bits(t), want[:t]) for t in SMALL_Q_TILES)
+
+
+def _tiled_attention(q, rows, positions, kv_head, k_pages, v_pages, **kw) -> jax.Array:
+    """`_tiles` in Q_TILE-row tiles, or, for fewer rows, in the smallest SMALL_Q_TILES tile that
+    covers them where `small_q_tiles_agree` for this shape."""
+    tile = Q_TILE
+    if q.shape[0] < Q_TILE:
+        key = (tuple(q.shape[1:]), jnp.dtype(q.dtype).name, tuple(k_pages.shape[1:]),
+               jnp.dtype(k_pages.dtype).name, kv_head is not None)  # fmt: skip
+        if small_q_tiles_agree(*key, **kw):
+            tile = next((t for t in SMALL_Q_TILES if t >= q.shape[0]), Q_TILE)
+    return _tiles(q, rows, positions, kv_head, k_pages, v_pages, tile=tile, **kw)
 
 
 def cpu(
@@ -239,17 +310,13 @@ def cpu(
 ) -> jax.Array:
     """Fixed-block online-softmax attention in plain JAX; same signature as `reference`.
 
-    Each Q_TILE-token tile walks only the KV blocks its own tokens can see (up to its largest
-    position), so a decode step reads each sequence's live keys once and no masked tail.
+    Each query tile walks only the KV blocks its own tokens can see (up to its largest position),
+    so a decode step reads each sequence's live keys once and no masked tail.
     """
     rows = page_table[seq_ids]  # [T, pages_per_seq]
     positions = jnp.where(seq_ids >= 0, positions, -1)
-    tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
-    # Padding rows added by the tiling sit at position 0 of row 0: their outputs are dropped and
-    # the blocks they add for their tile are no-ops for every real token (the engine's token
-    # counts are whole tiles, so it never pads one).
-    out = map_row_tiles(tile, q, rows, positions, tile=Q_TILE)
-    return out.astype(q.dtype)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    return _tiled_attention(q, rows, positions, None, k_pages, v_pages, **kw).astype(q.dtype)
 
 
 def cpu_head_units(
@@ -270,7 +337,7 @@ def cpu_head_units(
     XLA's CPU reductions are not invariant to the number of heads in a tile, so a device holding a
     slice of the heads (tensor parallelism) would change bits. Here the flat rows are
     (token, unit of `unit` query heads) pairs, each attending to its one KV head with a fixed
-    `[Q_TILE, unit, D]` computation: a row's bits depend only on its own query heads and KV head,
+    `[tile, unit, D]` computation: a row's bits depend only on its own query heads and KV head,
     not on how many heads the caller holds. `unit` must divide the query heads per KV head.
     """
     num_tokens, heads, head_dim = q.shape
@@ -283,13 +350,7 @@ def cpu_head_units(
     rows = jnp.repeat(page_table[seq_ids], units, axis=0)  # [T * units, pages_per_seq]
     unit_pos = jnp.repeat(positions, units)
     kv_head = jnp.tile(jnp.arange(units, dtype=jnp.int32) * unit // group, num_tokens)
-    tile = _tile_fn(k_pages, v_pages, sm_scale, sliding_window, soft_cap)
-    out = map_row_tiles(
-        lambda qt, rt, pt, ht: tile(qt, rt, pt, kv_head=ht),
-        q.reshape(num_tokens * units, unit, head_dim),
-        rows,
-        unit_pos,
-        kv_head,
-        tile=Q_TILE,
-    )
+    q_rows = q.reshape(num_tokens * units, unit, head_dim)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    out = _tiled_attention(q_rows, rows, unit_pos, kv_head, k_pages, v_pages, **kw)
     return out.reshape(num_tokens, heads, head_dim).astype(q.dtype)

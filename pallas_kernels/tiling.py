@@ -46,25 +46,42 @@ def map_row_tiles(
     code without dots that is differentiated directly (`sampling.select`).
     """
     n = rows[0].shape[0]
-    tiled = [pad_rows(r, tile) for r in rows]
-    tiled = tuple(r.reshape(r.shape[0] // tile, tile, *r.shape[1:]) for r in tiled)
     if differentiable:
+        tiled = tuple(_tiles(pad_rows(r, tile), tile) for r in rows)
         out = jax.lax.map(lambda args: fn(*args), tiled)
     else:
-        out = _opaque_map(fn, tiled)
+        out = _opaque_map(fn, rows, tile)
     return jax.tree_util.tree_map(lambda o: o.reshape(o.shape[0] * o.shape[1], *o.shape[2:])[:n], out)
 
 
-def _opaque_map(fn: Callable[..., Any], tiled: tuple[jax.Array, ...]) -> Any:
-    """`lax.map(fn, tiled)` as a while loop whose trip count XLA cannot see."""
-    num_tiles = tiled[0].shape[0]
-    out_shapes = jax.eval_shape(fn, *(t[0] for t in tiled))
+def _tiles(x: jax.Array, tile: int) -> jax.Array:
+    return x.reshape(x.shape[0] // tile, tile, *x.shape[1:])
+
+
+def _opaque_map(fn: Callable[..., Any], rows: tuple[jax.Array, ...], tile: int) -> Any:
+    """`lax.map(fn, <rows in tiles>)` as a while loop whose trip count XLA cannot see.
+
+    Rows short of a whole last tile are fetched inside the loop as zeros (a gather that fills),
+    not padded outside it: a pad outside the loop is fused into the rows' producer, whose
+    element-wise loop then runs differently (RoPE's sin and cos gave other bits in a padded step
+    than in an unpadded one).
+    """
+    n = rows[0].shape[0]
+    num_tiles = -(-n // tile)
+    out_shapes = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((tile, *r.shape[1:]), r.dtype) for r in rows))
     init = jax.tree_util.tree_map(lambda s: jnp.zeros((num_tiles, *s.shape), s.dtype), out_shapes)
     count = jax.lax.optimization_barrier(jnp.int32(num_tiles))
+    if n % tile == 0:
+        tiled = tuple(_tiles(r, tile) for r in rows)
+        fetch = lambda i: (jax.lax.dynamic_index_in_dim(t, i, keepdims=False) for t in tiled)  # noqa: E731
+    else:
+        fetch = lambda i: (  # noqa: E731
+            jnp.take(r, i * tile + jnp.arange(tile), axis=0, mode="fill", fill_value=0) for r in rows
+        )
 
     def body(carry):
         i, acc = carry
-        res = fn(*(jax.lax.dynamic_index_in_dim(t, i, keepdims=False) for t in tiled))
+        res = fn(*fetch(i))
         acc = jax.tree_util.tree_map(lambda a, r: jax.lax.dynamic_update_index_in_dim(a, r, i, 0), acc, res)
         return i + 1, acc
 

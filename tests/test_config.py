@@ -31,6 +31,8 @@ def test_sampling_params_errors_name_the_field(kwargs, field):
     [
         (dict(page_size=12), "page_size"),
         (dict(page_size=0), "page_size"),
+        (dict(min_token_bucket=12), "min_token_bucket=12"),
+        (dict(min_token_bucket=0), "min_token_bucket"),
         (dict(max_num_seqs=0), "max_num_seqs"),
         (dict(max_num_seqs=64, max_num_batched_tokens=32), "max_num_batched_tokens"),
         (dict(logprobs_mode="logprobs"), "logprobs_mode"),

@@ -100,6 +100,8 @@ def alone(tiny_model, workload):
         dict(page_size=4),
         dict(page_size=64),
         dict(enable_prefix_caching=False),
+        dict(min_token_bucket=2),  # steps of 1-15 tokens in 2-, 4- and 8-row tiles
+        dict(min_token_bucket=2, max_num_seqs=3, max_num_batched_tokens=16, page_size=4),
     ],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
 )
@@ -110,6 +112,8 @@ def test_output_independent_of_batching(tiny_model, workload, alone, cfg):
         assert_same(a, b)
     hits = engine.stats["prefix_cache_hit_tokens"]
     assert (hits == 0) if cfg.get("enable_prefix_caching") is False else (hits > 0), hits
+    if "min_token_bucket" in cfg:  # steps ran below the default smallest bucket
+        assert {t for t, _, _ in engine.runner.compiled} & {2, 4, 8}, engine.runner.compiled
 
 
 def test_output_independent_of_arrival_order(tiny_model, workload, alone):
@@ -258,12 +262,3 @@ def test_warmup_compiles_the_whole_table(tiny_model):
     assert before == len(engine.runner.token_buckets)
     engine.generate(random_prompts(6, 512, seed=5), SamplingParams(max_tokens=3, seed=0))
     assert engine.stats["compilations"] == before
-
-
-def test_attention_tiles_divide_every_token_bucket():
-    """The engine never pads an attention query tile (a padded tile compiled inside the full step
-    gave 1-ulp different outputs; see pallas_kernels/ragged_paged_attention.py)."""
-    from jengine.runner import MIN_TOKEN_BUCKET
-    from pallas_kernels.ragged_paged_attention import Q_TILE
-
-    assert MIN_TOKEN_BUCKET % Q_TILE == 0

@@ -314,6 +314,7 @@ def test_bf16_rollout_logprobs_are_bitwise_score(tiny):
     [
         {"max_num_seqs": 3, "max_num_batched_tokens": 24},  # chunks straddling window edges
         {"max_num_batched_tokens": 64},  # fewer, larger steps
+        {"min_token_bucket": 2, "max_num_batched_tokens": 24},  # steps of 2-8 tokens too
         {"enable_prefix_caching": False},
         {"page_size": 32, "num_pages": 16, "max_num_batched_tokens": 16},  # a window in a page
         # pages of 4 in a pool so small that requests are preempted and recomputed

@@ -488,3 +488,72 @@ def test_tpu_kernel_skips_blocks_outside_the_window(monkeypatch):
     assert_close(skipped, _reference(*args, sliding_window=window), jnp.float32)
     monkeypatch.setattr(rpa, "first_block", lambda pos, window: jnp.int32(0))
     assert_bitwise(skipped, run())
+
+
+# Every query tile in use: a batch under Q_TILE rows runs one tile of 1, 2, 4 or 8 rows where
+# that tile gives the Q_TILE tile's bits for the shape (checked when a step is traced).
+SMALL_Q_BATCHES = [(1, 0), (2, 1), (3, 2), (4, 0), (5, 4), (8, 7), (9, 3), (15, 14), (16, 0), (17, 16)]
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,page_size,dtype,window,cap",
+    [
+        (3, 64, 16, jnp.float32, None, None),  # SmolLM2-135M: 9 heads over 3 KV heads
+        (4, 256, 16, jnp.bfloat16, 100, None),  # Gemma-3: 4 heads over 1 KV head of 256, window
+        (2, 64, 8, jnp.float32, None, 20.0),  # soft-capped scores
+    ],
+)
+def test_every_query_tile_gives_the_q_tile_bits(group, head_dim, page_size, dtype, window, cap):
+    """A decode token's bits are those of the token in a full Q_TILE tile, whatever the number of
+    tokens (and so the query tile) of its batch, and wherever it sits in the batch."""
+    content = make_content(5, group=group, head_dim=head_dim)
+    build = functools.partial(assemble, content, page_size=page_size, dtype=dtype)
+    attention = _attention("cpu", window, cap)
+    probe = (0, 149)  # three KV blocks, two of them past a window of 100
+    others = [(s % len(LENS), LENS[s % len(LENS)] - 1 - s // len(LENS)) for s in range(1, 20)]
+    full = others[: rpa.Q_TILE - 1]
+    want = attention(*build([probe, *full]))[0]
+    for rows, at in SMALL_Q_BATCHES:
+        batch = others[: rows - 1]
+        batch.insert(at, probe)
+        assert_bitwise(attention(*build(batch, page_seed=rows))[at], want)
+
+
+def test_small_query_tiles_only_where_they_give_the_q_tile_bits(monkeypatch):
+    """A smaller query tile runs only when the check finds every row's bits equal to the Q_TILE
+    tile's: a tile whose bits depend on its rows sends every batch to Q_TILE."""
+    tiles = []
+    real_tiles, real_tile = rpa._tiles, rpa._attend_tile
+
+    def recording(*args, tile, **kw):
+        tiles.append(tile)
+        return real_tiles(*args, tile=tile, **kw)
+
+    def run(rows):
+        content = make_content(2, group=2, head_dim=16)
+        args = assemble(content, [(0, 149)] * rows, page_size=8, dtype=jnp.float32)
+        tiles.clear()
+        rpa.cpu(*args, sm_scale=SM_SCALE)
+        return tiles[-1]
+
+    monkeypatch.setattr(rpa, "_tiles", recording)
+    rpa.small_q_tiles_agree.cache_clear()
+    try:
+        assert [run(r) for r in (1, 3, 8, 16, 20)] == [1, 4, 8, 16, 16]
+        tile_dependent = lambda q, *a, **kw: real_tile(q, *a, **kw) + q.shape[0] * 1e-3  # noqa: E731
+        monkeypatch.setattr(rpa, "_attend_tile", tile_dependent)
+        rpa.small_q_tiles_agree.cache_clear()
+        assert [run(r) for r in (1, 3, 8, 16, 20)] == [rpa.Q_TILE] * 5
+    finally:
+        rpa.small_q_tiles_agree.cache_clear()
+
+
+def test_block_sum_is_a_fixed_pairwise_tree():
+    """`block_sum` adds halves: ((a0 + a2) + (a1 + a3)) for four entries, whatever the rows."""
+    x = jnp.asarray([[1e8, 1.0, -1e8, 1.0]], jnp.float32)  # left to right would give 1.0
+    assert float(rpa.block_sum(x)[0]) == (1e8 + -1e8) + (1.0 + 1.0)
+    rng = np.random.default_rng(0)
+    p = jnp.asarray(rng.random((16, 3, 3, rpa.KV_BLOCK)), jnp.float32)
+    full = np.asarray(jax.jit(rpa.block_sum)(p))
+    for rows in (1, 2, 4, 8):
+        assert_bitwise(jax.jit(rpa.block_sum)(p[:rows]), jnp.asarray(full[:rows]))
