@@ -26,9 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.tiling import map_row_tiles
+from pallas_kernels.tiling import first_rows_agree, map_row_tiles, smallest_tile
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last axes of both operands
 
@@ -65,21 +64,14 @@ def small_tiles_agree(k: int, x_dtype: str, w_shapes: tuple[tuple[int, int], ...
         ws = [jax.random.normal(kk, s).astype(w_dtype) for kk, s in zip(keys[1:], w_shapes)]
         x = jax.random.normal(keys[0], (ROW_TILE, k)).astype(x_dtype)
         dot = jax.jit(_weight_first)
-        want = np.asarray(dot(x, *ws)).view(np.uint32)
-        return all(
-            np.array_equal(np.asarray(dot(x[:t], *ws)).view(np.uint32), want[:t])
-            for t in SMALL_TILES
-        )
+        return first_rows_agree(lambda t: dot(x[:t], *ws), ROW_TILE, SMALL_TILES)
 
 
 def small_tile(rows: int, x: jax.Array, *ws: jax.Array) -> int:
     """The tile a batch of `rows` rows of x runs in with weights ws (see the module docstring)."""
-    if rows >= ROW_TILE:
-        return ROW_TILE
-    tile = next(t for t in (*SMALL_TILES, ROW_TILE) if t >= rows)
     shapes = tuple(tuple(w.shape) for w in ws)
-    agree = small_tiles_agree(x.shape[1], jnp.dtype(x.dtype).name, shapes, jnp.dtype(ws[0].dtype).name)
-    return tile if agree else ROW_TILE
+    key = (x.shape[1], jnp.dtype(x.dtype).name, shapes, jnp.dtype(ws[0].dtype).name)
+    return smallest_tile(rows, ROW_TILE, SMALL_TILES, lambda: small_tiles_agree(*key))
 
 
 # Above this many rows XLA's own orientation wins on CPU (measured per shape: BUILD.md).

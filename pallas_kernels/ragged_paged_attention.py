@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.tiling import map_row_tiles
+from pallas_kernels.tiling import first_rows_agree, map_row_tiles, smallest_tile
 
 KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
 Q_TILE = 16  # query tokens per tile on the CPU lowering
@@ -276,23 +276,20 @@ def small_q_tiles_agree(
             static_argnames="tile",
         )
 
-        def bits(t: int) -> np.ndarray:
+        def bits(t: int) -> jax.Array:
             head = None if kv_head is None else kv_head[:t]
-            return np.asarray(run(q[:t], rows[:t], positions[:t], head, k, v, tile=t)).view(np.uint32)
+            return run(q[:t], rows[:t], positions[:t], head, k, v, tile=t)
 
-        want = bits(Q_TILE)
-        return all(np.array_equal(bits(t), want[:t]) for t in SMALL_Q_TILES)
+        return first_rows_agree(bits, Q_TILE, SMALL_Q_TILES)
 
 
 def _tiled_attention(q, rows, positions, kv_head, k_pages, v_pages, **kw) -> jax.Array:
     """`_tiles` in Q_TILE-row tiles, or, for fewer rows, in the smallest SMALL_Q_TILES tile that
     covers them where `small_q_tiles_agree` for this shape."""
-    tile = Q_TILE
-    if q.shape[0] < Q_TILE:
-        key = (tuple(q.shape[1:]), jnp.dtype(q.dtype).name, tuple(k_pages.shape[1:]),
-               jnp.dtype(k_pages.dtype).name, kv_head is not None)  # fmt: skip
-        if small_q_tiles_agree(*key, **kw):
-            tile = next((t for t in SMALL_Q_TILES if t >= q.shape[0]), Q_TILE)
+    key = (tuple(q.shape[1:]), jnp.dtype(q.dtype).name, tuple(k_pages.shape[1:]),
+           jnp.dtype(k_pages.dtype).name, kv_head is not None)  # fmt: skip
+    agree = lambda: small_q_tiles_agree(*key, **kw)  # noqa: E731
+    tile = smallest_tile(q.shape[0], Q_TILE, SMALL_Q_TILES, agree)
     return _tiles(q, rows, positions, kv_head, k_pages, v_pages, tile=tile, **kw)
 
 

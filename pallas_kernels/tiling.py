@@ -18,9 +18,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Rows per tile. Part of the numerics contract: changing it changes bits (never results' meaning).
 ROW_TILE = 32
+
+
+def smallest_tile(rows: int, tile: int, small: tuple[int, ...], agree: Callable[[], bool]) -> int:
+    """The tile `rows` rows run in: `tile`, or, for fewer rows, the smallest of the `small` tiles
+    that covers them, where `agree()` (the caller's check, cached per shape) found that every
+    `small` tile gives each row exactly the bits of the `tile` tile."""
+    covering = next((t for t in small if t >= rows), tile)
+    return covering if covering < tile and agree() else tile
+
+
+def first_rows_agree(bits: Callable[[int], Any], tile: int, small: tuple[int, ...]) -> bool:
+    """Whether `bits(t)`, an op's output over the first t rows of fixed inputs, equals the first t
+    rows of `bits(tile)` bit for bit, for every t in `small`."""
+    want = np.asarray(bits(tile)).view(np.uint32)
+    return all(np.array_equal(np.asarray(bits(t)).view(np.uint32), want[:t]) for t in small)
 
 
 def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
