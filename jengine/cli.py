@@ -81,8 +81,9 @@ flags.DEFINE_bool(
     **_f,
 )  # fmt: skip
 flags.DEFINE_string(
-    "compile_cache", os.path.join("~", ".cache", "jengine", "xla"), "Persistent XLA compilation "
-    "cache dir ('' disables); makes repeated runs skip compilation.", **_f,
+    "compile_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        "~", ".cache", "jengine", "xla"), "Persistent XLA compilation cache dir ('' disables; "
+    "default: $JAX_COMPILATION_CACHE_DIR if set); makes repeated runs skip compilation.", **_f,
 )  # fmt: skip
 
 

@@ -1,11 +1,23 @@
 """Shared fixtures: the tiny random model (built in-process, never downloaded)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session and every subprocess it starts: a module
+# compiles what an earlier one did again (the fixture below drops the in-memory programs after
+# each module) and the subprocesses run the session's steps again. A cached executable is the
+# compiled program itself: loading it changes no bit. Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jengine-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from jengine import Model, ModelConfig, init_params  # noqa: E402
 

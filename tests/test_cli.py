@@ -1,7 +1,8 @@
 """`python -m jengine ...` end to end, in subprocesses, on the built-in tiny model.
 
-The subprocesses share one persistent XLA compilation cache (--compile_cache), and generate/demo
-use the same engine shapes, so each bucket is compiled once per session.
+The subprocesses use the session's persistent XLA compilation cache (--compile_cache, set up by
+conftest), and generate/demo use the same engine shapes, so each bucket is compiled once per
+session.
 """
 
 import json
@@ -19,8 +20,8 @@ ENGINE_FLAGS = ["--max_model_len=256", "--max_num_seqs=4", "--max_num_batched_to
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
+def cache_dir():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def jengine_cli(*args, cache_dir=None, timeout=400):

@@ -34,8 +34,7 @@ def _run(tmp_path, *extra):
     from jengine.examples import grpo
 
     out = tmp_path / "run"
-    # no persistent XLA cache: the session's own jit caches already share the two modes' programs
-    grpo.main([*TINY, "--out", str(out), "--compile_cache", "", *extra])
+    grpo.main([*TINY, "--out", str(out), *extra])  # the session's XLA cache (conftest)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
     for r in records:

@@ -774,8 +774,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument(
         "--compile_cache",
-        default=os.path.join("~", ".cache", "jengine", "xla"),
-        help="persistent XLA cache ('' disables)",
+        default=os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or os.path.join("~", ".cache", "jengine", "xla"),
+        help="persistent XLA cache ('' disables; default: $JAX_COMPILATION_CACHE_DIR if set)",
     )
     a = p.parse_args(argv)
     for name in (
