@@ -1,8 +1,8 @@
 """`python -m jengine ...` end to end, in subprocesses, on the built-in tiny model.
 
-The subprocesses use the session's persistent XLA compilation cache (--compile_cache, set up by
-conftest), and generate/demo use the same engine shapes, so each bucket is compiled once per
-session.
+The subprocesses inherit the session's persistent XLA compilation cache (conftest sets
+$JAX_COMPILATION_CACHE_DIR, --compile_cache's default), and generate/demo use the same engine
+shapes, so each bucket is compiled once per session.
 """
 
 import json
@@ -19,16 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_FLAGS = ["--max_model_len=256", "--max_num_seqs=4", "--max_num_batched_tokens=256"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir():
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
-
-
-def jengine_cli(*args, cache_dir=None, timeout=400):
+def jengine_cli(*args, timeout=400):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "jengine", *args]
-    if cache_dir is not None:
-        cmd.append(f"--compile_cache={cache_dir}")
     return subprocess.run(
         cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -88,21 +81,21 @@ def test_flags_come_from_the_config_fields():
                 assert cli.FLAGS[flag].parser.enum_values == list(choices)
 
 
-def test_trace_holds_one_run(cache_dir, tmp_path):
+def test_trace_holds_one_run(tmp_path):
     prompts = tmp_path / "p.jsonl"
     _write_jsonl(prompts, [{"prompt_token_ids": [3, 4, 5]}])
     trace = tmp_path / "trace.jsonl"
     for _ in range(2):
         r = jengine_cli("generate", "--model=tiny", f"--prompts={prompts}", f"--out={tmp_path / 'o.jsonl'}",
-                        f"--trace={trace}", "--max_tokens=3", *ENGINE_FLAGS, cache_dir=cache_dir)  # fmt: skip
+                        f"--trace={trace}", "--max_tokens=3", *ENGINE_FLAGS)  # fmt: skip
         assert r.returncode == 0, r.stderr
     steps = [json.loads(line)["step"] for line in trace.read_text().splitlines()]
     assert steps == list(range(len(steps))) and len(steps) == 3  # one prefill step, two decodes
 
 
-def test_demo_tiny(cache_dir, tmp_path):
+def test_demo_tiny(tmp_path):
     report = tmp_path / "demo.json"
-    r = jengine_cli("demo", "--model=tiny", f"--report_json={report}", cache_dir=cache_dir)
+    r = jengine_cli("demo", "--model=tiny", f"--report_json={report}")
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("req-")]
     assert len(rows) == 4
@@ -122,7 +115,7 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_generate_then_score_round_trip(cache_dir, tmp_path):
+def test_generate_then_score_round_trip(tmp_path):
     import jengine
     from jengine import SamplingParams
     from jengine.models.loading import load_model
@@ -134,8 +127,7 @@ def test_generate_then_score_round_trip(cache_dir, tmp_path):
     _write_jsonl(tmp_path / "prompts.jsonl", rows)
     sampling = ["--temperature=0.8", "--top_k=40", "--top_p=0.95", "--max_tokens=8"]
     r = jengine_cli("generate", "--model=tiny", f"--prompts={tmp_path / 'prompts.jsonl'}",
-                    f"--out={tmp_path / 'out.jsonl'}", "--seed=3", *sampling, *ENGINE_FLAGS,
-                    cache_dir=cache_dir)  # fmt: skip
+                    f"--out={tmp_path / 'out.jsonl'}", "--seed=3", *sampling, *ENGINE_FLAGS)  # fmt: skip
     assert r.returncode == 0, r.stderr
     outs = _read_jsonl(tmp_path / "out.jsonl")
     assert [o["request_id"] for o in outs] == ["p0", "p1", "p2"]
@@ -158,7 +150,7 @@ def test_generate_then_score_round_trip(cache_dir, tmp_path):
 
     # and through the `score` command, with generate's output as its input
     r = jengine_cli("score", "--model=tiny", f"--input={tmp_path / 'out.jsonl'}",
-                    f"--out={tmp_path / 'scores.jsonl'}", *sampling, cache_dir=cache_dir)  # fmt: skip
+                    f"--out={tmp_path / 'scores.jsonl'}", *sampling)  # fmt: skip
     assert r.returncode == 0, r.stderr
     scores = _read_jsonl(tmp_path / "scores.jsonl")
     assert [s["request_id"] for s in scores] == ["p0", "p1", "p2"]
@@ -175,10 +167,10 @@ def test_generate_rejects_bad_prompt_lines(tmp_path):
     assert "p.jsonl:2" in r.stderr and "tokenizer" in r.stderr
 
 
-def test_parity_reports_every_metric(cache_dir, tmp_path):
+def test_parity_reports_every_metric(tmp_path):
     report = tmp_path / "parity.json"
     r = jengine_cli("parity", "--model=tiny", "--num_prompts=3", "--max_tokens=6", "--max_num_batched_tokens=16",
-                    f"--report_json={report}", cache_dir=cache_dir)  # fmt: skip
+                    f"--report_json={report}")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     for metric in (
         "bitwise_equal",
