@@ -1,8 +1,8 @@
 """Processed logits, logprobs and sampling, row by row.
 
 Semantics (vLLM V1's order, on fp32 logits):
-  1. temperature: z = raw / T. T = 0 is greedy: the token is argmax(raw) and the processed
-     distribution is the raw one (no filters).
+  1. temperature: z = raw * (1 / T) in f32 (XLA's form of raw / T, written out). T = 0 is
+     greedy: the token is argmax(raw) and the processed distribution is the raw one (no filters).
   2. min-p: drop tokens whose probability under softmax(z) is below min_p * max probability,
      i.e. z < max(z) + log(min_p).
   3. top-k: keep tokens whose value is >= the k-th largest surviving value (ties kept).
@@ -21,15 +21,16 @@ read the row's TOP_CANDIDATES largest processed logits (`_top_candidates`: block
 top-p threshold is the smallest kept candidate, the mass ranked strictly above a candidate being
 the sum, in descending order, of the larger candidates' probabilities. A row whose k or nucleus
 does not fit the candidates falls back to bisection over float bit patterns (32 passes over the
-row; the top-p mass then summed in vocabulary order), chosen by that row's own values only.
+row; the top-p mass then summed over the whole row), chosen by that row's own values only.
 
 Row sums (the softmax normaliser and the CDF) are built from fixed blocks of CDF_BLOCK tokens:
-block sums first, then the block sums in order. Sampling is inverse-CDF on the processed
-distribution with one uniform draw per row from `fold_in(key(seed), position)`: a function of the
-request's seed and the sampled token's position only, so a request's draws never depend on its
-batch; the chosen block is then searched entry by entry, and a token the filters dropped
-(probability 0) is never chosen. One draw per row, not a Gumbel draw per vocabulary entry
-(BUILD.md has the costs).
+block sums first, then the block sums, each a fixed tree (`tiling.tree_sum`): XLA's reduce changed
+its order with the program (scoring, with no draw, merged the two sums into one). Sampling is
+inverse-CDF on the processed distribution with one uniform draw per row from `fold_in(key(seed),
+position)`: a function of the request's seed and the sampled token's position only, so a request's
+draws never depend on its batch; the chosen block is then searched entry by entry, and a token the
+filters dropped (probability 0) is never chosen. One draw per row, not a Gumbel draw per vocabulary
+entry (BUILD.md has the costs).
 
 Everything per row runs inside one fixed `[sample_tile(vocab), vocab]` tile (`map_row_tiles`), and
 the engine and `jengine.score` call the same `select` function: a rollout's logprob and the
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 
 from jengine import plan
 from jengine.plan import SampleRows
-from pallas_kernels.tiling import map_row_tiles
+from pallas_kernels.tiling import map_row_tiles, tree_sum
 
 # The host layer's plan types are pytrees of arrays on the device side.
 for _cls in (plan.SampleRows, plan.StepPlan):
@@ -79,12 +80,12 @@ def _blocks(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     zb = jnp.pad(z, ((0, 0), (0, num_blocks * CDF_BLOCK - vocab)), constant_values=-jnp.inf)
     zb = zb.reshape(rows, num_blocks, CDF_BLOCK)
-    return m, zb, jnp.sum(jnp.exp(zb - m[:, :, None]), axis=-1)
+    return m, zb, tree_sum(jnp.exp(zb - m[:, :, None]))
 
 
 def _log_normalizer(m: jax.Array, block_mass: jax.Array) -> jax.Array:
     """f32[M, 1]: log(sum(exp(z))) from `_blocks`: the block sums summed, then the max added."""
-    return jnp.log(jnp.sum(block_mass, axis=-1, keepdims=True)) + m
+    return jnp.log(tree_sum(block_mass))[:, None] + m
 
 
 def log_softmax(z: jax.Array) -> jax.Array:
@@ -173,8 +174,8 @@ def _top_p_threshold_bits(p: jax.Array, top_p: jax.Array) -> jax.Array:
 
     Keeping `p >= x` keeps exactly the tokens the rank rule keeps (the mass ranked strictly above
     a token is below top_p; ties with the smallest kept probability kept): that mass only grows as
-    the token's probability falls. Each mass is summed in vocabulary order, so the rounding is
-    monotone in x and a row's threshold depends on that row only.
+    the token's probability falls. Each mass is a fixed tree sum of non-negative terms, so the
+    rounding is monotone in x and a row's threshold depends on that row only.
     """
     p = jax.lax.stop_gradient(p)
     bits = _bits(p)
@@ -182,7 +183,7 @@ def _top_p_threshold_bits(p: jax.Array, top_p: jax.Array) -> jax.Array:
     def step(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        ok = jnp.sum(jnp.where(bits > mid, p, 0.0), axis=-1, keepdims=True) < top_p[:, None]
+        ok = tree_sum(jnp.where(bits > mid, p, 0.0))[:, None] < top_p[:, None]
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
     bounds = (jnp.zeros_like(bits[:, :1]), jnp.max(bits, axis=-1, keepdims=True))
@@ -213,8 +214,8 @@ def _top_p_threshold(z: jax.Array, cand: jax.Array, top_p: jax.Array, used: jax.
     return jnp.where(fits[:, None], smallest, slow)
 
 
-def _filter_threshold(raw: jax.Array, temp: jax.Array, rp: SampleRows) -> jax.Array:
-    """f32[R, 1]: the smallest processed logit z = raw / temp each row keeps (-inf: all of them).
+def _filter_threshold(raw: jax.Array, inv_temp: jax.Array, rp: SampleRows) -> jax.Array:
+    """f32[R, 1]: the smallest processed logit z = raw * inv_temp each row keeps (-inf: all).
 
     min-p, top-k and top-p each keep the tokens at or above a threshold computed on the previous
     filters' survivors, so together they keep z >= the largest of the three. Top-k and top-p run
@@ -227,11 +228,11 @@ def _filter_threshold(raw: jax.Array, temp: jax.Array, rp: SampleRows) -> jax.Ar
     use_p = sampled & (rp.top_p < 1.0)
     none = jnp.full((raw.shape[0], 1), -jnp.inf, jnp.float32)
     log_min_p = jnp.log(jnp.where(use_min_p, rp.min_p, 1.0))[:, None]
-    z_max = jnp.max(raw / temp, axis=-1, keepdims=True)
+    z_max = jnp.max(raw * inv_temp, axis=-1, keepdims=True)
     threshold = jnp.where(use_min_p[:, None], z_max + log_min_p, none)
 
     def top_k_top_p(raw: jax.Array, threshold: jax.Array) -> jax.Array:
-        z = raw / temp
+        z = raw * inv_temp
         z = jnp.where(z < threshold, -jnp.inf, z)
         cand, _ = _top_candidates(z)
         kth = jnp.where(use_k[:, None], _kth_largest(z, rp.top_k, cand, use_k), none)
@@ -261,9 +262,9 @@ def _finite(raw: jax.Array) -> jax.Array:
 def _processed(raw: jax.Array, rp: SampleRows) -> jax.Array:
     """`processed_logits` of an all-finite raw."""
     greedy = rp.temperature == 0.0
-    temp = jnp.where(greedy, 1.0, rp.temperature)[:, None]
-    threshold = _filter_threshold(raw, temp, rp)
-    z = raw / temp
+    inv_temp = (1.0 / jnp.where(greedy, 1.0, rp.temperature))[:, None]
+    threshold = _filter_threshold(raw, inv_temp, rp)
+    z = raw * inv_temp
     z = jnp.where(z < threshold, -jnp.inf, z)
     return jnp.where(greedy[:, None], raw, z)  # greedy and padding rows: the raw logits
 

@@ -15,7 +15,7 @@ Numerical contract (what makes a token's output bitwise independent of its batch
   * a block with no visible key is an exact no-op for that token (state kept by `where`, not by
     arithmetic that could flip the sign of a zero);
   * physical page ids only select where a key is read from, so page placement changes nothing;
-  * a block's probabilities are summed in a fixed pairwise tree (`block_sum`), not by XLA's
+  * a block's probabilities are summed in a fixed pairwise tree (`tiling.tree_sum`), not by XLA's
     reduce, whose CPU loop (and so its order) changes with the number of rows reduced;
   * queries are processed in fixed tiles of Q_TILE tokens; a token's arithmetic does not depend on
     the other tokens of its tile (tests check row position, batch size, and prefill vs decode).
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.tiling import first_rows_agree, map_row_tiles, smallest_tile
+from pallas_kernels.tiling import first_rows_agree, map_row_tiles, smallest_tile, tree_sum
 
 KV_BLOCK = 64  # key positions per online-softmax step; part of the numerics contract
 Q_TILE = 16  # query tokens per tile on the CPU lowering
@@ -87,14 +87,6 @@ def first_block(pos: jax.Array, sliding_window: int | None) -> jax.Array:
     if sliding_window is None:
         return jnp.int32(0)
     return jnp.maximum(pos - sliding_window + 1, 0) // KV_BLOCK
-
-
-def block_sum(p: jax.Array) -> jax.Array:
-    """Sum over the last axis (a power of two long) as a fixed pairwise tree of halves."""
-    while p.shape[-1] > 1:
-        half = p.shape[-1] // 2
-        p = p[..., :half] + p[..., half:]
-    return p[..., 0]
 
 
 def apply_soft_cap(s: jax.Array, cap: float | None) -> jax.Array:
@@ -194,7 +186,7 @@ def _attend_tile(
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [Q, kvh, G]
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        l_new = l * alpha + block_sum(p)
+        l_new = l * alpha + tree_sum(p)
         acc_new = acc * alpha[..., None] + jnp.einsum("tkgb,tbkd->tkgd", p, v)
         seen = jnp.any(mask, axis=-1)[:, None, None]  # an all-masked block keeps the state as is
         return (

@@ -39,6 +39,25 @@ def first_rows_agree(bits: Callable[[int], Any], tile: int, small: tuple[int, ..
     return all(np.array_equal(np.asarray(bits(t)).view(np.uint32), want[:t]) for t in small)
 
 
+def tree_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis as a fixed pairwise tree of halves: x[..., N] -> [...].
+
+    The axis is zero-padded to a power of two, then halved by element-wise adds: four entries
+    give (x0 + x2) + (x1 + x3). Every add is element-wise, so no fusion, vectorisation or
+    reduce-of-reduce merge XLA chooses for the surrounding program can change the order (an XLA
+    `reduce` gave a row other bits when a consumer of its partial sums was dead code), and the
+    order is the same on every backend. Adding the zero padding changes no bit.
+    """
+    n = x.shape[-1]
+    width = 1 << max(0, (n - 1).bit_length())
+    if width != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
 def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     """Pads the leading axis of `x` with zeros up to a multiple of `multiple`."""
     rows = x.shape[0]

@@ -1,8 +1,8 @@
 """Every bit of a fixed set of rollouts and trainer-side logprobs is unchanged (tests/golden.py).
 
-The outputs in tests/data/golden.json were recorded before the layered-core redesign; a change
-that alters any of them must say why in its commit and re-record them (`python -m tests.golden
-record`). Runs in a subprocess: the tp / dp cases need 4 forced CPU devices.
+A change that alters any of the outputs in tests/data/golden.json must say why in its commit and
+BUILD.md and re-record them (`python -m tests.golden record`). Runs in a subprocess: the tp / dp
+cases need 4 forced CPU devices.
 """
 
 import json

@@ -546,14 +546,3 @@ def test_small_query_tiles_only_where_they_give_the_q_tile_bits(monkeypatch):
         assert [run(r) for r in (1, 3, 8, 16, 20)] == [rpa.Q_TILE] * 5
     finally:
         rpa.small_q_tiles_agree.cache_clear()
-
-
-def test_block_sum_is_a_fixed_pairwise_tree():
-    """`block_sum` adds halves: ((a0 + a2) + (a1 + a3)) for four entries, whatever the rows."""
-    x = jnp.asarray([[1e8, 1.0, -1e8, 1.0]], jnp.float32)  # left to right would give 1.0
-    assert float(rpa.block_sum(x)[0]) == (1e8 + -1e8) + (1.0 + 1.0)
-    rng = np.random.default_rng(0)
-    p = jnp.asarray(rng.random((16, 3, 3, rpa.KV_BLOCK)), jnp.float32)
-    full = np.asarray(jax.jit(rpa.block_sum)(p))
-    for rows in (1, 2, 4, 8):
-        assert_bitwise(jax.jit(rpa.block_sum)(p[:rows]), jnp.asarray(full[:rows]))

@@ -1,4 +1,5 @@
-"""`tiling.map_row_tiles`: rows short of a whole tile keep the bits they have in a whole one."""
+"""`tiling`: rows short of a whole tile keep the bits they have in a whole one; `tree_sum` adds in
+one fixed order."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.models.transformer import apply_rope
-from pallas_kernels.tiling import map_row_tiles
+from pallas_kernels.tiling import map_row_tiles, tree_sum
 from tests.pallas_kernels.checks import assert_bitwise
 
 
@@ -29,3 +30,18 @@ def test_a_partial_tile_keeps_the_bits_its_rows_have_in_a_whole_tile():
     full = f(x, positions)
     for rows in (1, 2, 3, 4, 8, 15):
         assert_bitwise(f(x[:rows], positions[:rows]), full[:rows])
+
+
+def test_tree_sum_is_a_fixed_pairwise_tree():
+    """Halves added element-wise: ((a0 + a2) + (a1 + a3)) for four entries, zero-padded to a power
+    of two, whatever the rows."""
+    x = jnp.asarray([[1e8, 1.0, -1e8, 1.0]], jnp.float32)  # left to right would give 1.0
+    assert float(tree_sum(x)[0]) == (1e8 + -1e8) + (1.0 + 1.0)
+    y = jnp.asarray([[1e8, 1.0, -1e8]], jnp.float32)  # padded: (1e8 + -1e8) + (1.0 + 0.0)
+    assert float(tree_sum(y)[0]) == 1.0
+    rng = np.random.default_rng(0)
+    p = jnp.asarray(rng.random((16, 3, 3, 192)), jnp.float32)
+    full = np.asarray(jax.jit(tree_sum)(p))
+    for rows in (1, 2, 4, 8):
+        assert_bitwise(jax.jit(tree_sum)(p[:rows]), jnp.asarray(full[:rows]))
+
