@@ -40,9 +40,12 @@ KV_SPEC = P(DATA, None, None, MODEL, None)
 
 def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:  # fmt: skip
-    """A ('data', 'model') mesh of shape (dp, tp) over the first dp * tp of `devices`."""
-    devices = list(jax.devices() if devices is None else devices)
-    need = tensor_parallel_size * data_parallel_size
+    """A ('data', 'model') mesh of shape (dp, tp) over the first dp * tp of `devices` (default:
+    ceil(dp * tp / processes) of each process's devices, so every process owns one)."""
+    need, procs = tensor_parallel_size * data_parallel_size, jax.process_count()
+    if devices is None:
+        by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(procs)]
+        devices = [d for ds in by_process for d in ds[: -(-need // procs)]]
     if len(devices) < need:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size="
                          f"{data_parallel_size} needs {need} devices; {len(devices)} available")
@@ -76,14 +79,15 @@ def mesh_sizes(mesh: Mesh) -> tuple[int, int]:
 
 
 def engine_mesh(config: EngineConfig, mesh: Mesh | None) -> Mesh:
-    """The engine's mesh: `mesh` checked against the config's sizes, or built from jax.devices()."""
+    """The engine's mesh: `mesh` checked against the config's sizes, or built from jax.devices().
+    This process owns a device of it: it reads the step's replicated outputs from one."""
     tp, dp = config.tensor_parallel_size, config.data_parallel_size
-    if mesh is None:
-        return make_mesh(tp, dp)
-    mesh = normalize_mesh(mesh)
+    mesh = make_mesh(tp, dp) if mesh is None else normalize_mesh(mesh)
     if mesh_sizes(mesh) != (dp, tp):
         raise ValueError(f"mesh has (data, model) sizes {mesh_sizes(mesh)} but the config asks "
                          f"for data_parallel_size={dp}, tensor_parallel_size={tp}")
+    if jax.process_index() not in {d.process_index for d in mesh.devices.flat}:
+        raise ValueError(f"the mesh holds no device of process {jax.process_index()}")
     return mesh
 
 

@@ -19,6 +19,10 @@ Cases (2 processes x 2 CPU devices; d(p, i) = device i of process p):
              devices on another mesh (a trainer's FSDP layout)
   diverge    process 1 is handed a different prompt: both must raise DivergenceError
   kill       process 1 dies mid-run: process 0 must end with JAX's error, not hang
+  documented README's call exactly, with no mesh= (the engine builds the mesh over all processes'
+             devices), for each (tp, dp) of DOCUMENTED in one pair of processes: tp=4 spanning
+             the processes, dp=2 spanning them, tp2 x dp2 (dp across, tp within); `generate`,
+             then `jengine.score` and `rl.token_logprobs` on the engine's mesh
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ COLUMN_BLOCKS = 2
 HEARTBEAT_TIMEOUT_S = 5
 ENGINE = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
               num_pages=10, column_blocks=COLUMN_BLOCKS)  # fmt: skip
+DOCUMENTED = [(4, 1), (1, 2), (2, 2)]  # (tp, dp) of the documented case
+DOCUMENTED_ENGINE = dict(ENGINE, column_blocks=4)  # tp=4 needs 4 column blocks
 
 
 def workload(vocab: int, other_prompt: bool = False):
@@ -64,8 +70,6 @@ def drive(engine, model, *, other_prompt=False, kill_at=None, new_params=None, p
     """Adds the workload, steps with an abort, a keep update and a recompute update in the
     middle; returns ({request_id: output record}, engine stats). `place(params)` lays new params
     out (e.g. on a trainer's mesh) before they are handed to `update_weights`."""
-    import numpy as np
-
     prompts, params = workload(model.config.vocab_size, other_prompt)
     place = place or (lambda p: p)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -84,15 +88,79 @@ def drive(engine, model, *, other_prompt=False, kill_at=None, new_params=None, p
         for out in engine.step():
             done[out.request_id] = out
         step += 1
+    return {rid: record(done[rid]) for rid in ids}, {
+        k: engine.stats[k] for k in ("preemptions", "prefix_cache_hit_tokens", "steps")
+    }
+
+
+def record(out) -> dict:
+    """A `RequestOutput` as JSON: tokens, logprob bits, policy versions, finish reason."""
+    import numpy as np
+
+    return {"tokens": list(map(int, out.token_ids)),
+            "bits": np.asarray(out.logprobs, np.float32).view(np.uint32).tolist(),
+            "versions": out.policy_versions.tolist(), "finish": out.finish_reason}  # fmt: skip
+
+
+def scored_bitwise(engine, prompts, params, outs) -> dict:
+    """Whether `jengine.score` (on the params' mesh) and `rl.token_logprobs` on the engine's mesh
+    reproduce the rollout's logprobs bit for bit: the trainer side on the same mesh."""
+    import numpy as np
+
+    import jengine
+    from jengine import rl
+
+    dp = engine.mesh.devices.shape[0]
+    comps = [o.token_ids for o in outs]
+    scored = jengine.score(engine.model, prompts, comps, params, numerics=engine.numerics)
+    rows = len(prompts) + (-len(prompts)) % dp
+    batch = rl.pack(prompts + prompts[: rows - len(prompts)], comps + comps[: rows - len(prompts)])
+    lp = np.asarray(rl.token_logprobs(
+        engine.model.params, engine.model.config, batch["tokens"], batch["prompt_lens"],
+        batch["completion_lens"], sampling_params=params + params[: rows - len(prompts)],
+        numerics=engine.numerics, mesh=engine.mesh,
+    ))  # fmt: skip
+    bits = lambda a: np.asarray(a, np.float32).view(np.uint32)  # noqa: E731
     return {
-        rid: {
-            "tokens": list(map(int, done[rid].token_ids)),
-            "bits": np.asarray(done[rid].logprobs, np.float32).view(np.uint32).tolist(),
-            "versions": done[rid].policy_versions.tolist(),
-            "finish": done[rid].finish_reason,
+        "score_bitwise": all(
+            np.array_equal(bits(s), bits(o.logprobs)) for s, o in zip(scored, outs)
+        ),
+        "token_logprobs_bitwise": all(
+            np.array_equal(bits(lp[i, len(p) - 1 : len(p) - 1 + len(c)]), bits(o.logprobs))
+            for i, (p, c, o) in enumerate(zip(prompts, comps, outs))
+        ),
+    }
+
+
+def documented(model) -> dict:
+    """README's multi-host call as written: `Engine(model, EngineConfig(tensor_parallel_size=T,
+    data_parallel_size=D))`, no mesh=. Per layout: which process owns each mesh device, the
+    outputs of `generate`, and the trainer side's bits on the engine's mesh; then a mesh without
+    a device of this process, which the engine must refuse."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jengine import Engine, EngineConfig
+
+    prompts, params = workload(model.config.vocab_size)
+    report = {}
+    for tp, dp in DOCUMENTED:
+        engine = Engine(model, EngineConfig(tensor_parallel_size=tp, data_parallel_size=dp,
+                                            **DOCUMENTED_ENGINE))  # fmt: skip
+        outs = engine.generate(prompts, params, progress=False)
+        report[f"{tp}x{dp}"] = {
+            "processes": [[d.process_index for d in row] for row in engine.mesh.devices],
+            "outputs": [record(o) for o in outs],
+            **scored_bitwise(engine, prompts, params, outs),
         }
-        for rid in ids
-    }, {k: engine.stats[k] for k in ("preemptions", "prefix_cache_hit_tokens", "steps")}
+    others = [d for d in jax.devices() if d.process_index != jax.process_index()]
+    try:
+        Engine(model, EngineConfig(tensor_parallel_size=len(others), **DOCUMENTED_ENGINE),
+               mesh=Mesh(np.asarray([others], dtype=object), ("data", "model")))  # fmt: skip
+    except ValueError as e:
+        report["foreign_mesh_error"] = str(e)
+    return report
 
 
 def _mesh(case: str, single: bool):
@@ -142,19 +210,22 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_num_cpu_devices", 2)
         jax.distributed.initialize(f"127.0.0.1:{argv[3]}", 2, pid,
                                    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)  # fmt: skip
-    import numpy as np
-
-    import jengine
-    from jengine import Engine, EngineConfig, Model, ModelConfig, init_params, rl
+    from jengine import Engine, EngineConfig, Model, ModelConfig, init_params
     from jengine.engine import DivergenceError
 
     cfg = ModelConfig.named("tiny")
     model = Model(cfg, init_params(cfg, seed=0))
+    report: dict = {"process": pid, "case": case, "devices": len(jax.devices())}
+    t0 = time.perf_counter()
+    if case == "documented":
+        report["layouts"] = documented(model)
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps(report), flush=True)
+        return 0
     mesh = _mesh(case, single)
     dp, tp = mesh.devices.shape
     engine = Engine(model, EngineConfig(tensor_parallel_size=tp, data_parallel_size=dp, **ENGINE),
                     mesh=mesh)  # fmt: skip
-    report: dict = {"process": pid, "case": case, "devices": len(jax.devices())}
     t0 = time.perf_counter()
     try:
         if case == "resharded":
@@ -172,22 +243,7 @@ def main(argv: list[str]) -> int:
                                            **ENGINE), mesh=mesh)  # fmt: skip
         prompts, params = workload(cfg.vocab_size)
         outs = fresh.generate(prompts, params, progress=False)
-        comps = [o.token_ids for o in outs]
-        scored = jengine.score(fresh.model, prompts, comps, params, numerics=fresh.numerics)
-        rows = len(prompts) + (-len(prompts)) % dp
-        batch = rl.pack(prompts + prompts[: rows - len(prompts)], comps + comps[: rows - len(prompts)])
-        lp = np.asarray(rl.token_logprobs(
-            fresh.model.params, cfg, batch["tokens"], batch["prompt_lens"], batch["completion_lens"],
-            sampling_params=params + params[: rows - len(prompts)], numerics=fresh.numerics,
-            mesh=mesh,
-        ))  # fmt: skip
-        bits = lambda a: np.asarray(a, np.float32).view(np.uint32)  # noqa: E731
-        report["score_bitwise"] = all(np.array_equal(bits(s), bits(o.logprobs))
-                                      for s, o in zip(scored, outs))  # fmt: skip
-        report["token_logprobs_bitwise"] = all(
-            np.array_equal(bits(lp[i, len(p) - 1 : len(p) - 1 + len(c)]), bits(o.logprobs))
-            for i, (p, c, o) in enumerate(zip(prompts, comps, outs))
-        )
+        report.update(scored_bitwise(fresh, prompts, params, outs))
     print(json.dumps(report), flush=True)
     return 0
 

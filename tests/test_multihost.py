@@ -3,7 +3,8 @@
 Two processes on this machine (coordinator on 127.0.0.1, 2 CPU devices each, gloo collectives)
 run tests/multihost_check.py; every process must return the same outputs, equal bit for bit to
 `drive` run here on one device with the same column_blocks. Every subprocess has a timeout, so a
-hang fails the test instead of stalling CI.
+hang fails the test instead of stalling CI. The `documented` case runs README's call as written
+(no mesh=) for several layouts in one pair of processes.
 """
 
 from __future__ import annotations
@@ -93,6 +94,33 @@ def test_every_process_returns_the_one_process_bits(case, one_device):
     if case == "tp2dp2":
         for _, report, _, _ in results:
             assert report["score_bitwise"] and report["token_logprobs_bitwise"]
+
+
+def test_the_documented_call_builds_a_mesh_over_every_process():
+    """`Engine(model, EngineConfig(tensor_parallel_size=T, data_parallel_size=D))` with no mesh=:
+    the mesh takes devices of both processes (tp across them, dp across them, tp2 x dp2), and
+    every layout returns one device's bits with the same column_blocks (no weight updates, so dp
+    changes no bit either); score and token_logprobs on the engine's mesh give the same bits."""
+    from jengine import Engine, EngineConfig, Model, ModelConfig, init_params
+
+    results = run_processes("documented")
+    for pid, (code, report, err, _) in enumerate(results):
+        assert code == 0 and report is not None, err[-3000:]
+        assert f"no device of process {pid}" in report["layouts"].pop("foreign_mesh_error")
+    first, second = (r[1]["layouts"] for r in results)
+    assert first == second, "the processes returned different outputs"
+    cfg = ModelConfig.named("tiny")
+    model = Model(cfg, init_params(cfg, seed=0))
+    prompts, params = multihost_check.workload(cfg.vocab_size)
+    outs = Engine(model, EngineConfig(**multihost_check.DOCUMENTED_ENGINE)).generate(
+        prompts, params, progress=False)  # fmt: skip
+    one_device = [multihost_check.record(o) for o in outs]
+    owners = {"4x1": [[0, 0, 1, 1]], "1x2": [[0], [1]], "2x2": [[0, 0], [1, 1]]}
+    assert set(first) == {f"{tp}x{dp}" for tp, dp in multihost_check.DOCUMENTED} == set(owners)
+    for layout, row in first.items():
+        assert row["processes"] == owners[layout], layout  # which process owns each mesh device
+        assert row["outputs"] == one_device, layout
+        assert row["score_bitwise"] and row["token_logprobs_bitwise"], layout
 
 
 def test_different_requests_raise_on_every_process():
