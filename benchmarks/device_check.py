@@ -1,9 +1,10 @@
 """One command that checks jengine on a lent accelerator and says how fast it is.
 
-    python3 benchmarks/device_check.py --platform gpu --out DIR            # one H200: <= 8 minutes
-    python benchmarks/device_check.py --platform cpu --size tiny --out DIR  # CI (a couple of minutes)
+    python3 benchmarks/device_check.py --platform gpu --out DIR  # one H200: <= 8 minutes
+    python benchmarks/device_check.py --platform cpu              # CI (a couple of minutes)
 
-Writes DIR/device_check.json and DIR/summary.txt:
+`--size` defaults to `tiny` on cpu and to `full` elsewhere; `--out` to a new temporary directory
+(printed at the end). Writes DIR/device_check.json and DIR/summary.txt:
   * tests: the kernel tests and the invariance tests (batch, chunking, pages, prefix cache,
     preemption, rollout == score bitwise) run on the platform by pytest, counted pass/fail;
   * decode: the engine's decode step vs the HBM roofline (bytes of weights + live KV over
@@ -24,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -543,8 +545,13 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--platform", choices=["gpu", "cuda", "cpu", "tpu"], default="gpu")
-    ap.add_argument("--size", choices=sorted(SIZES), default="full")
-    ap.add_argument("--out", required=True, help="directory for device_check.json and summary.txt")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), help="default: tiny on cpu, full on an accelerator"
+    )
+    ap.add_argument(
+        "--out",
+        help="directory for device_check.json and summary.txt (default: a new temporary one)",
+    )
     ap.add_argument(
         "--budget-s", type=float, default=None, help="wall-clock budget (default by size)"
     )
@@ -559,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     if platform == "cuda":  # leave room on the device for the transformers baseline
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     sys.path.insert(0, ROOT)
+    args.size = args.size or ("tiny" if platform == "cpu" else "full")
+    args.out = args.out or tempfile.mkdtemp(prefix="device_check_")
     os.makedirs(args.out, exist_ok=True)
     size = dict(SIZES[args.size])
     if args.models:
@@ -598,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     if "rollout" in sections:
         attempt("rollout", lambda: rollout(size, device, args.out, budget, compile_log))
     print(summary(result), end="")
+    print(f"wrote {os.path.join(args.out, 'device_check.json')} and summary.txt")
     failed = sum(t.get("failed", 0) for t in result.get("tests", {}).values())
     return 1 if failed or result["errors"] else 0
 

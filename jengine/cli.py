@@ -175,10 +175,31 @@ def _flag_error(e: Exception) -> UsageError:
     return UsageError(msg)
 
 
+def _unknown_model(name: str) -> UsageError:
+    """--model names no file and no known name: the error lists every name it could be."""
+    import difflib
+
+    from jengine.config import CONFIGS_DIR
+    from jengine.models.loading import CHECKPOINT_NAMES
+
+    checkpoints = ["auto", *CHECKPOINT_NAMES]
+    configs = sorted(p[:-5] for p in os.listdir(CONFIGS_DIR) if p.endswith(".json"))
+    close = difflib.get_close_matches(name.lower(), checkpoints + configs, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return UsageError(
+        f"--model={name}: no such file or directory, and no checkpoint or shipped config of that "
+        f"name{hint}\n  checkpoint names: {', '.join(checkpoints)}\n  shipped configs (random "
+        f"weights): {', '.join(configs)}\n  or a Hugging Face checkpoint dir, an orbax dir, a "
+        ".gguf file or a model-config JSON"
+    )
+
+
 def resolve_model_path(name: str | None) -> str:
     """--model's value -> what `load_model` takes: "auto" (SmolLM2 when installed, else "tiny")
     and the checkpoint names (`loading.CHECKPOINT_NAMES`: smollm2, gemma3-270m) resolved to their
-    files, so the tokenizer is found beside the weights."""
+    files, so the tokenizer is found beside the weights. A name that is none of those, no shipped
+    config and no path is a usage error listing the names (before anything is loaded)."""
+    from jengine.config import CONFIGS_DIR
     from jengine.models.loading import CHECKPOINT_NAMES, smollm2_gguf_path
 
     if name in (None, "auto"):
@@ -188,19 +209,30 @@ def resolve_model_path(name: str | None) -> str:
             return CHECKPOINT_NAMES[name.lower()]()
         except ValueError as e:
             raise UsageError(f"--model={name}: {e}") from None
+    # load_model's other readings: a path (it names a missing one itself) or a shipped config
+    is_path = os.path.exists(name) or os.sep in name or name.endswith((".json", ".gguf"))
+    if not is_path and not os.path.isfile(os.path.join(CONFIGS_DIR, f"{name}.json")):
+        raise _unknown_model(name)
     return name
 
 
 def load(name: str | None):
     """(model, tokenizer or None, resolved path) for --model / --tokenizer / --dtype."""
+    path = resolve_model_path(name)
+    return load_weights(path, name), load_tok(path), path
+
+
+def load_weights(path: str, name: str | None):
+    """The model at `path` (from `resolve_model_path(name)`) under --dtype / --model_seed. Sets up
+    jax first (--compile_cache): every command loads its model before it compiles anything, and
+    checks its input before it imports jax."""
     from jengine.models.loading import load_model
 
-    path = resolve_model_path(name)
+    _setup_jax()
     try:
-        model = load_model(path, dtype=FLAGS.dtype, seed=FLAGS.model_seed)
+        return load_model(path, dtype=FLAGS.dtype, seed=FLAGS.model_seed)
     except ValueError as e:
         raise UsageError(f"--model={name or 'auto'}: {e}") from None
-    return model, load_tok(path), path
 
 
 def load_tok(model_path: str):
@@ -290,23 +322,54 @@ def make_engine(model, config):
 
 
 def read_jsonl(path: str, flag: str) -> list[dict[str, Any]]:
-    from jengine import diagnostics
-
+    """The JSON object on each non-blank line of `path` (UTF-8). A line that is not one is a
+    usage error naming the file's line number and the column within that line (not the JSON
+    decoder's own "line 2 column 1", counted within the one line it was given)."""
     if not path:
         raise UsageError(f"--{flag} is required")
     if not os.path.isfile(path):
         raise UsageError(f"--{flag}={path}: no such file")
-    try:
-        rows = diagnostics.read_trace(path)
-    except diagnostics.TraceError as e:  # names the file and line
-        raise UsageError(f"--{flag}={e}") from None
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            lines = f.read().split("\n")  # JSON strings may hold \r, U+2028: not line breaks
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"--{flag}={path}: not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            # e.pos is the offset into this line; the decoder's e.lineno / e.colno count lines
+            # within the text it was given, not the file's
+            col = e.pos + 1
+            at = f"at column {col}"
+            if e.pos >= len(line.rstrip()):
+                at = f"at the end of the line (column {col})"
+            raise UsageError(f"--{flag}={path}:{lineno}: not JSON: {e.msg} {at}") from None
+        if not isinstance(row, dict):
+            got = _snippet(json.dumps(row), 40)
+            raise UsageError(f"--{flag}={path}:{lineno}: each line must be a JSON object, "
+                             f"got {got}")  # fmt: skip
+        rows.append(row)
     if not rows:
         raise UsageError(f"--{flag}={path}: no lines")
     return rows
 
 
+CHECK = object()  # `_ids_from`'s tok in the checking pass: nothing is tokenized
+NEEDS_TOKENIZER = object()  # what it returns there for a text / messages line
+
+
 def _ids_from(row: dict[str, Any], keys: Sequence[str], text_key: str, tok, where: str,
               chat: bool = False) -> list[int] | None:  # fmt: skip
+    """The line's token ids from the first of `keys`, else its chat `messages` (chat=True), else
+    its `text_key` text; None when it has none of them. tok: the tokenizer, None (text is an
+    error), or CHECK (the types are checked and text returns NEEDS_TOKENIZER)."""
     for key in keys:
         if key in row:
             ids = row[key]
@@ -315,19 +378,53 @@ def _ids_from(row: dict[str, Any], keys: Sequence[str], text_key: str, tok, wher
                 raise UsageError(f"{where}: {key} must be a list of ints")
             return ids
     if chat and "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise UsageError(f"{where}: messages must be a list of objects")
+        if tok is CHECK:
+            return NEEDS_TOKENIZER
         if tok is None:
             raise UsageError(f"{where}: 'messages' needs a tokenizer (--tokenizer)")
         try:
-            return tok.encode(tok.apply_chat_template(row["messages"], add_generation_prompt=True))
-        except (ValueError, TypeError) as e:
+            return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+        except (ValueError, TypeError, KeyError) as e:
             raise UsageError(f"{where}: chat template: {e}") from None
     if text_key in row:
-        if tok is None:
-            raise UsageError(f"{where}: text {text_key!r} needs a tokenizer (--tokenizer)")
         if not isinstance(row[text_key], str):
             raise UsageError(f"{where}: {text_key} must be a string")
+        if tok is CHECK:
+            return NEEDS_TOKENIZER
+        if tok is None:
+            raise UsageError(f"{where}: text {text_key!r} needs a tokenizer (--tokenizer)")
         return tok.encode(row[text_key])
     return None
+
+
+def _line_params(row: dict[str, Any], index: int, where: str):
+    """The line's SamplingParams: the flags, overridden by its "sampling_params" object."""
+    overrides = row.get("sampling_params") or {}
+    if not isinstance(overrides, dict):
+        raise UsageError(f"{where}: sampling_params must be an object")
+    try:
+        return sampling_params(index=index, **overrides)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def parse_lines(rows: list[dict[str, Any]], where: str, parse,
+                want_tokenizer: bool = False) -> tuple[list[Any], Any, str]:  # fmt: skip
+    """`parse(row, where, tok, index)` over the input lines, all checked before anything loads
+    (not even jax): first every line with tok=CHECK (keys, types, sampling params); then --model
+    is resolved and, only when a line has text (or `want_tokenizer`), its tokenizer loaded and
+    every line parsed again with it. Returns (parse's results, the tokenizer or None, the
+    resolved model path)."""
+    checked = [parse(row, f"{where}:{i + 1}", CHECK, i) for i, row in enumerate(rows)]
+    path = resolve_model_path(FLAGS.model)
+    needs = any(x is NEEDS_TOKENIZER for result in checked for x in result)
+    tok = load_tok(path) if needs or want_tokenizer else None
+    if not needs:
+        return checked, tok, path
+    return [parse(row, f"{where}:{i + 1}", tok, i) for i, row in enumerate(rows)], tok, path
 
 
 def _floats(a) -> list[float]:
@@ -452,23 +549,18 @@ def cmd_generate(argv: list[str]) -> int:
     rows = read_jsonl(FLAGS.prompts, "prompts")
     if not FLAGS.out:
         raise UsageError("--out is required")
-    model, tok, _ = load(FLAGS.model)
-    prompts, params, ids = [], [], []
-    for i, row in enumerate(rows):
-        where = f"--prompts={FLAGS.prompts}:{i + 1}"
+
+    def parse(row, where, tok, i):
         p = _ids_from(row, ("prompt_token_ids",), "prompt", tok, where, chat=True)
         if p is None:
             raise UsageError(f"{where}: needs 'prompt_token_ids', 'prompt' or 'messages'")
-        overrides = row.get("sampling_params") or {}
-        if not isinstance(overrides, dict):
-            raise UsageError(f"{where}: sampling_params must be an object")
-        try:
-            params.append(sampling_params(index=i, **overrides))
-        except UsageError as e:
-            raise UsageError(f"{where}: {e}") from None
-        prompts.append(p)
         rid = row.get("request_id", row.get("id"))
-        ids.append(str(rid) if rid is not None else None)
+        return p, _line_params(row, i, where), str(rid) if rid is not None else None
+
+    # every line is checked before the weights load; the tokenizer also decodes the results
+    lines, tok, path = parse_lines(rows, f"--prompts={FLAGS.prompts}", parse, want_tokenizer=True)
+    prompts, params, ids = (list(x) for x in zip(*lines))
+    model = load_weights(path, FLAGS.model)
     longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
     config = engine_config(
         model, {"max_model_len": min(max(256, longest), model.config.max_position_embeddings)}
@@ -525,22 +617,21 @@ def cmd_score(argv: list[str]) -> int:
     rows = read_jsonl(FLAGS.input, "input")
     if not FLAGS.out:
         raise UsageError("--out is required")
-    model, tok, _ = load(FLAGS.model)
-    prompts, completions, params = [], [], []
-    for i, row in enumerate(rows):
-        where = f"--input={FLAGS.input}:{i + 1}"
+
+    def parse(row, where, tok, i):
         p = _ids_from(row, ("prompt_token_ids",), "prompt", tok, where, chat=True)
         c = _ids_from(row, ("token_ids", "completion_token_ids"), "completion", tok, where)
         if p is None or c is None:
             raise UsageError(f"{where}: needs prompt_token_ids (or prompt/messages) and token_ids "
                              "(or completion_token_ids / completion)")  # fmt: skip
-        overrides = row.get("sampling_params") or {}
-        try:
-            params.append(sampling_params(index=i, **overrides))
-        except UsageError as e:
-            raise UsageError(f"{where}: {e}") from None
-        prompts.append(p)
-        completions.append(c)
+        return p, c, _line_params(row, i, where)
+
+    # every line is checked before the weights load (and the tokenizer: only for a line with
+    # text, or a --tokenizer to check)
+    lines, _, path = parse_lines(rows, f"--input={FLAGS.input}", parse,
+                                 want_tokenizer=bool(FLAGS.tokenizer))  # fmt: skip
+    prompts, completions, params = (list(x) for x in zip(*lines))
+    model = load_weights(path, FLAGS.model)
     config = engine_config(model)  # only the numerics flags are accepted for `score`
     out: list[Any] = []
     bs = FLAGS.batch_size
@@ -682,7 +773,6 @@ def main(argv: Sequence[str]) -> int:
         print(f"jengine {command}: error: --{stray[0]} does not apply to `{command}` "
               f"(flags it reads: see --help)", file=sys.stderr)  # fmt: skip
         return 2
-    _setup_jax()
     handler = {"demo": cmd_demo, "generate": cmd_generate, "score": cmd_score,
                "parity": cmd_parity}[command]  # fmt: skip
     try:

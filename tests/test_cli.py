@@ -189,3 +189,50 @@ def test_parity_reports_every_metric(tmp_path):
     assert main["max_abs_diff"] == 0.0 and main["ratio_mean"] == 1.0 and main["k3"] == 0.0
     bf16 = data["trainer lm_head_dtype=bfloat16"]
     assert bf16["max_abs_diff"] > 0.0  # a bf16 head on the trainer side alone breaks parity
+
+
+def test_unknown_model_lists_every_name_it_could_be():
+    """--model=smollm3 (a typo) lists the checkpoint names the help uses, not only the shipped
+    configs, and loads nothing."""
+    from jengine.models.loading import CHECKPOINT_NAMES
+
+    r = jengine_cli("demo", "--model=smollm3")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    words = set(re.findall(r"[\w.-]+", r.stderr))
+    for name in ["auto", *CHECKPOINT_NAMES, "tiny", "qwen3-0.6b"]:
+        assert name in words, (name, r.stderr)
+    assert "did you mean smollm2" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["score", "generate"])
+def test_input_lines_are_checked_before_the_model_loads(tmp_path, command):
+    """A bad input line is reported before the model is loaded: with a model that cannot load,
+    the error is still the line's."""
+    good = {"prompt_token_ids": [1, 2], "token_ids": [3]}
+    bad = {**good, "sampling_params": {"top_p": 7.0}}
+    _write_jsonl(tmp_path / "in.jsonl", [good, bad])
+    io = "--input" if command == "score" else "--prompts"
+    r = jengine_cli(command, f"--model={tmp_path / 'missing.gguf'}", f"{io}={tmp_path / 'in.jsonl'}",
+                    f"--out={tmp_path / 'out.jsonl'}")  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "in.jsonl:2" in r.stderr and "--top_p" in r.stderr, r.stderr
+    assert "GGUF" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "line, where",
+    [
+        ('{"prompt_token_ids": [1, 2], "token_ids":', "at the end of the line (column 42)"),
+        ('{"prompt_token_ids": [1, 2,, 3], "token_ids": [3]}', "at column 28"),
+    ],
+)
+def test_json_errors_name_the_line_and_column_of_the_file(tmp_path, line, where):
+    """The file's line number and the column within that line, not the decoder's own count of
+    lines ("line 2 column 1" for a line that ends too early)."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt_token_ids": [1], "token_ids": [2]}) + "\n" + line + "\n")
+    r = jengine_cli("score", "--model=tiny", f"--input={path}", f"--out={tmp_path / 'o.jsonl'}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"in.jsonl:2: not JSON: Expecting value {where}" in r.stderr, r.stderr
+    assert not re.search(r"line \d+ column", r.stderr), r.stderr

@@ -1,7 +1,7 @@
 """Cost of invariance on CPU: each op's fixed-tile CPU lowering (`Numerics(backend="cpu")`) against
 its fast XLA counterpart (the op's plain-JAX `reference`), at SmolLM2-135M shapes.
 
-    python benchmarks/kernels.py [--reps 20]
+    python benchmarks/kernel_bench.py [--reps 20]
 
 Shapes: hidden 576, 9 heads over 3 kv heads of 64, intermediate 1536, vocab 49152; layer
 activations and weights in bf16, the lm_head on fp32 hidden states (the engine's default);
