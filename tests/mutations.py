@@ -163,6 +163,58 @@ MUTATIONS = [
         "transformers",
         ("test_long_sequences_match_transformers",),
     ),
+    Mutation(
+        "sampler_sums_by_xla_reduce",
+        "the sampler's block sums and normaliser go back to XLA's reduce, whose order XLA picks per "
+        "program: scoring (no token drawn) merged the two sums into one reduce of another order",
+        "jengine/sampling.py",
+        "    return m, zb, tree_sum(jnp.exp(zb - m[:, :, None]))\n\n\n"
+        "def _log_normalizer(m: jax.Array, block_mass: jax.Array) -> jax.Array:\n"
+        "    \"\"\"f32[M, 1]: log(sum(exp(z))) from `_blocks`: the block sums summed, then the max "
+        "added.\"\"\"\n"
+        "    return jnp.log(tree_sum(block_mass))[:, None] + m\n",
+        "    return m, zb, jnp.sum(jnp.exp(zb - m[:, :, None]), axis=-1)\n\n\n"
+        "def _log_normalizer(m: jax.Array, block_mass: jax.Array) -> jax.Array:\n"
+        "    return jnp.log(jnp.sum(block_mass, axis=-1, keepdims=True)) + m\n",
+        ("tests/test_exactness.py",),
+        "turnover_widths",
+        ("test_trainer_side_matches_the_rollout_at_turnover_widths",),
+    ),
+    Mutation(
+        "prefix_cache_covers_last_token",
+        "the prefix cache may cover a whole prompt: a fully cached prompt of k * page_size tokens "
+        "computes nothing and its first token is read from another row's logits",
+        "jengine/scheduler.py",
+        "        return keys[: (len(seq.tokens) - 1) // self.page_size]\n",
+        "        return keys[: len(seq.tokens) // self.page_size]\n",
+        ("tests/test_prefix_cache_page_multiples.py",),
+        "fully_cached",
+        ("test_fully_cached_page_multiple_prompts_are_exact",),
+    ),
+    Mutation(
+        "top_logprobs_from_processed_logits",
+        "top_logprobs are taken from the processed logits whatever the logprobs_mode (raw modes "
+        "list processed values)",
+        "jengine/sampling.py",
+        "        top_values, top_ids = jax.lax.top_k(source if lse is None else source - lse, "
+        "top_n)\n",
+        "        processed = z if lse is None else z - _log_normalizer(m, block_mass)\n"
+        "        top_values, top_ids = jax.lax.top_k(processed, top_n)\n",
+        ("tests/test_top_logprobs_modes.py",),
+        "modes_own_top_n and raw",
+        ("test_top_logprobs_are_the_modes_own_top_n",),
+    ),
+    Mutation(
+        "rollout_queue_bound_off_by_one",
+        "rl.RolloutActor admits a group while queue_size groups are already outstanding (one more "
+        "than its documented bound)",
+        "jengine/rl/pipeline.py",
+        "        return len(building) + len(ready) + self._queue.qsize() < self._queue.maxsize\n",
+        "        return len(building) + len(ready) + self._queue.qsize() <= self._queue.maxsize\n",
+        ("tests/test_rl_queue_bound.py",),
+        "outstanding_never_exceed",
+        ("test_groups_outstanding_never_exceed_queue_size",),
+    ),
 ]
 
 
