@@ -2,6 +2,7 @@
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
@@ -20,6 +21,68 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from jengine import Model, ModelConfig, init_params  # noqa: E402
+
+# The slow tier. `python -m pytest -q -m "not slow" tests` (README's test command) is the quick
+# tier: under 10 minutes on 2 cores, with a test for every guarantee in README's table; `.ci/run`
+# also runs `-m slow`. Listed here, in one place, by node-id prefix (a file, a test or one
+# parametrization; `*` matches anything), besides the tests marked `@pytest.mark.slow` in their
+# files: end-to-end runs (real models, GRPO, notebooks, subprocesses, the mutation check) and the
+# larger variants of guarantees that a quick test already holds.
+_ATTENTION = "tests/pallas_kernels/test_ragged_paged_attention.py::"
+SLOW = (
+    "tests/pallas_kernels/test_matmul.py::test_every_tile_size_gives_the_row_tile_bits[1536x576",
+    "tests/pallas_kernels/test_matmul.py::test_every_tile_size_gives_the_row_tile_bits[896x4864",
+    _ATTENTION + "test_a_window_longer_than_the_prompt",
+    _ATTENTION + "test_every_query_tile_gives_the_q_tile_bits[2-",
+    _ATTENTION + "test_every_query_tile_gives_the_q_tile_bits[4-",
+    _ATTENTION + "test_kv_blocks_are_reduced_in_logical_order[*-128]",
+    _ATTENTION + "test_matches_reference_on_a_mixed_batch[*tpu_interpret]",
+    _ATTENTION + "test_skipping_blocks_outside_the_window*tpu_interpret]",
+    _ATTENTION + "test_windowed_token_is_bitwise_invariant[tpu_interpret]",
+    "tests/test_bench.py",
+    "tests/test_cli.py::test_demo_tiny",
+    "tests/test_cli.py::test_generate_then_score_round_trip",
+    "tests/test_cli.py::test_parity_reports_every_metric",
+    "tests/test_cli.py::test_trace_holds_one_run",
+    "tests/test_device_check.py::test_device_check_on_cpu",
+    "tests/test_engine.py::test_compilations_stay_within_bucket_table",
+    "tests/test_engine.py::test_each_logprobs_mode_matches_score",
+    "tests/test_engine.py::test_lm_head_dtype_matches_score[tiny_model-bfloat16]",
+    "tests/test_engine.py::test_lm_head_dtype_matches_score[tiny_model_bf16-model]",
+    "tests/test_engine.py::test_output_independent_of_batching[max_num_seqs=16",
+    "tests/test_engine.py::test_output_independent_of_batching[min_token_bucket=2]",
+    "tests/test_engine.py::test_output_independent_of_batching[page_size=",
+    "tests/test_exactness.py::test_trainer_side_matches_the_rollout_at_turnover_widths[long]",
+    "tests/test_export.py::test_every_bucket_exports[gemma3-270m-cuda]",
+    "tests/test_export.py::test_every_bucket_exports[gemma3-270m-tpu]",
+    "tests/test_export.py::test_every_bucket_exports[qwen3-0.6b-cuda]",
+    "tests/test_export.py::test_every_bucket_exports[qwen3-0.6b-tpu]",
+    "tests/test_export.py::test_largest_bucket_exports_at_full_depth",
+    "tests/test_gemma.py::test_bf16_rollout_logprobs_are_bitwise_score",
+    "tests/test_gemma.py::test_output_independent_of_batching_pages_and_preemption[min_token*",
+    "tests/test_gemma.py::test_tensor_parallel_is_bitwise_one_device",
+    "tests/test_gguf.py::test_smollm2_",
+    "tests/test_grpo.py",
+    "tests/test_long_context.py",
+    "tests/test_multihost.py",
+    "tests/test_mutations.py::test_a_harmless_change",
+    "tests/test_notebooks.py",
+    "tests/test_parity_guard.py::test_a_fraction_is_a_deterministic_subset",
+    "tests/test_parity_guard.py::test_every_finished_request_is_verified_and_exact",
+    "tests/test_rl.py::test_example_reward_rises",
+    "tests/test_sampling.py::test_a_row_keeps_its_bits_in_every_tile_and_batch",
+    "tests/test_tpu_interpret.py::test_outputs_independent_of_batch",
+    "tests/test_tunix.py",
+    "tests/test_wheel.py",
+)
+_SLOW = [re.compile(".*".join(map(re.escape, pattern.split("*")))) for pattern in SLOW]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests `SLOW` names (node-id prefixes; `*` matches any run of characters)."""
+    for item in items:
+        if any(p.match(item.nodeid) for p in _SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 def _memory_maps() -> int:

@@ -2,6 +2,7 @@
 
     python -m tests.golden record [PATH]   # writes tests/data/golden.json (or PATH)
     python -m tests.golden check  [PATH]   # prints a JSON report; exit status 1 on any difference
+    python -m tests.golden check --cases=tp1,rl_token_logprobs   # only these cases
 
 `tests/test_golden.py` runs `check` in a subprocess with 4 forced CPU devices (the tp / dp cases
 need them) and XLA's CPU code generation capped at AVX2 (`ISA_FLAGS`), so the bits do not depend on
@@ -149,7 +150,8 @@ def _token_logprobs(model, prompts, params, outputs):
     return {"values": _bits(np.asarray(values)), "entropy": _bits(np.asarray(entropy))}
 
 
-def compute() -> dict:
+def compute(only: tuple[str, ...] | None = None) -> dict:
+    """Runs every case, or the cases named in `only` (rl_token_logprobs scores tp1's outputs)."""
     import jax
 
     from jengine import Model, ModelConfig, init_params
@@ -159,22 +161,30 @@ def compute() -> dict:
     model = Model(cfg, init_params(cfg, seed=0))
     bf16 = Model(cfg.replace(dtype="bfloat16"), init_params(cfg, seed=0, dtype="bfloat16"))
     prompts, params = _workload(cfg.vocab_size)
-    cases = {
-        "tp1": _run(model, prompts, params),
-        "tp1_no_prefix_cache": _run(model, prompts, params, enable_prefix_caching=False),
-        "tp1_raw_logprobs": _run(model, prompts[:6], params[:6], logprobs_mode="raw_logprobs"),
-        "tp1_bf16": _run(bf16, prompts[:6], params[:6]),
-        "tp1_bf16_head": _run(model, prompts[:6], params[:6], lm_head_dtype="bfloat16"),
-        "tp1_fast": _run(model, prompts, params, numerics="fast"),
-        "update_keep": _run_with_update(model, prompts, params, "keep"),
-        "update_recompute": _run_with_update(model, prompts, params, "recompute"),
-        "tp1_cb2": _run(model, prompts, params, column_blocks=2),
-        "tp2": _run(model, prompts, params, tensor_parallel_size=2),
-        "dp2": _run(model, prompts, params, data_parallel_size=2),
-        "tp2_dp2": _run(model, prompts, params, tensor_parallel_size=2, data_parallel_size=2),
-    }
-    cases["rl_token_logprobs"] = _token_logprobs(model, prompts, params, cases["tp1"]["outputs"])
-    return {"jax": jax.__version__, "xla_flags": ISA_FLAGS, "cases": cases}
+    thunks = {
+        "tp1": lambda: _run(model, prompts, params),
+        "tp1_no_prefix_cache": lambda: _run(model, prompts, params, enable_prefix_caching=False),
+        "tp1_raw_logprobs": lambda: _run(model, prompts[:6], params[:6],
+                                         logprobs_mode="raw_logprobs"),
+        "tp1_bf16": lambda: _run(bf16, prompts[:6], params[:6]),
+        "tp1_bf16_head": lambda: _run(model, prompts[:6], params[:6], lm_head_dtype="bfloat16"),
+        "tp1_fast": lambda: _run(model, prompts, params, numerics="fast"),
+        "update_keep": lambda: _run_with_update(model, prompts, params, "keep"),
+        "update_recompute": lambda: _run_with_update(model, prompts, params, "recompute"),
+        "tp1_cb2": lambda: _run(model, prompts, params, column_blocks=2),
+        "tp2": lambda: _run(model, prompts, params, tensor_parallel_size=2),
+        "dp2": lambda: _run(model, prompts, params, data_parallel_size=2),
+        "tp2_dp2": lambda: _run(model, prompts, params, tensor_parallel_size=2,
+                                data_parallel_size=2),
+    }  # fmt: skip
+    wanted = set(thunks) | {"rl_token_logprobs"} if only is None else set(only)
+    cases = {name: run() for name, run in thunks.items()
+             if name in wanted or (name == "tp1" and "rl_token_logprobs" in wanted)}  # fmt: skip
+    if "rl_token_logprobs" in wanted:
+        cases["rl_token_logprobs"] = _token_logprobs(model, prompts, params,
+                                                     cases["tp1"]["outputs"])  # fmt: skip
+    return {"jax": jax.__version__, "xla_flags": ISA_FLAGS,
+            "cases": {k: v for k, v in cases.items() if k in wanted}}  # fmt: skip
 
 
 def _diff(want, got, where: str = "") -> str | None:
@@ -206,10 +216,14 @@ def _diff(want, got, where: str = "") -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--cases=")), None)
+    argv = [a for a in argv if not a.startswith("--cases=")]
     command = argv[1] if len(argv) > 1 else "check"
     path = argv[2] if len(argv) > 2 else DEFAULT_PATH
+    if command == "record" and only is not None:
+        raise SystemExit("record writes every case: drop --cases")
     _setup()
-    got = compute()
+    got = compute(None if only is None else tuple(only))
     if command == "record":
         tp1 = got["cases"]["tp1"]["stats"]
         assert tp1["preemptions"] > 0 and tp1["prefix_cache_hit_tokens"] > 0, tp1
@@ -222,7 +236,9 @@ def main(argv: list[str]) -> int:
     with open(path) as f:
         want = json.load(f)
     report = {
-        name: _diff(case, got["cases"].get(name), name) for name, case in want["cases"].items()
+        name: _diff(case, got["cases"].get(name), name)
+        for name, case in want["cases"].items()
+        if only is None or name in only
     }
     print(json.dumps({"differences": {k: v for k, v in report.items() if v}, "cases": len(report)}))
     return 1 if any(report.values()) else 0

@@ -44,14 +44,17 @@ def in_tunix_env(test):
 
 
 @pytest.mark.skipif(HAVE_TUNIX, reason="tunix is importable: the tests below run directly")
-def test_tunix_environment():
+@pytest.mark.parametrize("tier", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+def test_tunix_environment(tier):
+    """This file's tests of one tier (tests/conftest.py's SLOW) in the Tunix environment."""
     python = os.environ.get(ENV_VAR)
     if not python:
         pytest.skip(f"google-tunix is not installed here; set {ENV_VAR} to a Python that has "
                     "`pip install -e '.[tunix]'` to run tests/test_tunix.py")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", tier,
+         os.path.abspath(__file__)],
         cwd=root, capture_output=True, text=True, timeout=900, check=False,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
