@@ -44,7 +44,8 @@ def in_tunix_env(test):
 
 
 @pytest.mark.skipif(HAVE_TUNIX, reason="tunix is importable: the tests below run directly")
-@pytest.mark.parametrize("tier", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+@pytest.mark.slow  # both halves: a subprocess in another environment
+@pytest.mark.parametrize("tier", ["not slow", "slow"])
 def test_tunix_environment(tier):
     """This file's tests of one tier (tests/conftest.py's SLOW) in the Tunix environment."""
     python = os.environ.get(ENV_VAR)
