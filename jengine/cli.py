@@ -322,40 +322,18 @@ def make_engine(model, config):
 
 
 def read_jsonl(path: str, flag: str) -> list[dict[str, Any]]:
-    """The JSON object on each non-blank line of `path` (UTF-8). A line that is not one is a
-    usage error naming the file's line number and the column within that line (not the JSON
-    decoder's own "line 2 column 1", counted within the one line it was given)."""
+    """The JSON object on each non-blank line of `path`; a bad file or line is a usage error
+    naming the flag, the file's line and the column within it (`diagnostics.read_trace`)."""
+    from jengine import diagnostics
+
     if not path:
         raise UsageError(f"--{flag} is required")
     if not os.path.isfile(path):
         raise UsageError(f"--{flag}={path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            lines = f.read().split("\n")  # JSON strings may hold \r, U+2028: not line breaks
-        except UnicodeDecodeError as e:
-            raise UsageError(
-                f"--{flag}={path}: not UTF-8 text ({e.reason} at byte {e.start})"
-            ) from None
-    for lineno, line in enumerate(lines, 1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            # e.pos is the offset into this line; the decoder's e.lineno / e.colno count lines
-            # within the text it was given, not the file's
-            col = e.pos + 1
-            at = f"at column {col}"
-            if e.pos >= len(line.rstrip()):
-                at = f"at the end of the line (column {col})"
-            raise UsageError(f"--{flag}={path}:{lineno}: not JSON: {e.msg} {at}") from None
-        if not isinstance(row, dict):
-            got = _snippet(json.dumps(row), 40)
-            raise UsageError(f"--{flag}={path}:{lineno}: each line must be a JSON object, "
-                             f"got {got}")  # fmt: skip
-        rows.append(row)
+    try:
+        rows = diagnostics.read_trace(path)
+    except diagnostics.TraceError as e:  # names the file and line
+        raise UsageError(f"--{flag}={e}") from None
     if not rows:
         raise UsageError(f"--{flag}={path}: no lines")
     return rows

@@ -71,23 +71,32 @@ class TraceError(ValueError):
 
 
 def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parses a JSONL file of objects, such as a step trace (blank lines skipped).
+    """Parses a UTF-8 JSONL file of objects, such as a step trace (blank lines skipped).
 
     Raises:
-      TraceError: a line is not a JSON object (names the file and the line number).
+      TraceError: the file is not UTF-8, or a line is not a JSON object (names the file, the
+        line number and the column within that line, not the JSON decoder's own line count).
     """
+    with open(path, encoding="utf-8") as f:
+        try:  # line breaks as a file reads them (U+2028 inside a JSON string is not one)
+            lines = [line.removesuffix("\n") for line in f]
+        except UnicodeDecodeError as e:
+            raise TraceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{path}:{lineno}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise TraceError(f"{path}:{lineno}: each line must be a JSON object, got {record!r}")
-            records.append(record)
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:  # e.pos: the offset into this line
+            at = f"column {e.pos + 1}"
+            at = f"the end of the line ({at})" if e.pos >= len(line.rstrip()) else at
+            raise TraceError(f"{path}:{lineno}: not JSON: {e.msg} at {at}") from None
+        if not isinstance(record, dict):
+            got = json.dumps(record)
+            got = got if len(got) <= 40 else got[:39] + "…"
+            raise TraceError(f"{path}:{lineno}: each line must be a JSON object, got {got}")
+        records.append(record)
     return records
 
 

@@ -94,9 +94,10 @@ def check(w: dict) -> None:
         sp = [dataclasses.replace(p, max_tokens=m, ignore_eos=True, seed=w["seed"] + 7 * turn + i)
               for i, (p, m) in enumerate(zip(params, w["max_tokens"]))]  # fmt: skip
         outs = engine.generate([list(t) for t in trajs], sp)
-        for i, o in enumerate(outs):
+        scored = jengine.score(model, trajs, [list(o.token_ids) for o in outs], sp,
+                               numerics=engine.numerics)  # fmt: skip
+        for i, (o, got) in enumerate(zip(outs, scored)):
             lp = np.asarray(o.logprobs, np.float32)
-            got = jengine.score(model, trajs[i], list(o.token_ids), sp[i], numerics=engine.numerics)
             assert np.array_equal(np.asarray(got).view(np.uint32), lp.view(np.uint32)), (
                 f"turn {turn} request {i}: score != rollout at "
                 f"{np.flatnonzero(np.asarray(got).view(np.uint32) != lp.view(np.uint32)).tolist()}")
