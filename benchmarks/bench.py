@@ -83,6 +83,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def write_results(res: dict[str, Any], out: str | None, name: str) -> str:
+    """Writes `res` as JSON to `out`, or benchmarks/results/`name`; returns the path."""
+    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    return path
+
+
 def table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """A markdown table headed `## title` (an empty table says so)."""
     out = [f"## {title}", ""]
@@ -394,6 +403,8 @@ def run_jengine(
 
 def torch_model_from(model):
     """A transformers Llama/Qwen2/Qwen3 ForCausalLM (fp32) holding exactly `model`'s weights."""
+    from jengine.models.transformer import unstack_layers
+
     import torch
     import transformers
 
@@ -436,7 +447,7 @@ def torch_model_from(model):
     sd["lm_head.weight"] = t(p["lm_head"]) if "lm_head" in p else sd["model.embed_tokens.weight"]
     names = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_proj", wo="self_attn.o_proj",
                  w_gate="mlp.gate_proj", w_up="mlp.up_proj", w_down="mlp.down_proj")
-    for i, layer in enumerate(p["layers"]):
+    for i, layer in enumerate(unstack_layers(p)["layers"]):
         pre = f"model.layers.{i}."
         sd[pre + "input_layernorm.weight"] = t(layer["attn_norm"])
         sd[pre + "post_attention_layernorm.weight"] = t(layer["mlp_norm"])
@@ -646,7 +657,7 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
 
     from jengine import sampling
     from jengine.config import Numerics
-    from jengine.models.transformer import lm_head_weight
+    from jengine.models.transformer import lm_head_weight, unstack_layers
     from pallas_kernels import ops
 
     c = model.config
@@ -662,7 +673,7 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
 
     @jax.jit
     def matmuls(layers, x):
-        for L in layers:
+        for L in unstack_layers({"layers": layers})["layers"]:
             q = ops.matmul(x, L["wq"], num).astype(dtype)
             k = ops.matmul(x, L["wk"], num)
             v = ops.matmul(x, L["wv"], num)
@@ -680,7 +691,7 @@ def decode_breakdown(model, batch: int, context: int, numerics: str = "invariant
     @jax.jit
     def attention(q, kv, b):
         acc = q
-        for k_pages, v_pages in kv:
+        for k_pages, v_pages in zip(*kv):  # the stacked cache's layers
             acc = acc + ops.attention(acc, k_pages, v_pages, b.page_table, b.seq_ids, b.positions, num,
                                       sm_scale=1.0 / math.sqrt(c.head_dim))
         return acc

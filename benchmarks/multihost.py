@@ -1,5 +1,7 @@
 """Cost of multi-process decoding on this machine: the per-step divergence check and tensor
-parallelism spanning two processes, against the same layout in one process.
+parallelism spanning two processes, against the same layout in one process; and host-local
+engines (one per process, tp=2 over its own devices) against one global mesh (tp=2 within each
+process x dp=2 across them) on the same total work.
 
     python benchmarks/multihost.py [--out PATH]
 
@@ -62,6 +64,7 @@ def worker(pid: int, port: int) -> dict:
             times.append(time.perf_counter() - t)
         out.setdefault(f"step_ms_check_{check}", []).append(1000 * statistics.median(times[2:]))
     if pid >= 0:
+        out.update(local_vs_global(model, prompts, sp))
         digest = np.zeros(9, np.uint32)
         multihost_utils.process_allgather(digest)
         t = time.perf_counter()
@@ -69,6 +72,39 @@ def worker(pid: int, port: int) -> dict:
             multihost_utils.process_allgather(digest)
         out["allgather_ms"] = 1000 * (time.perf_counter() - t) / 200
     return {k: (round(min(v), 2) if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def _run(engine, prompts, sp) -> tuple[float, float]:
+    """(median decode step ms, generated tokens per second) of `prompts` on a warmed engine."""
+    engine.warmup(progress=False)
+    for p in prompts:
+        engine.add_request(p, sp)
+    times, start = [], time.perf_counter()
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    wall = time.perf_counter() - start
+    return 1000 * statistics.median(times[2:]), len(prompts) * sp.max_tokens / wall
+
+
+def local_vs_global(model, prompts, sp) -> dict:
+    """The same total work (this process's prompts on every process) two ways: a host-local
+    engine per process, and one engine over both processes' devices (dp across them)."""
+    import jax
+
+    from jengine import Engine, EngineConfig
+    from jengine.sharding import make_mesh
+
+    base = dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=96)
+    local = Engine(model, EngineConfig(tensor_parallel_size=2, **base),
+                   mesh=make_mesh(2, devices=jax.local_devices()))  # fmt: skip
+    local_ms, local_tps = _run(local, prompts, sp)
+    both = prompts + [p[::-1] for p in prompts]  # both processes' work, in one global engine
+    glob = Engine(model, EngineConfig(tensor_parallel_size=2, data_parallel_size=2, **base))
+    global_ms, global_tps = _run(glob, both, sp)
+    return {"host_local_step_ms": round(local_ms, 2), "host_local_tokens_per_s": round(local_tps),
+            "global_step_ms": round(global_ms, 2), "global_tokens_per_s": round(global_tps)}
 
 
 def main(argv=None) -> int:

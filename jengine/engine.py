@@ -76,6 +76,10 @@ def check_params(params: Params, shapes: Params, where: str, dtypes: Params | No
     """Raises ValueError naming the first leaf of `params` whose place in the tree, shape or dtype
     differs from `shapes` (a tree of shape tuples) / `dtypes`, or that holds a non-finite value."""
     tu = jax.tree_util
+    if isinstance(params, dict) and isinstance(params.get("layers"), list | tuple):
+        raise ValueError(f"{where}: params['layers'] is a list of per-layer dicts; jengine stacks "
+                         "each layer leaf on a leading [num_layers] axis: convert with "
+                         "jengine.models.transformer.stack_layers(params)")  # fmt: skip
     want, want_def = tu.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     got, got_def = tu.tree_flatten_with_path(params)
     if got_def != want_def:
@@ -144,6 +148,10 @@ class Engine:
         if mesh is not None or self.numerics.column_blocks > 1:
             sharding.check_model(mc, tp, self.numerics.column_blocks)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        # a mesh over several processes steps in lockstep with them; a host-local engine (no mesh,
+        # or a mesh over this process's devices) never talks to another process while stepping
+        self.spans_processes = self.mesh is not None and len(
+            {d.process_index for d in self.mesh.devices.flat}) > 1  # fmt: skip
         self.config, self.max_model_len = config, max_model_len
         self.pages_per_seq = -(-max_model_len // config.page_size)
         num_pages = config.num_pages
@@ -322,7 +330,7 @@ class Engine:
         empty = plan_lib.build([], self.config.page_size, self.pages_per_seq)
         top_n = max((s.params.logprobs for p in planned if p for s in p.seqs), default=0)
         plans = [p.plan if p else empty for p in planned]
-        if self.config.check_divergence and jax.process_count() > 1:
+        if self.config.check_divergence and self.spans_processes:
             self._check_processes_agree(plans, top_n)
         sels, compiled_now, seconds = self.runner.run(plans, top_n=top_n)
         for scheduler, scheduled, sel in zip(self.schedulers, planned, sels):
@@ -444,9 +452,13 @@ class Engine:
                         bar.update(1)
         return [results[i] for i in ids]
 
-    def warmup(self, with_top_logprobs: bool = False) -> int:
-        """Compiles every bucket now; returns how many were compiled."""
-        return self.runner.warmup(self.pages_per_seq, with_top_logprobs)
+    def warmup(self, with_top_logprobs: bool = False, threads: int | None = None,
+               progress: bool | None = None) -> dict[tuple[int, int, int], float]:  # fmt: skip
+        """Compiles every bucket not compiled yet (`threads` at a time; default one per CPU core,
+        at most 4) with a progress bar on stderr (default: when a terminal). Returns
+        {(token bucket, sequence bucket, top_n): compile seconds} of the buckets compiled now.
+        With JAX's persistent compilation cache configured, a restart loads them instead."""
+        return self.runner.warmup(self.pages_per_seq, with_top_logprobs, threads, progress)
 
     # -- weights ----------------------------------------------------------------------------
 

@@ -10,12 +10,16 @@ table; the KV pages are donated and updated in place.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
+import sys
 import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jengine import plan as plan_lib
 from jengine import sampling, sharding
@@ -81,6 +85,29 @@ def empty_pages(
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), kv)  # committed
 
 
+def stack_plans(plans: Sequence[StepPlan], shape: tuple[int, int, int], no_slot: int,
+                mesh: jax.sharding.Mesh | None) -> StepPlan:  # fmt: skip
+    """Each plan padded to `shape` = (tokens, page-table rows, logit rows); one plan without a
+    mesh, else stacked on a leading [dp] axis (one per data row)."""
+    padded = [p.padded(*shape, no_slot) for p in plans]
+    if mesh is None:
+        (batch,) = padded
+        return batch
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *padded)
+
+
+def split_selected(sel: sampling.Selected, plans: Sequence[StepPlan],
+                   mesh: jax.sharding.Mesh | None) -> list[sampling.Selected]:  # fmt: skip
+    """A step's device `Selected` -> each plan's numpy `Selected`, trimmed to its logit rows."""
+    sel = jax.tree_util.tree_map(np.asarray, sel)
+    if mesh is None:
+        sel = jax.tree_util.tree_map(lambda a: a[None], sel)
+    return [
+        jax.tree_util.tree_map(lambda a, i=i, r=len(p.logit_rows): a[i, :r], sel)
+        for i, p in enumerate(plans)
+    ]
+
+
 def run_plans(
     params: Params,
     kv: KVCache,
@@ -97,22 +124,12 @@ def run_plans(
     """Pads each plan to `shape` = (tokens, page-table rows, logit rows), runs them as one step
     (one plan per data row of `mesh`, or one plan without a mesh) and returns each plan's numpy
     `Selected`, trimmed to its own logit rows, and the new KV pages."""
-    padded = [p.padded(*shape, no_slot) for p in plans]
-    if mesh is None:
-        (batch,) = padded
-    else:
-        batch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *padded)
+    batch = stack_plans(plans, shape, no_slot, mesh)
     sel, kv = model_step(
         params, kv, batch, config=config, numerics=numerics, logprobs_mode=logprobs_mode,
         top_n=top_n, mesh=mesh,
     )  # fmt: skip
-    sel = jax.tree_util.tree_map(np.asarray, sel)
-    if mesh is None:
-        sel = jax.tree_util.tree_map(lambda a: a[None], sel)
-    return [
-        jax.tree_util.tree_map(lambda a, i=i, r=len(p.logit_rows): a[i, :r], sel)
-        for i, p in enumerate(plans)
-    ], kv
+    return split_selected(sel, plans, mesh), kv
 
 
 class Runner:
@@ -149,7 +166,8 @@ class Runner:
         while self.token_buckets[-1] < max_tokens:
             self.token_buckets.append(2 * self.token_buckets[-1])
         self.max_seq_bucket = next_pow2(max_seqs)
-        self.compiled: set[tuple[int, int, int]] = set()
+        # (token bucket, seq bucket, top_n) -> the step compiled ahead of time for it
+        self.compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
 
     @property
@@ -165,47 +183,79 @@ class Runner:
 
     def set_params(self, params: Params) -> None:
         """Places validated `params` like the current ones (same devices and layout); they may be
-        host arrays or global arrays laid out on another mesh over the same devices (a trainer's
-        layout), which are resharded."""
+        host arrays, global arrays laid out on another mesh over the same devices (a trainer's
+        layout), which are resharded, or, for a host-local engine, global arrays spanning other
+        processes, which every process gathers (a collective: all call it together)."""
         def put(new: jax.Array, old: jax.Array) -> jax.Array:
+            if (isinstance(new, jax.Array) and not new.is_fully_addressable
+                    and old.is_fully_addressable):  # fmt: skip
+                new = multihost_utils.process_allgather(new, tiled=True)
             # one leaf at a time: on a multi-process mesh, reshards in flight together may start
             # their collectives in different orders on different processes and deadlock
             return jax.device_put(new, old.sharding).block_until_ready()
 
         self.params = jax.tree_util.tree_map(put, params, self.params)
 
+    def _compile(self, key: tuple[int, int, int],
+                 pages_per_seq: int) -> tuple[jax.stages.Compiled, float]:  # fmt: skip
+        """The step of bucket `key` = (tokens, seqs, top_n) compiled ahead of time (traced with an
+        all-padding plan of that shape), and the seconds it took. Changes nothing: threads may
+        compile several buckets at once."""
+        num_tokens, num_seqs, top_n = key
+        empty = plan_lib.build([], page_size=1, pages_per_seq=pages_per_seq)
+        batch = stack_plans([empty] * self.num_replicas, (num_tokens, num_seqs, num_seqs),
+                            self.no_slot, self.mesh)  # fmt: skip
+        start = time.perf_counter()
+        exe = model_step.lower(
+            self.params, self.kv, batch, config=self.config, numerics=self.numerics,
+            logprobs_mode=self.logprobs_mode, top_n=top_n, mesh=self.mesh,
+        ).compile()  # fmt: skip
+        return exe, time.perf_counter() - start
+
+    def _add(self, key: tuple[int, int, int], exe: jax.stages.Compiled, seconds: float) -> None:
+        self.compiled[key] = exe
+        self.compile_seconds += seconds
+
     def run(
-        self, plans: Sequence[StepPlan], top_n: int = 0, min_tokens: int = 0
+        self, plans: Sequence[StepPlan], top_n: int = 0
     ) -> tuple[list[sampling.Selected], bool, float]:
         """Runs one step of every replica's plan (one per replica, in replica order).
 
-        Returns (numpy Selected per plan, compiled_now, seconds). `min_tokens` forces a bucket at
-        least that large (warm-up).
+        Returns (numpy Selected per plan, compiled_now, seconds: compiling included).
         """
         if len(plans) != self.num_replicas:
             raise ValueError(f"{len(plans)} plans for {self.num_replicas} replicas")
         top_n = MAX_TOP_N if top_n else 0
-        num_tokens, num_seqs = self.bucket(max(min_tokens, *(p.num_tokens for p in plans)))
+        num_tokens, num_seqs = self.bucket(max(p.num_tokens for p in plans))
         key = (num_tokens, num_seqs, top_n)
         start = time.perf_counter()
-        sels, self.kv = run_plans(
-            self.params, self.kv, plans, (num_tokens, num_seqs, num_seqs), self.no_slot,
-            config=self.config, numerics=self.numerics, logprobs_mode=self.logprobs_mode,
-            top_n=top_n, mesh=self.mesh,
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
         compiled_now = key not in self.compiled
         if compiled_now:
-            self.compiled.add(key)
-            self.compile_seconds += seconds
-        return sels, compiled_now, seconds
+            self._add(key, *self._compile(key, plans[0].page_table.shape[1]))
+        batch = stack_plans(plans, (num_tokens, num_seqs, num_seqs), self.no_slot, self.mesh)
+        sel, self.kv = self.compiled[key](self.params, self.kv, batch)
+        sels = split_selected(sel, plans, self.mesh)
+        return sels, compiled_now, time.perf_counter() - start
 
-    def warmup(self, pages_per_seq: int, with_top_n: bool = False) -> int:
-        """Compiles every bucket with all-padding plans (they write nothing). Returns how many."""
-        empty = plan_lib.build([], page_size=1, pages_per_seq=pages_per_seq)
-        before = len(self.compiled)
-        for t in self.token_buckets:
-            for top_n in (0, 1) if with_top_n else (0,):
-                self.run([empty] * self.num_replicas, top_n=top_n, min_tokens=t)
-        return len(self.compiled) - before
+    def warmup(self, pages_per_seq: int, with_top_n: bool = False, threads: int | None = None,
+               progress: bool | None = None) -> dict[tuple[int, int, int], float]:  # fmt: skip
+        """Compiles every bucket not compiled yet, `threads` at a time (default: one per CPU core,
+        at most 4); a tqdm bar on stderr (`progress`; default: when a terminal). Returns
+        {(tokens, seqs, top_n): compile seconds} of the buckets compiled now."""
+        from tqdm.auto import tqdm
 
+        keys = [(t, min(t, self.max_seq_bucket), top_n) for t in self.token_buckets
+                for top_n in ((0, MAX_TOP_N) if with_top_n else (0,))]  # fmt: skip
+        keys = [k for k in keys if k not in self.compiled]
+        threads = threads or min(4, os.cpu_count() or 1)
+        show = progress or (progress is None and sys.stderr.isatty())
+        seconds = {}
+        with tqdm(total=len(keys), desc="compile", unit="bucket", disable=not show) as bar, \
+                concurrent.futures.ThreadPoolExecutor(threads) as pool:  # fmt: skip
+            jobs = {pool.submit(self._compile, k, pages_per_seq): k for k in keys}
+            for job in concurrent.futures.as_completed(jobs):
+                key, (exe, seconds[key]) = jobs[job], job.result()
+                self._add(key, exe, seconds[key])
+                bar.set_postfix_str(f"{key[0]} tokens: {seconds[key]:.1f}s")
+                bar.update()
+        return {k: seconds[k] for k in keys}

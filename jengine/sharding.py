@@ -27,12 +27,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jengine.config import EngineConfig, ModelConfig, Numerics, check_column_blocks
-from jengine.models.transformer import KVCache, Params, forward, param_shapes
+from jengine.models.transformer import KVCache, Params, ScratchKV, forward, param_shapes
 from pallas_kernels.ops import head_unit
 
 DATA, MODEL = "data", "model"
-# [dp, num_pages, page_size, kv_heads, head_dim]: one pool per data row, split by KV head
-KV_SPEC = P(DATA, None, None, MODEL, None)
+# [dp, num_layers, num_pages, page_size, kv_heads, head_dim]: one stacked pool per data row,
+# split by KV head
+KV_SPEC = P(DATA, None, None, None, MODEL, None)
 
 
 # -- meshes -----------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
 
 def param_specs(config: ModelConfig, tp: int) -> Params:
     """PartitionSpec per param (the `param_shapes` tree): output rows (columns of the product) and
-    the vocabulary split; every matrix is `[out, in]`."""
+    the vocabulary split; every matrix is `[out, in]`, a layer leaf has the leading [num_layers]
+    axis (never split)."""
     split = config.num_kv_heads % tp == 0  # else the k/v weights are replicated
     kv, kv_bias = (P(MODEL, None), P(MODEL)) if split else (P(), P())
     by_name = dict.fromkeys(("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm",
@@ -136,7 +138,7 @@ def param_specs(config: ModelConfig, tp: int) -> Params:
     specs: Params = {
         "embed": P(MODEL, None),
         "final_norm": P(),
-        "layers": [{k: by_name[k] for k in layer} for layer in shapes["layers"]],
+        "layers": {k: P(None, *by_name[k]) for k in shapes["layers"]},
     }
     if "lm_head" in shapes:
         specs["lm_head"] = P(MODEL, None)
@@ -158,14 +160,15 @@ def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
 
 def empty_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: Any,
                    mesh: Mesh) -> KVCache:  # fmt: skip
-    """Zeroed per-layer (k_pages, v_pages) [dp, num_pages, page_size, kv_stored, head_dim], one
-    pool per data row, split by KV head over 'model', made on the devices."""
+    """Zeroed stacked (k_pages, v_pages), each [dp, num_layers, num_pages, page_size, kv_stored,
+    head_dim]: one pool per data row, split by KV head over 'model', made on the devices."""
     mesh = normalize_mesh(mesh)
     dp, tp = mesh_sizes(mesh)
-    shape = (dp, num_pages, page_size, kv_heads_stored(config, tp), config.head_dim)
+    shape = (dp, config.num_layers, num_pages, page_size, kv_heads_stored(config, tp),
+             config.head_dim)  # fmt: skip
     sharding = NamedSharding(mesh, KV_SPEC)
     zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return [(zeros(), zeros()) for _ in range(config.num_layers)]
+    return zeros(), zeros()
 
 
 # -- the sharded step -------------------------------------------------------------------------
@@ -209,31 +212,34 @@ def local_numerics(numerics: Numerics, tp: int) -> Numerics:
     return numerics.replace(column_blocks=numerics.column_blocks // tp)
 
 
-def sharded_forward(mesh: Mesh, params: Params, config: ModelConfig, plan: Any, kv: KVCache,
-                    numerics: Numerics, post: Callable[[jax.Array, Any], Any] | None = None,
-                    ) -> tuple[Any, KVCache]:  # fmt: skip
+def sharded_forward(mesh: Mesh, params: Params, config: ModelConfig, plan: Any,
+                    kv: KVCache | ScratchKV, numerics: Numerics,
+                    post: Callable[[jax.Array, Any], Any] | None = None, remat: bool = False,
+                    ) -> tuple[Any, KVCache | ScratchKV]:  # fmt: skip
     """`forward` under shard_map over the whole ('data', 'model') mesh (called inside a jit).
 
     `plan` is a pytree of arrays with a leading [dp] axis (data row i's plan), `kv` is laid out as
-    `empty_kv_cache` makes it, `params` as `param_specs` says (replicated over 'data').
-    `post(logits, plan)` (e.g. sampling) runs on the gathered logits on every model device.
-    Returns (post(...) or the logits with a leading [dp] axis, replicated on every device, so
-    every process can read all of it; the new kv).
+    `empty_kv_cache` makes it (or `ScratchKV`: each device's own empty pages), `params` as
+    `param_specs` says (replicated over 'data'). `post(logits, plan)` (e.g. sampling) runs on the
+    gathered logits on every model device. Returns (post(...) or the logits with a leading [dp]
+    axis, replicated on every device, so every process can read all of it; the new kv).
     """
     mesh = normalize_mesh(mesh)
     _, tp = mesh_sizes(mesh)
     inner = local_numerics(numerics, tp)
-    kv_specs = [(KV_SPEC, KV_SPEC) for _ in kv]
     tree_map = jax.tree_util.tree_map
+    scratch = kv if isinstance(kv, ScratchKV) else None
+    kv_specs = () if scratch else (KV_SPEC, KV_SPEC)
 
     def body(params, kv, plan):
         plan, kv = tree_map(lambda x: x[0], (plan, kv))  # this data row's
         ctx = _LocalContext(config, tp, inner) if tp > 1 else None
-        logits, kv = forward(params, config, plan, kv, inner, tp=ctx)
+        logits, kv = forward(params, config, plan, scratch or kv, inner, tp=ctx, remat=remat)
         out = logits if post is None else post(logits, plan)
         every = tree_map(lambda x: jax.lax.all_gather(x, DATA), out)  # [dp, ...]
-        return every, tree_map(lambda x: x[None], kv)
+        return every, () if scratch else tree_map(lambda x: x[None], kv)
 
     fn = jax.shard_map(body, mesh=mesh, in_specs=(param_specs(config, tp), kv_specs, P(DATA)),
                        out_specs=(P(), kv_specs), check_vma=False)  # fmt: skip
-    return fn(params, kv, plan)
+    out, new_kv = fn(params, () if scratch else kv, plan)
+    return out, scratch or new_kv

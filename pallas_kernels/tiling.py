@@ -78,12 +78,14 @@ def map_row_tiles(
     The default loop is opaque to XLA (see the module docstring) and, being a while loop, has no
     reverse-mode derivative: the kernels give their ops the reference's gradient instead
     (`ops.with_reference_grad`). `differentiable=True` maps with `lax.map` (scan) instead, for
-    code without dots that is differentiated directly (`sampling.select`).
+    code without dots that is differentiated directly (`sampling.select`); each tile is
+    rematerialised (`jax.checkpoint`), so a gradient keeps the tiles' inputs, not every
+    intermediate of every tile (for a [rows, vocab] sampler, several vocabulary-wide arrays).
     """
     n = rows[0].shape[0]
     if differentiable:
         tiled = tuple(_tiles(pad_rows(r, tile), tile) for r in rows)
-        out = jax.lax.map(lambda args: fn(*args), tiled)
+        out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tiled)
     else:
         out = _opaque_map(fn, rows, tile)
     return jax.tree_util.tree_map(lambda o: o.reshape(o.shape[0] * o.shape[1], *o.shape[2:])[:n], out)

@@ -105,13 +105,16 @@ def _run(model, prompts, params, **cfg):
 
 
 def _perturbed(params, seed: int):
+    """params + 0.01 N(0, 1), drawn leaf by leaf in the order of the per-layer tree."""
     import jax
     import numpy as np
 
+    from jengine.models.transformer import stack_layers, unstack_layers
+
     rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(
-        lambda x: (np.asarray(x) + 0.01 * rng.standard_normal(x.shape)).astype(x.dtype), params
-    )
+    return stack_layers(jax.tree_util.tree_map(
+        lambda x: (np.asarray(x) + 0.01 * rng.standard_normal(x.shape)).astype(x.dtype),
+        unstack_layers(params)))  # fmt: skip
 
 
 def _run_with_update(model, prompts, params, mode: str):

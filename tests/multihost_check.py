@@ -18,6 +18,11 @@ Cases (2 processes x 2 CPU devices; d(p, i) = device i of process p):
   resharded  tp2dp2 plus a weight update whose params are global arrays laid out over all 4
              devices on another mesh (a trainer's FSDP layout)
   diverge    process 1 is handed a different prompt: both must raise DivergenceError
+  local      host-local engines: each process runs its own engine, tp=2 over its own devices
+             (`make_mesh(2, devices=jax.local_devices())`), process 1 on a different workload
+             (no step collectives, so no DivergenceError), weight updates arriving as global
+             arrays of a trainer's FSDP layout over all 4 devices; `single` runs both
+             workloads one after the other on 2 devices
   kill       process 1 dies mid-run: process 0 must end with JAX's error, not hang
   documented README's call exactly, with no mesh= (the engine builds the mesh over all processes'
              devices), for each (tp, dp) of DOCUMENTED in one pair of processes: tp=4 spanning
@@ -181,7 +186,8 @@ def _mesh(case: str, single: bool):
 
 
 def _trainer_layout(params):
-    """Global arrays on a 1-D ('fsdp',) mesh over all devices: axis 0 split where it divides."""
+    """Global arrays on a 1-D ('fsdp',) mesh over all devices: a layer leaf's axis 1 (its first
+    axis after the stacked layers), another leaf's axis 0, split where it divides."""
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
@@ -192,7 +198,8 @@ def _trainer_layout(params):
 
     def put(x):
         x = np.asarray(x)
-        spec = P("fsdp") if x.shape[0] % len(devices) == 0 else P()
+        axis = 1 if x.ndim == 3 else 0
+        spec = P(*[None] * axis, "fsdp") if x.shape[axis] % len(devices) == 0 else P()
         return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
     return jax.tree_util.tree_map(put, params)
@@ -220,6 +227,22 @@ def main(argv: list[str]) -> int:
     if case == "documented":
         report["layouts"] = documented(model)
         report["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps(report), flush=True)
+        return 0
+    if case == "local":
+        from jengine.sharding import make_mesh
+
+        def local_run(other_prompt: bool):
+            mesh = make_mesh(2, devices=jax.local_devices()[:2])
+            engine = Engine(model, EngineConfig(tensor_parallel_size=2, **ENGINE), mesh=mesh)
+            report["spans_processes"] = engine.spans_processes
+            return drive(engine, model, other_prompt=other_prompt, place=_trainer_layout)[0]
+
+        try:
+            report["outputs"] = ([local_run(False), local_run(True)] if single
+                                 else local_run(pid == 1))  # fmt: skip
+        except DivergenceError as e:
+            report["divergence"] = str(e)
         print(json.dumps(report), flush=True)
         return 0
     mesh = _mesh(case, single)

@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
         engine, outs, seconds = run(tp, dp)
         row = {"bitwise_equal": same(outs), "seconds": round(seconds, 1)}
         if tp > 1:
-            lay = engine.model.params["layers"][0]
+            lay = engine.model.params["layers"]
             row["shards"] = {
                 name: sorted({tuple(s.data.shape) for s in arr.addressable_shards})
                 for name, arr in (
@@ -137,14 +137,14 @@ def main(argv=None) -> dict:
                     ("wk", lay["wk"]),
                     ("w_down", lay["w_down"]),
                     ("final_norm", engine.model.params["final_norm"]),
-                    ("k_pages", engine.runner.kv[0][0]),
+                    ("k_pages", engine.runner.kv[0]),
                 )
             }
             row["shard_devices"] = len({s.device for s in lay["wq"].addressable_shards})
-            row["kv_shape"] = list(engine.runner.kv[0][0].shape)  # [dp, pages, page, kv, D]
+            row["kv_shape"] = list(engine.runner.kv[0].shape)  # [dp, layers, pages, page, kv, D]
         if dp > 1:
             row["replica_devices"] = [sorted(d.id for d in r) for r in engine.mesh.devices]
-            k_pages = np.asarray(engine.runner.kv[0][0])
+            k_pages = np.asarray(engine.runner.kv[0])
             row["replica_wrote_kv"] = [bool(np.any(k_pages[i] != 0)) for i in range(dp)]
         report["configs"][f"{tp}x{dp}"] = row
         engine.close()

@@ -82,10 +82,10 @@ def _drain_and_compare(engine, ids, reference):
 def _bad_params(kind):
     def make(model):
         p = jax.tree_util.tree_map(lambda x: x, model.params)
-        layers = [dict(layer) for layer in p["layers"]]
+        layers = dict(p["layers"])
         p = dict(p, layers=layers)
         if kind == "nan":
-            layers[1]["wq"] = layers[1]["wq"].at[0, 0].set(jnp.nan)
+            layers["wq"] = layers["wq"].at[1, 0, 0].set(jnp.nan)
         elif kind == "inf":
             p["embed"] = p["embed"].at[5, 3].set(-jnp.inf)
         elif kind == "shape":
@@ -93,7 +93,7 @@ def _bad_params(kind):
         elif kind == "dtype":
             p["final_norm"] = p["final_norm"].astype(jnp.bfloat16)
         elif kind == "missing":
-            del layers[0]["w_up"]
+            del layers["w_up"]
         elif kind == "extra":
             p["lm_head"] = p["embed"]
         elif kind == "list_leaf":
@@ -313,7 +313,7 @@ CTOR_CASES = [
     (
         "params for another config",
         lambda m: Engine(
-            _model_with(m, layers=[dict(x, w_up=x["w_up"][:, :100]) for x in m.params["layers"]]),
+            _model_with(m, layers=dict(m.params["layers"], w_up=m.params["layers"]["w_up"][..., :100])),
             EngineConfig(**CFG),
         ),
         ValueError,

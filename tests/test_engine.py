@@ -256,9 +256,17 @@ def test_request_that_can_never_fit_is_refused(tiny_model):
 
 
 def test_warmup_compiles_the_whole_table(tiny_model):
-    engine = Engine(tiny_model, EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32))
-    engine.warmup()
-    before = engine.stats["compilations"]
-    assert before == len(engine.runner.token_buckets)
-    engine.generate(random_prompts(6, 512, seed=5), SamplingParams(max_tokens=3, seed=0))
-    assert engine.stats["compilations"] == before
+    """Warm-up compiles every bucket in threads, reports each one's seconds, and the steps it
+    compiled give the bits of steps compiled on first use."""
+    cfg = EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
+    engine = Engine(tiny_model, cfg)
+    seconds = engine.warmup(threads=2, progress=False)
+    assert sorted(seconds) == [(t, min(t, 4), 0) for t in engine.runner.token_buckets]
+    assert all(s > 0 for s in seconds.values())
+    assert engine.warmup() == {}  # nothing left to compile
+    prompts, sp = random_prompts(6, 512, seed=5), SamplingParams(max_tokens=3, seed=0)
+    warm = engine.generate(prompts, sp)
+    assert engine.stats["compilations"] == len(seconds)
+    cold = Engine(tiny_model, cfg).generate(prompts, sp)
+    for a, b in zip(warm, cold):
+        assert a.token_ids == b.token_ids and same_bits(a.logprobs, b.logprobs)

@@ -61,9 +61,9 @@ def step_for_bucket(
         is_leaf=lambda x: isinstance(x, tuple),
     )
     pages = jax.ShapeDtypeStruct(
-        (num_pages, config.page_size, model.num_kv_heads, model.head_dim), dtype
+        (model.num_layers, num_pages, config.page_size, model.num_kv_heads, model.head_dim), dtype
     )
-    kv = [(pages, pages) for _ in range(model.num_layers)]
+    kv = (pages, pages)
     args = (params, kv, jax.tree_util.tree_map(shaped, step))
     numerics = Numerics(mode=mode, backend="pallas", lm_head_dtype=config.lm_head_dtype)
     static = dict(config=model, numerics=numerics, logprobs_mode=config.logprobs_mode, top_n=top_n)

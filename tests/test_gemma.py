@@ -299,7 +299,7 @@ def test_trainer_logprobs_are_bitwise_rollout_and_differentiable(tiny, workload,
     grads = jax.grad(lambda p: jnp.sum(values(p)))(tiny.params)
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert float(jnp.abs(grads["layers"][0]["post_mlp_norm"]).sum()) > 0
+    assert float(jnp.abs(grads["layers"]["post_mlp_norm"][0]).sum()) > 0
 
 
 def test_bf16_rollout_logprobs_are_bitwise_score(tiny):

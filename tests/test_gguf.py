@@ -239,8 +239,8 @@ def test_gguf_bfloat16(trained_tokenizer, tmp_path):
     bf16 = load_model(str(tmp_path / "tiny.gguf"), dtype="bfloat16")
     assert bf16.config.dtype == "bfloat16"
     np.testing.assert_array_equal(
-        np.asarray(bf16.params["layers"][1]["wq"]),
-        np.asarray(fp32.params["layers"][1]["wq"]).astype(bf16.params["embed"].dtype),
+        np.asarray(bf16.params["layers"]["wq"][1]),
+        np.asarray(fp32.params["layers"]["wq"][1]).astype(bf16.params["embed"].dtype),
     )
 
 

@@ -19,6 +19,7 @@ import transformers
 from jengine import SamplingParams, score
 from benchmarks.bench import peak_host_bytes_while_loading
 from jengine.models.loading import CheckpointError, load_model, save_model
+from jengine.models.transformer import unstack_layers
 
 VOCAB = 256
 PROMPT = [5, 17, 200, 3, 99]
@@ -141,13 +142,32 @@ def test_checkpoint_without_the_current_format_version_is_refused(checkpoints, t
     model = load_model(checkpoints["qwen2"][0])
     save_model(model, tmp_path / "ckpt")
     marker = tmp_path / "ckpt" / "jengine_checkpoint.json"
-    assert json.loads(marker.read_text())["format_version"] == 2
+    assert json.loads(marker.read_text())["format_version"] == 3
     marker.write_text(json.dumps({"format_version": 1}))
     with pytest.raises(CheckpointError, match="format version 1"):
         load_model(str(tmp_path / "ckpt"))
     marker.unlink()
     with pytest.raises(CheckpointError, match="format version None"):
         load_model(str(tmp_path / "ckpt"))
+
+
+def test_format_2_checkpoints_with_per_layer_lists_load_stacked(checkpoints, tmp_path):
+    """Format 2 saved `layers` as a list of per-layer dicts; it loads into the stacked layout,
+    bit for bit, and straight into a sharding."""
+    import orbax.checkpoint as ocp
+
+    model = load_model(checkpoints["qwen2"][0])
+    save_model(model, tmp_path / "ckpt")
+    with ocp.StandardCheckpointer() as ckptr:  # rewrite the params as format 2 stored them
+        ckptr.save(tmp_path / "ckpt" / "params", unstack_layers(model.params), force=True)
+    marker = tmp_path / "ckpt" / "jengine_checkpoint.json"
+    marker.write_text(json.dumps({"format_version": 2, "matrix_layout": "[out, in]"}))
+    restored = load_model(str(tmp_path / "ckpt"))
+    assert restored.params["layers"]["wq"].shape[0] == model.config.num_layers
+    assert leaves_equal(restored.params, model.params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = load_model(str(tmp_path / "ckpt"), shardings=lambda path, shape: device)
+    assert leaves_equal(placed.params, model.params)
 
 
 def test_bfloat16_loading(checkpoints, tmp_path):
@@ -187,7 +207,7 @@ def test_shardings_on_one_device(checkpoints):
         return jax.sharding.SingleDeviceSharding(device)
 
     model = load_model(directory, shardings=shardings)
-    assert "layers.1.wq" in seen and "lm_head" in seen
+    assert "layers.wq" in seen and "lm_head" in seen
     assert leaves_equal(model.params, load_model(directory).params)
     as_tree = jax.tree_util.tree_map(lambda x: x.sharding, model.params)
     assert leaves_equal(load_model(directory, shardings=as_tree).params, model.params)
@@ -202,20 +222,20 @@ def test_shardings_on_eight_cpu_devices(checkpoints, tmp_path):
         assert jax.device_count() == 8
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
         def shardings(path, shape):  # [out, in]: split q/k/v/gate/up/embed by rows, o/down by columns
-            leaf = path.split(".")[-1]
+            leaf, layer = path.split(".")[-1], (None,) * path.startswith("layers.")
             if leaf in ("wq", "wk", "wv", "w_gate", "w_up", "embed", "lm_head"):
-                return NamedSharding(mesh, P("model", None))
+                return NamedSharding(mesh, P(*layer, "model", None))
             if leaf in ("wo", "w_down"):
-                return NamedSharding(mesh, P(None, "model"))
+                return NamedSharding(mesh, P(*layer, None, "model"))
             return NamedSharding(mesh, P())
         plain = load_model({directory!r})
         for source in ({directory!r}, {str(tmp_path / "orbax")!r}):
             if source != {directory!r}:
                 save_model(plain, source)
             model = load_model(source, shardings=shardings)
-            wq = model.params["layers"][0]["wq"]
-            assert wq.sharding.spec == P("model", None), wq.sharding
-            assert {{s.data.shape for s in wq.addressable_shards}} == {{(16, 64)}}
+            wq = model.params["layers"]["wq"]
+            assert wq.sharding.spec == P(None, "model", None), wq.sharding
+            assert {{s.data.shape[1:] for s in wq.addressable_shards}} == {{(16, 64)}}
             assert model.params["embed"].addressable_shards[0].data.shape == (64, 64)
             flat = jax.tree_util.tree_leaves
             assert all(np.array_equal(a, b) for a, b in zip(flat(model.params), flat(plain.params)))

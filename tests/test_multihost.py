@@ -96,6 +96,26 @@ def test_every_process_returns_the_one_process_bits(case, one_device):
             assert report["score_bitwise"] and report["token_logprobs_bitwise"]
 
 
+def test_host_local_engines_step_alone_and_take_the_trainers_weights():
+    """One engine per process over its own devices: the processes run different workloads with
+    no step collective between them (no DivergenceError, no hang), weight updates arrive as
+    global arrays of a trainer layout over both processes, and each process's outputs are
+    bitwise those of the same engine alone in one process."""
+    results = run_processes("local")
+    for code, report, err, _ in results:
+        assert code == 0 and report is not None, err[-3000:]
+        assert "divergence" not in report and report["spans_processes"] is False
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-m", "tests.multihost_check", "local", "single"], cwd=ROOT,
+                       env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                       timeout=TIMEOUT_S, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    alone = json.loads(r.stdout.strip().splitlines()[-1])["outputs"]
+    assert [report["outputs"] for _, report, _, _ in results] == alone
+    assert alone[0] != alone[1]  # the two workloads differ
+    assert all(2 in o["versions"] for o in alone[1].values() if o["finish"] != "aborted")
+
+
 def test_the_documented_call_builds_a_mesh_over_every_process():
     """`Engine(model, EngineConfig(tensor_parallel_size=T, data_parallel_size=D))` with no mesh=:
     the mesh takes devices of both processes (tp across them, dp across them, tp2 x dp2), and

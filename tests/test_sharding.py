@@ -59,22 +59,21 @@ def test_sharded_score_and_rl_scorer_match(multi_device_report):
 
 def test_params_and_kv_are_really_sharded(multi_device_report):
     c = multi_device_report["configs"]
-    # tiny: vocab 512, hidden 128, 8 heads x 16, 2 KV heads, intermediate 384
+    # tiny: 2 layers, vocab 512, hidden 128, 8 heads x 16, 2 KV heads, intermediate 384
     s4 = c["4x1"]["shards"]
     assert c["4x1"]["shard_devices"] == 4
     assert s4["embed"] == [[128, 128]]  # vocabulary rows split
-    assert s4["wq"] == [[32, 128]]  # output rows ([out, in]) split: 2 heads per device
-    assert s4["w_down"] == [[32, 384]]
-    assert s4["wk"] == [[32, 128]]  # 2 KV heads < tp=4: k/v weights replicated...
-    assert (
-        s4["k_pages"][0][3] == 1 and c["4x1"]["kv_shape"][3] == 4
-    )  # ...each device stores 1 KV head
+    assert s4["wq"] == [[2, 32, 128]]  # output rows ([layers, out, in]) split: 2 heads per device
+    assert s4["w_down"] == [[2, 32, 384]]
+    assert s4["wk"] == [[2, 32, 128]]  # 2 KV heads < tp=4: k/v weights replicated...
+    # ...each device stores 1 KV head of the [dp, layers, pages, page, kv_heads, D] cache
+    assert s4["k_pages"][0][4] == 1 and c["4x1"]["kv_shape"][4] == 4
     assert s4["final_norm"] == [[128]]
     s2 = c["2x1"]["shards"]
-    assert s2["wk"] == [[16, 128]]  # 2 KV heads over tp=2: split
-    assert s2["k_pages"][0][3] == 1 and c["2x1"]["kv_shape"][3] == 2
+    assert s2["wk"] == [[2, 16, 128]]  # 2 KV heads over tp=2: split
+    assert s2["k_pages"][0][4] == 1 and c["2x1"]["kv_shape"][4] == 2
     s8 = c["8x1"]["shards"]
-    assert s8["wq"] == [[16, 128]] and s8["embed"] == [[64, 128]]
+    assert s8["wq"] == [[2, 16, 128]] and s8["embed"] == [[64, 128]]
 
 
 def test_data_parallel_replicas_use_disjoint_devices(multi_device_report):

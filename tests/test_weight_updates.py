@@ -143,17 +143,17 @@ def _bad_updates(params):
         return jax.tree_util.tree_map(lambda x: x, params)
 
     wrong_shape = copy()
-    wrong_shape["layers"][1]["w_up"] = wrong_shape["layers"][1]["w_up"][:, :-1]
+    wrong_shape["layers"]["w_up"] = wrong_shape["layers"]["w_up"][..., :-1]
     wrong_dtype = copy()
-    wrong_dtype["layers"][0]["wk"] = wrong_dtype["layers"][0]["wk"].astype(jnp.bfloat16)
+    wrong_dtype["layers"]["wk"] = wrong_dtype["layers"]["wk"].astype(jnp.bfloat16)
     missing = copy()
-    del missing["layers"][0]["wq"]
+    del missing["layers"]["wq"]
     nan = copy()
     nan["final_norm"] = nan["final_norm"].at[3].set(jnp.nan)
     return [
-        ("shape", wrong_shape, "['layers'][1]['w_up']"),
-        ("dtype", wrong_dtype, "['layers'][0]['wk']"),
-        ("missing", missing, "['layers'][0]['wq']"),
+        ("shape", wrong_shape, "['layers']['w_up']"),
+        ("dtype", wrong_dtype, "['layers']['wk']"),
+        ("missing", missing, "['layers']['wq']"),
         ("nan", nan, "['final_norm']"),
     ]
 

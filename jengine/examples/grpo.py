@@ -232,13 +232,16 @@ def _grads(
     return loss, ad, w, g
 
 
-@functools.partial(jax.jit, static_argnames=("tx",))
+# The optimiser state and the gradients are updated in place (donated). The params are not: the
+# engine holds the same buffers after `update_weights` (an update placed like the engine's params
+# is not copied) until the next update replaces them.
+@functools.partial(jax.jit, static_argnames=("tx",), donate_argnums=(1, 2))
 def _apply(params, opt_state, grads, *, tx):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
 
-_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b), donate_argnums=0)
 
 
 class Trainer:

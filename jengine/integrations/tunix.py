@@ -60,7 +60,8 @@ from jengine import plan as _plan
 from jengine import sampling as _sampling
 from jengine.config import EngineConfig, ModelConfig, Numerics, SamplingParams
 from jengine.engine import Engine
-from jengine.models.transformer import Model, Params, empty_kv_cache, forward
+from jengine.models.transformer import (Model, Params, ScratchKV, forward, stack_layers,
+                                        unstack_layers)
 from pallas_kernels.tiling import map_row_tiles
 
 # Value the actor gives tokens the filters dropped: exp(MASKED / T - max) is exactly 0 for any
@@ -130,8 +131,7 @@ def _raw_logits(
         logit_rows=padded(jnp.arange(n, dtype=jnp.int32), 0),
         rows=None,  # the forward reads the token-level fields only
     )
-    kv = empty_kv_cache(config, num_pages, _PAGE_SIZE, params["embed"].dtype)
-    logits, _ = forward(params, config, batch, kv, numerics)
+    logits, _ = forward(params, config, batch, ScratchKV(num_pages, _PAGE_SIZE), numerics)
     logits = logits[:n].reshape(b, length, -1)
     return jnp.where(real[..., None], logits, 0.0)
 
@@ -314,7 +314,7 @@ def to_jengine_params(state: Any, config: ModelConfig, dtype: Any = None) -> Par
     }
     if not config.tie_word_embeddings:
         params["lm_head"] = get("lm_head", "w").T  # [d, V] -> [V, d]
-    return params
+    return stack_layers(params)
 
 
 def to_tunix_state(params: Params, config: ModelConfig) -> dict:
@@ -348,7 +348,7 @@ def to_tunix_state(params: Params, config: ModelConfig) -> dict:
     out = {
         "embedder": {"input_embedding": copy(params["embed"])},
         "final_norm": {"w": copy(params["final_norm"])},
-        "layers": {i: layer(p) for i, p in enumerate(params["layers"])},
+        "layers": {i: layer(p) for i, p in enumerate(unstack_layers(params)["layers"])},
     }
     if not config.tie_word_embeddings:
         out["lm_head"] = {"w": params["lm_head"].T}

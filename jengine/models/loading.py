@@ -3,6 +3,7 @@
 Every format goes through one loop, `_assemble`: for each leaf of `param_shapes(config)` it reads
 one tensor, checks its shape, converts it to jengine's dtype, places it on device(s) and drops the
 host copy before reading the next: at most one tensor (plus its converted copy) is on the host.
+A stacked layer leaf is filled in place on the device one layer's tensor at a time.
 HF, GGUF and jengine all store matrices `[out, in]` (nn.Linear's layout), the embedding and
 lm_head `[vocab, hidden]`, so leaves are read as they stand. Errors are `CheckpointError` (a
 `ValueError`) naming the file and the tensor at fault.
@@ -22,20 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.config import GEMMA_FLAGS, PARAM_DTYPES, ModelConfig, RopeScaling, gemma_layer_types
-from jengine.models.transformer import Model, Params, init_params, param_shapes
+from jengine.models.transformer import Model, Params, init_params, param_shapes, stack_layers
 
-ParamPath = tuple[str | int, ...]  # ("embed",) or ("layers", 3, "wq")
+ParamPath = tuple[str | int, ...]  # ("embed",), ("layers", "wq") stacked, ("layers", 3, "wq")
 # None, a pytree of Shardings shaped like the params, or a callable
-# (dotted param path like "layers.3.wq", shape) -> Sharding.
+# (dotted param path like "layers.wq", stacked shape) -> Sharding.
 Shardings = Any
 Reader = Callable[[ParamPath, tuple[int, ...]], np.ndarray]
 
 JENGINE_CONFIG = "jengine_config.json"
 ORBAX_PARAMS = "params"
 CHECKPOINT_FORMAT = "jengine_checkpoint.json"
-# 2: every matrix [out, in] (nn.Linear's layout). Checkpoints without a version held [in, out]
-# matrices: square ones would load transposed without any shape error, so they are refused.
-FORMAT_VERSION = 2
+# 3: layer leaves stacked [num_layers, ...]. 2: the same matrices, layers a list of per-layer
+# dicts (still read, and stacked). 2 and 3: every matrix [out, in] (nn.Linear's layout).
+# Checkpoints without a version held [in, out] matrices: square ones would load transposed
+# without any shape error, so they are refused.
+FORMAT_VERSION = 3
+READ_FORMAT_VERSIONS = (2, 3)
 
 _HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
            "lm_head": "lm_head.weight"}  # fmt: skip
@@ -147,11 +151,41 @@ def _build(config: ModelConfig, make: Callable[[ParamPath, tuple[int, ...]], Any
     return jax.tree_util.tree_unflatten(treedef, [make(_key_path(kp), s) for kp, s in flat])
 
 
+def _layer_sharding(stacked: jax.sharding.Sharding | None,
+                    path: ParamPath) -> jax.sharding.Sharding | None:  # fmt: skip
+    """One layer's sharding within a stacked leaf's (the layer axis is never split)."""
+    if stacked is None or isinstance(stacked, jax.sharding.SingleDeviceSharding):
+        return stacked
+    spec = getattr(stacked, "spec", None)
+    if not isinstance(stacked, jax.sharding.NamedSharding) or (spec and spec[0] is not None):
+        raise TypeError(f"shardings gave {stacked!r} for the stacked {_dotted(path)}: give a "
+                        "NamedSharding whose spec leaves the leading layer axis unsplit")
+    return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, index, 0)
+
+
 def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Shardings) -> Params:
     """Params of `config` read one tensor at a time: read -> check/convert -> place -> drop.
-    `read` returns the leaf in jengine layout on the host, the only host copy alive."""
-    return _build(config, lambda p, shape: _place(read(p, shape), dtype,
-                                                  _sharding_for(shardings, p, shape)))  # fmt: skip
+    `read(path, shape)` returns the leaf (a layer's: path ("layers", i, name)) in jengine layout on
+    the host, the only host copy alive; a stacked leaf is updated in place layer by layer."""
+
+    def make(path: ParamPath, shape: tuple[int, ...]) -> jax.Array:
+        sharding = _sharding_for(shardings, path, shape)
+        if path[0] != "layers":
+            return _place(read(path, shape), dtype, sharding)
+        zeros = functools.partial(jnp.zeros, shape, dtype)
+        stacked = jax.jit(zeros, out_shardings=sharding)() if sharding else zeros()
+        layer_sharding = _layer_sharding(sharding, path)
+        for i in range(shape[0]):
+            layer = _place(read(("layers", i, path[1]), shape[1:]), dtype, layer_sharding)
+            stacked = _set_layer(stacked, layer, np.int32(i))
+        return stacked.block_until_ready()
+
+    return _build(config, make)
 
 
 def _place_all(params: Params, shardings: Shardings) -> Params:
@@ -428,23 +462,24 @@ def save_model(model: Model, directory: str) -> None:
         json.dump({"format_version": FORMAT_VERSION, "matrix_layout": "[out, in]"}, f, indent=2)
 
 
-def _check_format(directory: str) -> None:
-    """Refuses a `save_model` directory whose format version is not FORMAT_VERSION."""
+def _check_format(directory: str) -> int:
+    """The format version of a `save_model` directory; refuses one this jengine cannot read."""
     path = os.path.join(directory, CHECKPOINT_FORMAT)
     version = _json(path).get("format_version") if os.path.exists(path) else None
-    if version != FORMAT_VERSION:
+    if version not in READ_FORMAT_VERSIONS:
         raise CheckpointError(f"{directory}: checkpoint format version {version} (from "
                               f"{CHECKPOINT_FORMAT}; None: the file is missing), this jengine "
                               f"reads version {FORMAT_VERSION}. Checkpoints without a version "
                               "store matrices [in, out] and would load transposed: re-save them "
                               "with this version's save_model")  # fmt: skip
+    return version
 
 
 def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Model:
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
-    _check_format(directory)
+    version = _check_format(directory)
     config = ModelConfig.from_json(os.path.join(directory, JENGINE_CONFIG))
     config = config.replace(dtype=dtype or config.dtype)
     params_dir = os.path.join(directory, ORBAX_PARAMS)
@@ -454,6 +489,15 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
         stored = ckptr.metadata(params_dir).item_metadata
 
         def target(path: ParamPath, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+            sharding = _sharding_for(shardings, path, shape) or default
+            if version == 2 and path[0] == "layers":  # a list of per-layer leaves
+                sharding = _layer_sharding(sharding, path)
+                return [checked(("layers", i, path[1]), shape[1:], sharding)
+                        for i in range(shape[0])]  # fmt: skip
+            return checked(path, shape, sharding)
+
+        def checked(path: ParamPath, shape: tuple[int, ...],
+                    sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:  # fmt: skip
             try:
                 node = _at(stored, path)
             except (KeyError, IndexError, TypeError):
@@ -461,10 +505,14 @@ def _load_orbax(directory: str, dtype: str | None, shardings: Shardings) -> Mode
             if tuple(node.shape) != shape:
                 raise CheckpointError(f"{params_dir}: param {_dotted(path)} has shape "
                                       f"{list(node.shape)}, config needs {list(shape)}")
-            sharding = _sharding_for(shardings, path, shape) or default
             return jax.ShapeDtypeStruct(shape, jnp.dtype(config.dtype), sharding=sharding)
 
-        params = ckptr.restore(params_dir, _build(config, target))
+        want = _build(config, target)
+        if version == 2:  # {name: [per layer]} -> [{name: per layer}]
+            want["layers"] = [dict(zip(want["layers"], ws)) for ws in zip(*want["layers"].values())]
+        params = ckptr.restore(params_dir, want)
+    if version == 2:
+        params = _place_all(stack_layers(params), shardings)
     return Model(config, params)
 
 
@@ -488,8 +536,8 @@ def load_model(path: str, *, dtype: Any = None, seed: int = 0,
         (GGUF: float32, being dequantised; F16 safetensors: float32).
       seed: for random init only.
       shardings: None (default device), a pytree of `jax.sharding.Sharding` shaped like the
-        params, or a callable (dotted param path like "layers.3.wq", shape) -> Sharding. Each
-        tensor is placed straight into its layout; each device receives only its slice.
+        params, or a callable (dotted param path like "layers.wq", the stacked shape) -> Sharding.
+        Each tensor is placed straight into its layout; each device receives only its slice.
     Returns:
       The Model; `model.config.dtype` is the params' dtype.
     Raises:

@@ -10,7 +10,8 @@ Params pytree (HF names in brackets; every matrix is `[out, in]`, nn.Linear's la
   embed        [vocab, hidden]                  (model.embed_tokens.weight)
   final_norm   [hidden]                         (model.norm.weight)
   lm_head      [vocab, hidden], untied only     (lm_head.weight)
-  layers[i]:
+  layers: every layer's leaf stacked on a leading [num_layers] axis, layer i's `wq` is
+  `layers["wq"][i]` (model.layers.{i}.self_attn.q_proj.weight); per layer:
     attn_norm  [hidden]                         (input_layernorm.weight)
     wq [heads*head_dim, hidden]  wk, wv [kv_heads*head_dim, hidden]  wo [hidden, heads*head_dim]
     bq, bk, bv [.. out]          qkv_bias only (Qwen2)
@@ -21,7 +22,14 @@ Params pytree (HF names in brackets; every matrix is `[out, in]`, nn.Linear's la
     post_mlp_norm [hidden]       post_norms only (Gemma: post_feedforward_layernorm.weight)
 
 With `norm_unit_offset` (Gemma) norm weights are stored zero-centred, as HF stores them, and scale
-by `1 + w`.
+by `1 + w`. `stack_layers` / `unstack_layers` convert from / to a list of per-layer dicts.
+
+The layers run under one `jax.lax.scan`, so a step compiles one layer body whatever the depth.
+Layers whose attention differs (Gemma's sliding and full layers) repeat with a period p
+(`layer_period`): the scan body is one period (p layers, each with its static window and RoPE
+table), over num_layers // p periods; the num_layers % p layers left over run after it, unrolled.
+The KV cache is one stacked pair; a layer's pages are rows `layer * num_pages ...` of the cache
+viewed as [num_layers * num_pages, ...] (page ids are offset, nothing is copied).
 """
 
 from __future__ import annotations
@@ -39,7 +47,17 @@ from jengine.plan import StepPlan
 from pallas_kernels import ops
 
 Params = dict[str, Any]
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages)
+KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages), each [layers, pages, page, kv_heads, D]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScratchKV:
+    """`forward`'s `kv` for a step that starts from empty pages and keeps none (teacher-forced
+    scoring): each layer writes into its own zeroed [num_pages, page_size, kv_heads, D] pool, so
+    nothing is carried from layer to layer (and a gradient never holds the whole cache)."""
+
+    num_pages: int
+    page_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +68,8 @@ class Model:
     params: Params
 
 
-def param_shapes(config: ModelConfig) -> Params:
-    """The params pytree with shape tuples as leaves: the contract loaders check against."""
+def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """One layer's leaves and their shapes (the stacked `layers` adds a leading num_layers)."""
     h, d = config.hidden_size, config.head_dim
     q_out, kv_out = config.num_heads * d, config.num_kv_heads * d
     layer = {
@@ -71,14 +89,37 @@ def param_shapes(config: ModelConfig) -> Params:
         layer.update(q_norm=(d,), k_norm=(d,))
     if config.post_norms:
         layer.update(post_attn_norm=(h,), post_mlp_norm=(h,))
-    shapes: Params = {
-        "embed": (config.vocab_size, h),
-        "final_norm": (h,),
-        "layers": [dict(layer) for _ in range(config.num_layers)],
-    }
+    return layer
+
+
+def _outer_shapes(config: ModelConfig) -> Params:
+    shapes: Params = {"embed": (config.vocab_size, config.hidden_size),
+                      "final_norm": (config.hidden_size,)}  # fmt: skip
     if not config.tie_word_embeddings:
-        shapes["lm_head"] = (config.vocab_size, h)
+        shapes["lm_head"] = (config.vocab_size, config.hidden_size)
     return shapes
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The params pytree with shape tuples as leaves: the contract loaders check against."""
+    layers = {k: (config.num_layers, *s) for k, s in layer_shapes(config).items()}
+    return {**_outer_shapes(config), "layers": layers}
+
+
+def stack_layers(params: Params) -> Params:
+    """`params` with `layers` a list of per-layer dicts turned into jengine's stacked form."""
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        return params
+    stacked = {k: jnp.stack([layer[k] for layer in layers]) for k in layers[0]}
+    return {**params, "layers": stacked}
+
+
+def unstack_layers(params: Params) -> Params:
+    """jengine's params with `layers` as a list of per-layer dicts (views: `x[i]`)."""
+    layers = params["layers"]
+    n = len(next(iter(layers.values())))
+    return {**params, "layers": [{k: w[i] for k, w in layers.items()} for i in range(n)]}
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype: str | None = None) -> Params:
@@ -89,14 +130,17 @@ def init_params(config: ModelConfig, seed: int = 0, dtype: str | None = None) ->
     rng = np.random.default_rng(seed)
     norm_shift = 0.0 if config.norm_unit_offset else 1.0
 
-    def init(path, shape) -> jax.Array:
+    def init(path, shape) -> np.ndarray:
         noise = rng.standard_normal(shape, dtype=np.float32)
         scale_shift = (0.1, norm_shift) if "norm" in jax.tree_util.keystr(path) else (0.02, 0.0)
-        return jnp.asarray(scale_shift[0] * noise + scale_shift[1], dtype=dtype)
+        return scale_shift[0] * noise + scale_shift[1]
 
-    return jax.tree_util.tree_map_with_path(
-        init, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)
-    )
+    # drawn leaf by leaf in the order of the per-layer tree, then stacked on the host
+    per_layer = {**_outer_shapes(config), "layers": [layer_shapes(config)] * config.num_layers}
+    host = jax.tree_util.tree_map_with_path(init, per_layer, is_leaf=lambda x: isinstance(x, tuple))
+    host["layers"] = {k: np.stack([layer[k] for layer in host["layers"]])
+                      for k in layer_shapes(config)}  # fmt: skip
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), host)
 
 
 def rope_inv_freq(config: ModelConfig, sliding: bool = False) -> np.ndarray:
@@ -156,19 +200,58 @@ def _norm(x: jax.Array, w: jax.Array, config: ModelConfig, numerics: Numerics) -
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
+def _write_and_attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, kv: KVCache | ScratchKV, layer: Any,
+    batch: StepPlan, config: ModelConfig, numerics: Numerics, sliding_window: int | None,
+) -> tuple[jax.Array, KVCache | ScratchKV]:
+    """Writes the step's k, v [T, kv_heads, D] into layer `layer`'s pages and attends q to them.
+
+    With a stacked cache the layer's pages are addressed in place: the cache is viewed as
+    [layers * pages, ...], page ids and slots offset by `layer * pages` (padding slots stay out of
+    range). With `ScratchKV` the layer gets a zeroed pool of its own."""
+    if isinstance(kv, ScratchKV):
+        shape = (kv.num_pages, kv.page_size, *k.shape[1:])
+        zeros = jnp.zeros(shape, k.dtype)
+        k_pages, v_pages = ops.write_kv(zeros, zeros, k, v, batch.slots)
+        page_table, new_kv = batch.page_table, kv
+    else:
+        stacked = kv[0].shape  # [layers, pages, page, kv_heads, D]
+        pool = stacked[1] * stacked[2]
+        flat = (stacked[0] * stacked[1], *stacked[2:])
+        slots = jnp.where(batch.slots < pool, batch.slots + layer * pool, stacked[0] * pool)
+        k_pages, v_pages = ops.write_kv(kv[0].reshape(flat), kv[1].reshape(flat), k, v, slots)
+        page_table = batch.page_table + layer * stacked[1]
+        new_kv = (k_pages.reshape(stacked), v_pages.reshape(stacked))
+    attn = ops.attention(
+        q,
+        k_pages,
+        v_pages,
+        page_table,
+        batch.seq_ids,
+        batch.positions,
+        numerics,
+        sm_scale=config.attn_scale,
+        sliding_window=sliding_window,
+        soft_cap=config.attn_logit_softcap,
+    )
+    return attn, new_kv
+
+
 def _layer(
     layer: Params,
+    index: Any,
     h: jax.Array,
-    kv: tuple[jax.Array, jax.Array],
+    kv: KVCache | ScratchKV,
     batch: StepPlan,
     config: ModelConfig,
     numerics: Numerics,
-    inv_freq: np.ndarray,
     tp: Any = None,
-    sliding_window: int | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    sliding: bool = False,
+) -> tuple[jax.Array, KVCache | ScratchKV]:
+    """Decoder layer `index` (i32, traced under the scan) with its own weights `layer`."""
     num_tokens = h.shape[0]
     d = config.head_dim
+    inv_freq = rope_inv_freq(config, sliding=sliding)
     x = _norm(h, layer["attn_norm"], config, numerics)
     # heads held here: all of them, or this device's slice under tensor parallelism (`tp`)
     q = _linear(x, layer["wq"], layer.get("bq"), numerics).reshape(num_tokens, -1, d)
@@ -182,19 +265,8 @@ def _layer(
         k = _norm(k, layer["k_norm"], config, numerics)
     q = apply_rope(q, batch.positions, inv_freq)
     k = apply_rope(k, batch.positions, inv_freq)
-    k_pages, v_pages = ops.write_kv(kv[0], kv[1], k, v, batch.slots)
-    attn = ops.attention(
-        q,
-        k_pages,
-        v_pages,
-        batch.page_table,
-        batch.seq_ids,
-        batch.positions,
-        numerics,
-        sm_scale=config.attn_scale,
-        sliding_window=sliding_window,
-        soft_cap=config.attn_logit_softcap,
-    )
+    window = config.sliding_window if sliding else None
+    attn, kv = _write_and_attend(q, k, v, kv, index, batch, config, numerics, window)
     gather = (lambda a: a) if tp is None else tp.gather  # all-gather columns: no partial sums
     out = gather(_linear(gather(attn.reshape(num_tokens, -1)), layer["wo"], None, numerics))
     if config.post_norms:
@@ -207,7 +279,49 @@ def _layer(
     out = gather(_linear(gather(act(gate) * up), layer["w_down"], None, numerics))
     if config.post_norms:
         out = _norm(out, layer["post_mlp_norm"], config, numerics)
-    return h + out, (k_pages, v_pages)
+    return h + out, kv
+
+
+def layer_period(config: ModelConfig) -> int:
+    """The smallest p with layer i's attention kind == layer (i mod p)'s for every i (1 when all
+    layers are alike; Gemma 3's 5 sliding + 1 full: 6; Gemma 2's alternation: 2)."""
+    kinds = [config.is_sliding(i) for i in range(config.num_layers)]
+    return next(p for p in range(1, len(kinds) + 1)
+                if all(k == kinds[i % p] for i, k in enumerate(kinds)))  # fmt: skip
+
+
+def _decoder(
+    layers: Params, config: ModelConfig, h: jax.Array, kv: KVCache | ScratchKV, batch: StepPlan,
+    numerics: Numerics, tp: Any, remat: bool,
+) -> tuple[jax.Array, KVCache | ScratchKV]:
+    """Every decoder layer: a scan over the periods of `layer_period`, then the leftover layers."""
+    period = layer_period(config)
+    periods = config.num_layers // period
+    done = periods * period
+    sliding = [config.is_sliding(j) for j in range(period)]
+
+    scratch = kv if isinstance(kv, ScratchKV) else None  # not carried: not an array
+
+    def one_period(carry, xs):
+        h, kv = carry
+        weights, first = xs  # weights: every leaf [period, ...]; first: i32 layer index
+        for j in range(period):
+            layer = jax.tree_util.tree_map(lambda w, j=j: w[j], weights)
+            h, kv = _layer(layer, first + j, h, scratch or kv, batch, config, numerics, tp,
+                           sliding[j])  # fmt: skip
+        return (h, () if scratch else kv), None
+
+    if remat:
+        one_period = jax.checkpoint(one_period)
+    grouped = jax.tree_util.tree_map(
+        lambda w: w[:done].reshape(periods, period, *w.shape[1:]), layers)  # fmt: skip
+    firsts = jnp.arange(0, done, period, dtype=jnp.int32)
+    (h, kv), _ = jax.lax.scan(one_period, (h, () if scratch else kv), (grouped, firsts))
+    kv = scratch or kv
+    for i in range(done, config.num_layers):  # fewer than `period` layers
+        layer = jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
+        h, kv = _layer(layer, i, h, kv, batch, config, numerics, tp, config.is_sliding(i))
+    return h, kv
 
 
 def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
@@ -227,10 +341,11 @@ def forward(
     params: Params,
     config: ModelConfig,
     batch: StepPlan,
-    kv: KVCache,
+    kv: KVCache | ScratchKV,
     numerics: Numerics,
     tp: Any = None,
-) -> tuple[jax.Array, KVCache]:
+    remat: bool = False,
+) -> tuple[jax.Array, KVCache | ScratchKV]:
     """One ragged step.
 
     Args:
@@ -238,28 +353,24 @@ def forward(
       config: the model's shape (static).
       batch: the step's (padded) plan: token rows, decode tokens and prefill chunks mixed; only
         its token-level fields and `logit_rows` are read here.
-      kv: per layer (k_pages, v_pages), [num_pages, page_size, kv_heads, head_dim]. Donate it.
-        A sliding layer keeps every key too; its attention skips the KV blocks outside the window.
+      kv: the stacked (k_pages, v_pages), each [num_layers, num_pages, page_size, kv_heads,
+        head_dim] (donate it), or `ScratchKV` (empty pages per layer, nothing kept). A sliding
+        layer keeps every key too; its attention skips the KV blocks outside the window.
       numerics: which kernel lowering every op uses, and the lm_head dtype (static): 'float32'
         upcasts the final hidden state and the head weight and accumulates in fp32; 'bfloat16'
         computes the head in bf16 inputs; 'model' uses the params' dtype.
       tp: None, or (inside `jengine.sharding`'s shard_map) the tensor-parallel context: params,
         kv and heads are this device's shards and `tp` all-gathers activations between them.
+      remat: recompute each scan period's activations in the backward pass instead of keeping
+        them (`jax.checkpoint`): a gradient then holds one period's activations, not every
+        layer's. Values are unchanged.
     Returns:
       (f32[R, vocab] logits of `batch.logit_rows` (soft-capped when `final_logit_softcap`), the KV
       cache with this step's K/V written).
     """
     dtype = params["embed"].dtype
-    inv_freq = {False: rope_inv_freq(config), True: rope_inv_freq(config, sliding=True)}
     h = embed(params, config, batch.tokens, tp)
-    new_kv = []
-    for i, (layer, layer_kv) in enumerate(zip(params["layers"], kv)):
-        sliding = config.is_sliding(i)
-        window = config.sliding_window if sliding else None
-        h, layer_kv = _layer(
-            layer, h, layer_kv, batch, config, numerics, inv_freq[sliding], tp, window
-        )
-        new_kv.append(layer_kv)
+    h, kv = _decoder(params["layers"], config, h, kv, batch, numerics, tp, remat)
     h = h[batch.logit_rows]
     h = _norm(h, params["final_norm"], config, numerics)
     head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[
@@ -269,12 +380,11 @@ def forward(
     logits = ops.matmul(h.astype(head_dtype), w.astype(head_dtype), numerics)
     if tp is not None:
         logits = tp.gather(logits)
-    return ops.apply_soft_cap(logits, config.final_logit_softcap), new_kv
+    return ops.apply_soft_cap(logits, config.final_logit_softcap), kv
 
 
-def empty_kv_cache(
-    config: ModelConfig, num_pages: int, page_size: int, dtype: Any
-) -> KVCache:
-    """Zeroed per-layer (k_pages, v_pages), each [num_pages, page_size, kv_heads, head_dim]."""
-    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+def empty_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: Any) -> KVCache:
+    """Zeroed stacked (k_pages, v_pages), each [num_layers, num_pages, page_size, kv_heads,
+    head_dim]."""
+    shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

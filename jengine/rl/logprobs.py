@@ -29,7 +29,7 @@ import numpy as np
 from jengine import plan as plan_lib
 from jengine import sampling, sharding
 from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams, check_choice
-from jengine.models.transformer import Params, empty_kv_cache, forward
+from jengine.models.transformer import Params, ScratchKV, forward
 from jengine.scoring import layout, per_sequence
 
 DEFAULT_PAGE_SIZE = 16  # any page size gives the same bits; this one keeps the page table short
@@ -78,11 +78,12 @@ def _entropy(raw: jax.Array, rp: plan_lib.SampleRows, logprobs_mode: str) -> jax
 
 
 @functools.partial(jax.jit, static_argnames=("config", "logprobs_mode", "numerics", "mesh",
-                                              "page_size", "with_entropy"))  # fmt: skip
+                                              "page_size", "with_entropy", "remat"))  # fmt: skip
 def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
                   completion_lens: jax.Array, sampling_rows: dict[str, jax.Array], *,
                   config: ModelConfig, logprobs_mode: str, numerics: Numerics,
-                  mesh: jax.sharding.Mesh | None, page_size: int, with_entropy: bool):  # fmt: skip
+                  mesh: jax.sharding.Mesh | None, page_size: int, with_entropy: bool,
+                  remat: bool):  # fmt: skip
     batch, length = tokens.shape
     dp = 1 if mesh is None else sharding.mesh_sizes(mesh)[0]
     layout, num_pages = dense_plan(batch // dp, length, page_size)
@@ -110,17 +111,20 @@ def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
         ent = _entropy(jax.lax.stop_gradient(logits), rp, logprobs_mode) if with_entropy else None
         return values, ent
 
+    if remat:  # a gradient keeps the logits, not every [rows, vocab] sampling intermediate
+        post = jax.checkpoint(post)
     if mesh is None:
-        kv = empty_kv_cache(config, num_pages, page_size, params["embed"].dtype)
+        kv = ScratchKV(num_pages, page_size)
         p = fill(tokens, sampling_rows)
-        logits, _ = forward(params, config, p, kv, numerics)
+        logits, _ = forward(params, config, p, kv, numerics, remat=remat)
         values, ent = post(logits, p)
     else:
         split = lambda x: x.reshape(dp, batch // dp, *x.shape[1:])  # noqa: E731
         plans = jax.vmap(fill)(split(tokens), {k: split(v) for k, v in sampling_rows.items()})
-        kv = sharding.empty_kv_cache(config, num_pages, page_size, params["embed"].dtype, mesh)
+        kv = ScratchKV(num_pages, page_size)
         (values, ent), _ = sharding.sharded_forward(
-            mesh, sharding.shard_params(params, config, mesh), config, plans, kv, numerics, post
+            mesh, sharding.shard_params(params, config, mesh), config, plans, kv, numerics, post,
+            remat=remat,
         )
     mask = completion_mask(prompt_lens, completion_lens, length)
     values = jnp.where(mask, values.reshape(batch, length - 1), 0.0)
@@ -136,7 +140,7 @@ def token_logprobs(
     temperature: Any = None, top_k: Any = None, top_p: Any = None, min_p: Any = None,
     logprobs_mode: str = "processed_logprobs", numerics: Numerics | None = None,
     mesh: jax.sharding.Mesh | None = None, page_size: int = DEFAULT_PAGE_SIZE,
-    with_entropy: bool = False,
+    with_entropy: bool = False, remat: bool = True,
 ):  # fmt: skip
     """Per-token numbers of `tokens` under `params`, teacher-forced: f32[B, L - 1].
 
@@ -159,6 +163,10 @@ def token_logprobs(
       page_size: scratch page size of the layout; changes no bit.
       with_entropy: also return f32[B, L - 1] entropies of the (processed, under the processed
         modes) distribution each token was drawn from (no gradient flows through them).
+      remat: under differentiation, recompute activations in the backward pass instead of
+        keeping them: each scan period of layers, and the sampling transforms over the logits
+        (`jax.checkpoint`). The values are the same bits either way; True keeps a gradient's
+        memory to one period's activations plus the logits.
     Returns:
       values f32[B, L - 1] (column t scores tokens[:, t + 1]; 0.0 outside
       `completion_mask(prompt_lens, completion_lens, L)`), or (values, entropy).
@@ -186,7 +194,7 @@ def token_logprobs(
     return _token_values(
         params, tokens, prompt_lens, completion_lens, rows, config=config,
         logprobs_mode=logprobs_mode, numerics=numerics, mesh=mesh, page_size=page_size,
-        with_entropy=with_entropy,
+        with_entropy=with_entropy, remat=remat,
     )  # fmt: skip
 
 
