@@ -256,17 +256,18 @@ def reference(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     return combine(y, dest.reshape(tokens, k), x.dtype)  # row i of y is assignment order[i]
 
 
-def expert_weight(w: jax.Array, e: jax.Array) -> jax.Array:
-    """w[e] of stacked weights w[E, ...], sliced as raw bits for 16-bit floats: XLA:CPU slices a
-    bf16 array by converting all of it to f32 first, and hoists that out of the tile loop, so every
-    call converted every expert's weights (10x the whole kernel at 1 token); an integer slice it
-    takes as it is."""
-    if jnp.dtype(w.dtype).itemsize != 2:
-        return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
-    bits = jax.lax.bitcast_convert_type(w, jnp.uint16)
-    return jax.lax.bitcast_convert_type(
-        jax.lax.dynamic_index_in_dim(bits, e, keepdims=False), w.dtype
-    )
+def expert_weights(
+    stacks: tuple[jax.Array, ...], e: jax.Array, i: jax.Array
+) -> tuple[jax.Array, ...]:
+    """Expert e's matrices from stacked weights [E, ...], read inside loop iteration i.
+
+    XLA:CPU has no bf16 dynamic-slice: it slices `convert(stack)` to f32, in one fusion that
+    converts only the slice. In a loop that convert of a loop-invariant stack was hoisted out of
+    the loop, converting every expert's weights on every call (80x the kernel at 1 token, hidden
+    512). Passing the stacks through an `optimization_barrier` with the loop index makes them
+    loop-variant (no copy), so the convert stays fused with the slice."""
+    stacks, _ = jax.lax.optimization_barrier((stacks, i))
+    return tuple(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in stacks)
 
 
 def cpu(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
@@ -281,7 +282,7 @@ def cpu(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     def body(carry):
         i, out = carry
         tokens = jax.lax.dynamic_slice_in_dim(g.row_token, i * TILE, TILE)
-        gate, up, down = (expert_weight(w, g.tile_expert[i]) for w in (w_gate, w_up, w_down))
+        gate, up, down = expert_weights((w_gate, w_up, w_down), g.tile_expert[i], i)
         t = gather_rows(x, tokens)
         h = swiglu(matmul.weight_first(t, gate), matmul.weight_first(t, up), x.dtype)
         y = matmul.weight_first(h, down) * jax.lax.dynamic_slice_in_dim(scale, i * TILE, TILE)
