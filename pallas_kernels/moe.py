@@ -263,9 +263,9 @@ def expert_weights(
 
     XLA:CPU has no bf16 dynamic-slice: it slices `convert(stack)` to f32, in one fusion that
     converts only the slice. In a loop that convert of a loop-invariant stack was hoisted out of
-    the loop, converting every expert's weights on every call (80x the kernel at 1 token, hidden
-    512). Passing the stacks through an `optimization_barrier` with the loop index makes them
-    loop-variant (no copy), so the convert stays fused with the slice."""
+    the loop, converting every expert's weights on every call (two orders of magnitude over the
+    kernel at 1 token). Passing the stacks through an `optimization_barrier` with the loop index
+    makes them loop-variant (no copy), so the convert stays fused with the slice."""
     stacks, _ = jax.lax.optimization_barrier((stacks, i))
     return tuple(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in stacks)
 
