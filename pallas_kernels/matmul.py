@@ -42,7 +42,7 @@ def reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
 
 
-def _weight_first(t: jax.Array, *ws: jax.Array) -> jax.Array:
+def weight_first(t: jax.Array, *ws: jax.Array) -> jax.Array:
     """f32[T, N] = (w[N, K] @ t[T, K]^T)^T, in that orientation (see module doc).
 
     With several weights (column blocks), one dot per block and their outputs side by side:
@@ -65,7 +65,7 @@ def small_tiles_agree(k: int, x_dtype: str, w_shapes: tuple[tuple[int, int], ...
         rng = np.random.default_rng(0)
         ws = [jnp.asarray(rng.standard_normal(s, np.float32), w_dtype) for s in w_shapes]
         x = jnp.asarray(rng.standard_normal((ROW_TILE, k), np.float32), x_dtype)
-        dot = jax.jit(_weight_first)
+        dot = jax.jit(weight_first)
         return first_rows_agree(lambda t: dot(x[:t], *ws), ROW_TILE, SMALL_TILES)
 
 
@@ -83,12 +83,12 @@ FAST_WEIGHT_FIRST_MAX_ROWS = 64
 def fast(x: jax.Array, w: jax.Array) -> jax.Array:
     """f32[M, N]: `reference` in whichever orientation is faster on CPU for M rows, untiled (the
     CPU backend's "fast" numerics: no invariance promise)."""
-    return _weight_first(x, w) if x.shape[0] <= FAST_WEIGHT_FIRST_MAX_ROWS else reference(x, w)
+    return weight_first(x, w) if x.shape[0] <= FAST_WEIGHT_FIRST_MAX_ROWS else reference(x, w)
 
 
 def _tiled(x: jax.Array, *ws: jax.Array) -> jax.Array:
     tile = small_tile(x.shape[0], x, *ws)
-    return map_row_tiles(lambda t: _weight_first(t, *ws), x, tile=tile)
+    return map_row_tiles(lambda t: weight_first(t, *ws), x, tile=tile)
 
 
 def cpu(x: jax.Array, w: jax.Array) -> jax.Array:

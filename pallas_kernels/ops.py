@@ -1,5 +1,6 @@
 """The one door the model uses: `ops.matmul`, `ops.rms_norm`, `ops.attention` (and
-`ops.write_kv`), each taking a resolved `jengine.config.Numerics` that says which lowering to run.
+`ops.write_kv`), `ops.route` and `ops.experts` (mixture-of-experts), each taking a resolved
+`jengine.config.Numerics` that says which lowering to run.
 
 * `Numerics(mode="invariant", backend="cpu")`: fixed-tile plain JAX (fast on CPU, batch-invariant).
 * `Numerics(mode="invariant", backend="pallas")`: the Pallas kernels (`pallas_<op>.py`: Triton on
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from pallas_kernels import matmul as _matmul
+from pallas_kernels import moe as _moe
 from pallas_kernels import pallas_common
 from pallas_kernels import ragged_paged_attention as _rpa
 from pallas_kernels import rms_norm as _rms_norm
@@ -134,27 +136,58 @@ def _attention_fn(
 
 
 def _attention_with_reference_grad(fwd: Callable, ref: Callable) -> Callable:
-    """Attention with `fwd`'s values and `ref`'s gradient in q, k_pages, v_pages.
+    """Attention with `fwd`'s values and `ref`'s gradient in q, k_pages, v_pages (page_table,
+    seq_ids, positions get none)."""
+    return with_reference_grad_of(fwd, ref, metadata=(3, 4, 5))
 
-    The integer metadata (page_table, seq_ids, positions) is passed through the custom_vjp as
-    arguments, not closed over: a closure over tracers (an outer jit building the metadata)
-    cannot be differentiated. It gets no cotangent (None).
+
+def with_reference_grad_of(fwd: Callable, ref: Callable, metadata: tuple[int, ...]) -> Callable:
+    """`fwd`'s values with `ref`'s gradient in every argument but those at `metadata`.
+
+    The metadata (integer arrays) are passed through the custom_vjp as arguments, not closed over:
+    a closure over tracers (an outer jit building the metadata) cannot be differentiated. They get
+    no cotangent (None).
     """
 
     @jax.custom_vjp
-    def op(q, k_pages, v_pages, page_table, seq_ids, positions):
-        return fwd(q, k_pages, v_pages, page_table, seq_ids, positions)
+    def op(*args):
+        return fwd(*args)
 
     def op_fwd(*args):
         return fwd(*args), args
 
     def op_bwd(args, g):
-        meta = args[3:]
-        _, vjp = jax.vjp(lambda q, k, v: ref(q, k, v, *meta), *args[:3])
-        return (*vjp(g), None, None, None)
+        slots = [i for i in range(len(args)) if i not in metadata]
+
+        def of_differentiable(*values):
+            full = list(args)
+            for i, v in zip(slots, values):
+                full[i] = v
+            return ref(*full)
+
+        grads = iter(jax.vjp(of_differentiable, *(args[i] for i in slots))[1](g))
+        return tuple(None if i in metadata else next(grads) for i in range(len(args)))
 
     op.defvjp(op_fwd, op_bwd)
     return op
+
+
+@functools.lru_cache(maxsize=None)
+def _experts_fn(numerics: Numerics) -> Callable:
+    _check_resolved(numerics)
+    # On CPU both modes run the tiled lowering, the fastest there is (XLA:CPU's ragged_dot
+    # multiplies every row by every expert: BUILD.md); on accelerators "fast" is ragged_dot.
+    if numerics.backend == "cpu":
+        fwd = _moe.cpu
+    elif numerics.mode == "fast":
+        return _moe.reference
+    elif numerics.backend == "pallas":
+        tpu = _pallas("pallas_moe", "pallas", "tpu_kernel")
+        fwd = pallas_common.by_platform(tpu=tpu, gpu=_pallas("pallas_moe", "pallas"))
+    else:
+        fn = "kernel" if numerics.backend == "pallas_interpret" else "tpu_kernel"
+        fwd = _pallas("pallas_moe", numerics.backend, fn)
+    return with_reference_grad_of(fwd, _moe.reference, metadata=(1,))  # expert_ids
 
 
 def head_unit(heads: int, kv_heads: int, column_blocks: int) -> int:
@@ -217,6 +250,43 @@ def attention(
     """Ragged paged attention (see `ragged_paged_attention` for layout and contract)."""
     fn = _attention_fn(numerics, float(sm_scale), sliding_window, soft_cap)
     return fn(q, k_pages, v_pages, page_table, seq_ids, positions)
+
+
+_MIN_ROUTER_ROWS = 16  # the Pallas matmul's smallest number of output columns
+
+
+def route(
+    x: jax.Array, w_router: jax.Array, numerics: Numerics, *, k: int, renormalize: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(expert_ids i32[T, k], weights f32[T, k]) for hidden states x[T, H] and a router weight
+    w_router[E, H]: router logits through the invariant matmul (fp32), then `moe.route` (softmax in
+    fp32, top-k with ties to the lower index, renormalised when `renormalize`). A token's experts
+    and weights are bits of its own hidden state: the same in every batch.
+
+    A router of fewer than 16 experts (Mixtral's 8) is zero-padded to 16 rows, the Pallas matmul's
+    smallest N, on every backend, and the padding's logits dropped."""
+    experts = w_router.shape[0]
+    if experts < _MIN_ROUTER_ROWS:
+        w_router = jax.numpy.pad(w_router, ((0, _MIN_ROUTER_ROWS - experts), (0, 0)))
+    logits = matmul(x, w_router, numerics)[:, :experts]
+    return _moe.route(logits, k, renormalize=renormalize)
+
+
+def experts(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    numerics: Numerics,
+) -> jax.Array:
+    """[T, H] in x's dtype: SwiGLU experts `w_gate, w_up [E, I, H]`, `w_down [E, H, I]` applied to
+    each token's k experts `expert_ids[T, k]` and combined by rank with `weights[T, k]` (see
+    `moe`); batch-invariant rows unless numerics is fast. Differentiable in x, weights and the
+    expert weights (the reference's gradient; expert_ids get none)."""
+    _moe.validate(x, expert_ids, weights, w_gate, w_up, w_down)
+    return _experts_fn(numerics)(x, expert_ids, weights, w_gate, w_up, w_down)
 
 
 write_kv = _rpa.write_kv

@@ -41,16 +41,9 @@ def kernel(x: jax.Array, w: jax.Array, *, interpret: Interpret = False) -> jax.A
     n, w_k = w.shape
     if w_k != k:
         raise ValueError(f"x{x.shape} and w{w.shape} disagree on the contracted axis")
-    bk = pow2_block(k, BLOCK_K)
-    if bk < _MIN_BLOCK or n < _MIN_BLOCK:
-        raise ValueError(f"{k=} must be a multiple of {_MIN_BLOCK} and {n=} at least {_MIN_BLOCK}")
-    bn = min(BLOCK_N, floor_pow2(n))
-    num_n = pl.cdiv(n, bn)
-
-    def col(j):  # first column of block j; the last block ends at n
-        return jnp.minimum(j * bn, n - bn)
-
-    w_spec = pl.BlockSpec((pl.Element(bn), pl.Element(k)), lambda j, i: (col(j), 0))
+    bk = check_blocks(k, n)
+    bn, num_n = column_blocking(n)
+    w_spec = pl.BlockSpec((pl.Element(bn), pl.Element(k)), lambda j, i: (first_column(j, n, bn), 0))
     xp = pad_rows(x, BLOCK_M)
     out = pallas_call(
         functools.partial(_block_kernel, bk=bk),
@@ -61,26 +54,66 @@ def kernel(x: jax.Array, w: jax.Array, *, interpret: Interpret = False) -> jax.A
         interpret=interpret,
         name="matmul",
     )(xp, w)[:rows]
+    return drop_shifted_columns(out, n)
+
+
+def column_blocking(n: int) -> tuple[int, int]:
+    """(bn, number of column blocks) for N output columns: bn = BLOCK_N, or the largest power of
+    two <= N when N is smaller."""
+    bn = min(BLOCK_N, floor_pow2(n))
+    return bn, pl.cdiv(n, bn)
+
+
+def first_column(j: jax.Array, n: int, bn: int) -> jax.Array:
+    """First column of column block j; the last block is shifted left to end at n."""
+    return jnp.minimum(j * bn, n - bn)
+
+
+def drop_shifted_columns(out: jax.Array, n: int) -> jax.Array:
+    """f32[M, n] from an output laid out in whole column blocks (`column_blocking`): the last block
+    holds columns n-bn..n-1; keep the ones no whole block covers."""
+    bn, num_n = column_blocking(n)
     rem = n % bn
-    if rem:  # the last block holds columns n-bn..n-1; keep the ones no whole block covers
-        out = jnp.concatenate([out[:, : n - rem], out[:, num_n * bn - rem :]], axis=1)
-    return out
+    if not rem:
+        return out
+    return jnp.concatenate([out[:, : n - rem], out[:, num_n * bn - rem :]], axis=1)
+
+
+def check_blocks(k: int, n: int) -> int:
+    """The contraction block bk for K = k; raises unless k and n suit the kernel's blocks."""
+    bk = pow2_block(k, BLOCK_K)
+    if bk < _MIN_BLOCK or n < _MIN_BLOCK:
+        raise ValueError(f"{k=} must be a multiple of {_MIN_BLOCK} and {n=} at least {_MIN_BLOCK}")
+    return bk
 
 
 def _block_kernel(x_ref, w_ref, o_ref, *, bk: int) -> None:
     """o[BLOCK_M, bn] = sum over K blocks, in order, of dot(x[:, kb], w[:, kb]^T) in fp32."""
-    dtype = jnp.promote_types(x_ref.dtype, w_ref.dtype)  # fp32 hidden x bf16 weight: upcast here
+    o_ref[...] = k_blocked_dot(
+        lambda ks: x_ref[:, ks], lambda ks: w_ref[:, ks], x_ref.shape[1], bk, o_ref.shape
+    )
+
+
+def k_blocked_dot(load_x, load_w, k: int, bk: int, shape: tuple[int, int]) -> jax.Array:
+    """f32[shape] = sum over the K / bk contraction blocks, in order, of
+    `block_dot(load_x(kb), load_w(kb))` (`load_*` take a `pl.ds` of K and return [rows, bk] /
+    [cols, bk]), starting from zeros."""
 
     def step(kb, acc):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        part = jax.lax.dot_general(
-            x_ref[:, ks].astype(dtype),
-            w_ref[:, ks].astype(dtype),
-            (((1,), (1,)), ((), ())),
-            precision=jax.lax.Precision.HIGHEST,  # fp32 stays fp32 (no TF32 on GPU)
-            preferred_element_type=jnp.float32,
-        )
-        return acc + part
+        return acc + block_dot(load_x(ks), load_w(ks))
 
-    num_k = x_ref.shape[1] // bk
-    o_ref[...] = jax.lax.fori_loop(0, num_k, step, jnp.zeros(o_ref.shape, jnp.float32))
+    return jax.lax.fori_loop(0, k // bk, step, jnp.zeros(shape, jnp.float32))
+
+
+def block_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """f32[rows, cols] = x[rows, bk] @ w[cols, bk]^T, fp32 accumulation; mixed dtypes (fp32 hidden
+    x bf16 weight) are upcast here."""
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    return jax.lax.dot_general(
+        x.astype(dtype),
+        w.astype(dtype),
+        (((1,), (1,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,  # fp32 stays fp32 (no TF32 on GPU)
+        preferred_element_type=jnp.float32,
+    )

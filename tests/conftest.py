@@ -29,6 +29,7 @@ from jengine import Model, ModelConfig, init_params  # noqa: E402
 # files: end-to-end runs (real models, GRPO, notebooks, subprocesses, the mutation check) and the
 # larger variants of guarantees that a quick test already holds.
 _ATTENTION = "tests/pallas_kernels/test_ragged_paged_attention.py::"
+_MOE = "tests/pallas_kernels/test_moe.py::"
 SLOW = (
     "tests/pallas_kernels/test_matmul.py::test_every_tile_size_gives_the_row_tile_bits[1536x576",
     "tests/pallas_kernels/test_matmul.py::test_every_tile_size_gives_the_row_tile_bits[896x4864",
@@ -39,6 +40,17 @@ SLOW = (
     _ATTENTION + "test_matches_reference_on_a_mixed_batch[*tpu_interpret]",
     _ATTENTION + "test_skipping_blocks_outside_the_window*tpu_interpret]",
     _ATTENTION + "test_windowed_token_is_bitwise_invariant[tpu_interpret]",
+    _MOE + "test_gradient_matches_torch_autograd[pallas_interpret]",
+    _MOE + "test_matches_reference_and_a_dense_numpy_moe[bfloat16-",
+    _MOE + "test_matches_reference_and_a_dense_numpy_moe[float32-pallas_interpret]",
+    _MOE + "test_matches_reference_and_a_dense_numpy_moe[float32-tpu_interpret]",
+    _MOE + "test_routing_matches_hugging_face_routers[qwen3_moe-False-8]",
+    _MOE + "test_routing_matches_numpy[False]",
+    _MOE + "test_row_is_bitwise_invariant_to_expert_load_and_batch[pallas_interpret]",
+    _MOE + "test_row_is_bitwise_invariant_to_expert_load_and_batch[tpu_interpret]",
+    _MOE + "test_row_is_its_experts_dense_mlp_combined_by_rank[bfloat16-",
+    _MOE + "test_row_is_its_experts_dense_mlp_combined_by_rank[float32-tpu_interpret]",
+    _MOE + "test_tpu_kernel_on_two_cores",
     "tests/test_bench.py",
     "tests/test_cli.py::test_demo_tiny",
     "tests/test_cli.py::test_generate_then_score_round_trip",

@@ -215,6 +215,28 @@ MUTATIONS = [
         "outstanding_never_exceed",
         ("test_groups_outstanding_never_exceed_queue_size",),
     ),
+    Mutation(
+        "moe_combine_by_arrival",
+        "a token's k weighted expert outputs are summed in the order they sit in the grouped "
+        "buffer (by expert id, as they arrive there), not by rank",
+        "pallas_kernels/moe.py",
+        "    acc = products[dest[:, 0]]\n",
+        "    dest = jnp.sort(dest, axis=1)\n    acc = products[dest[:, 0]]\n",
+        ("tests/pallas_kernels/test_moe.py",),
+        "combined_by_rank and cpu",
+        ("test_row_is_its_experts_dense_mlp_combined_by_rank",),
+    ),
+    Mutation(
+        "moe_ties_to_the_higher_index",
+        "routing's top-k gives a tie among equal probabilities to the higher expert index",
+        "pallas_kernels/moe.py",
+        "        best = jnp.argmax(remaining, axis=-1).astype(jnp.int32)\n",
+        "        flipped = jnp.argmax(remaining[..., ::-1], axis=-1)\n"
+        "        best = (remaining.shape[-1] - 1 - flipped).astype(jnp.int32)\n",
+        ("tests/pallas_kernels/test_moe.py",),
+        "tied_router_logits",
+        ("test_tied_router_logits_go_to_the_lower_index",),
+    ),
 ]
 
 

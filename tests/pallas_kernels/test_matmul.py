@@ -155,13 +155,13 @@ def test_small_tiles_only_where_they_give_the_row_tile_bits(monkeypatch):
     """`small_tile` uses a smaller tile only when the check finds every row's bits equal to the
     ROW_TILE tile's: a dot whose bits depend on its tile rows sends every batch to ROW_TILE."""
     x, w = jnp.zeros((3, 64), jnp.float32), jnp.zeros((32, 64), jnp.float32)
-    real = matmul._weight_first
+    real = matmul.weight_first
     tile_dependent = lambda t, *ws: real(t, *ws) + t.shape[0] * 1e-3  # noqa: E731
     matmul.small_tiles_agree.cache_clear()
     try:
-        monkeypatch.setattr(matmul, "_weight_first", tile_dependent)
+        monkeypatch.setattr(matmul, "weight_first", tile_dependent)
         assert [matmul.small_tile(r, x, w) for r in (1, 3, 8, 16, 40)] == [matmul.ROW_TILE] * 5
-        monkeypatch.setattr(matmul, "_weight_first", lambda t, *ws: real(t, *ws) * 0 + 1)
+        monkeypatch.setattr(matmul, "weight_first", lambda t, *ws: real(t, *ws) * 0 + 1)
         matmul.small_tiles_agree.cache_clear()
         assert [matmul.small_tile(r, x, w) for r in (1, 3, 8, 16, 40)] == [2, 4, 8, 16, 16]
     finally:
