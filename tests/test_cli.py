@@ -56,6 +56,8 @@ def test_help_documents_every_flag():
          "--report_json"),
         (["score", "--model=tiny", "--input=x.jsonl", "--out=y.jsonl", "--page_size=8"],
          "--page_size"),
+        (["serve", "--model=tiny", "--seed=3"], "--seed"),  # a request brings its own
+        (["serve", "--model=tiny", "--weights_dir=/no/such/dir"], "--weights_dir"),
     ],
 )
 def test_bad_command_lines_name_the_flag(args, needle):
@@ -70,8 +72,10 @@ def test_flags_come_from_the_config_fields():
     import dataclasses
 
     from jengine import EngineConfig, SamplingParams, cli
+    from jengine.server import ServerConfig
 
-    for cls, names in ((SamplingParams, cli.SAMPLING_FLAGS), (EngineConfig, cli.ENGINE_FLAGS)):
+    for cls, names in ((SamplingParams, cli.SAMPLING_FLAGS), (EngineConfig, cli.ENGINE_FLAGS),
+                       (ServerConfig, cli.SERVER_FLAGS)):  # fmt: skip
         fields = {f.name: f for f in dataclasses.fields(cls)}
         assert sorted(names.values()) == sorted(fields)
         for flag, field in names.items():
