@@ -93,7 +93,7 @@ def program_memory(remat: bool) -> dict:
     jax.clear_caches()  # trace it again: the traced program does not key on the setting
     try:
         lowered = grpo._grads.lower(
-            model.params, batch, batch["logprobs"], jnp.float32(b * cfg.max_tokens),
+            model.params, model.params, batch, batch["logprobs"], jnp.float32(b * cfg.max_tokens),
             jnp.float32(cfg.temperature), config=model.config, numerics=numerics,
             correction="none", clip_eps=cfg.clip_eps, is_cap=cfg.is_cap)
         analysis = lowered.compile().memory_analysis()

@@ -466,7 +466,8 @@ class Engine:
                progress: bool | None = None) -> dict[tuple[int, int, int], float]:  # fmt: skip
         """Compiles every bucket not compiled yet (`threads` at a time; default one per CPU core,
         at most 4) with a progress bar on stderr (default: when a terminal). Returns
-        {(token bucket, sequence bucket, top_n): compile seconds} of the buckets compiled now.
+        {(token bucket, sequence bucket, top_n): compile seconds} of the buckets compiled now
+        (0.0 for a step another engine of this process had compiled).
         With JAX's persistent compilation cache configured, a restart loads them instead."""
         return self.runner.warmup(self.pages_per_seq, with_top_logprobs, threads, progress)
 

@@ -132,6 +132,23 @@ def run_plans(
     return split_selected(sel, plans, mesh), kv
 
 
+# Every step compiled in this process, shared by all runners (engines): (bucket, static arguments,
+# argument layouts) -> the compiled step.
+_STEPS: dict[tuple, jax.stages.Compiled] = {}
+
+
+def clear_compiled_steps() -> None:
+    """Forgets the steps compiled in this process (engines keep theirs); with `jax.clear_caches()`
+    every compiled program is dropped (XLA:CPU maps memory per program)."""
+    _STEPS.clear()
+
+
+def _layout(tree) -> tuple:
+    """A pytree's structure and its leaves' shapes, dtypes and shardings (hashable)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((x.shape, x.dtype.name, getattr(x, "sharding", None)) for x in leaves)
+
+
 class Runner:
     """Owns the engine's params and KV pages and runs its steps at bucketed shapes.
 
@@ -186,27 +203,37 @@ class Runner:
         host arrays, global arrays laid out on another mesh over the same devices (a trainer's
         layout), which are resharded, or, for a host-local engine, global arrays spanning other
         processes, which every process gathers (a collective: all call it together)."""
-        def put(new: jax.Array, old: jax.Array) -> jax.Array:
+        def gathered(new: jax.Array, old: jax.Array) -> jax.Array:
             if (isinstance(new, jax.Array) and not new.is_fully_addressable
                     and old.is_fully_addressable):  # fmt: skip
-                new = multihost_utils.process_allgather(new, tiled=True)
-            # one leaf at a time: on a multi-process mesh, reshards in flight together may start
-            # their collectives in different orders on different processes and deadlock
-            return jax.device_put(new, old.sharding).block_until_ready()
+                return multihost_utils.process_allgather(new, tiled=True)
+            return new
 
-        self.params = jax.tree_util.tree_map(put, params, self.params)
+        params = jax.tree_util.tree_map(gathered, params, self.params)
+        shardings = jax.tree_util.tree_map(lambda old: old.sharding, self.params)
+        if jax.process_count() == 1:  # every transfer at once, then wait
+            self.params = jax.block_until_ready(jax.device_put(params, shardings))
+            return
+        # one leaf at a time: on a multi-process mesh, reshards in flight together may start
+        # their collectives in different orders on different processes and deadlock
+        self.params = jax.tree_util.tree_map(
+            lambda new, s: jax.device_put(new, s).block_until_ready(), params, shardings)
 
     def _compile(self, key: tuple[int, int, int],
                  pages_per_seq: int) -> tuple[jax.stages.Compiled, float]:  # fmt: skip
         """The step of bucket `key` = (tokens, seqs, top_n) compiled ahead of time (traced with an
-        all-padding plan of that shape), and the seconds it took. Changes nothing: threads may
-        compile several buckets at once."""
+        all-padding plan of that shape), and the seconds it took (0.0: another runner of this
+        process compiled it). Changes nothing here: threads may compile several buckets at once."""
         num_tokens, num_seqs, top_n = key
         empty = plan_lib.build([], page_size=1, pages_per_seq=pages_per_seq)
         batch = stack_plans([empty] * self.num_replicas, (num_tokens, num_seqs, num_seqs),
                             self.no_slot, self.mesh)  # fmt: skip
+        signature = (key, self.config, self.numerics, self.logprobs_mode, self.mesh,
+                     *(_layout(x) for x in (self.params, self.kv, batch)))  # fmt: skip
+        if (exe := _STEPS.get(signature)) is not None:
+            return exe, 0.0
         start = time.perf_counter()
-        exe = model_step.lower(
+        exe = _STEPS[signature] = model_step.lower(
             self.params, self.kv, batch, config=self.config, numerics=self.numerics,
             logprobs_mode=self.logprobs_mode, top_n=top_n, mesh=self.mesh,
         ).compile()  # fmt: skip
@@ -241,7 +268,8 @@ class Runner:
                progress: bool | None = None) -> dict[tuple[int, int, int], float]:  # fmt: skip
         """Compiles every bucket not compiled yet, `threads` at a time (default: one per CPU core,
         at most 4); a tqdm bar on stderr (`progress`; default: when a terminal). Returns
-        {(tokens, seqs, top_n): compile seconds} of the buckets compiled now."""
+        {(tokens, seqs, top_n): compile seconds} of the buckets compiled now (0.0: another engine
+        of this process had compiled it)."""
         from tqdm.auto import tqdm
 
         keys = [(t, min(t, self.max_seq_bucket), top_n) for t in self.token_buckets

@@ -118,7 +118,10 @@ def _release_compiled_programs(request):
 
     import jax
 
+    from jengine.runner import clear_compiled_steps
+
     jax.clear_caches()
+    clear_compiled_steps()
     gc.collect()
     if log:
         with open(log, "a") as f:

@@ -23,6 +23,7 @@ import numpy as np
 
 import jengine
 from jengine import Engine, EngineConfig, Model, SamplingParams, rl
+from jengine.runner import clear_compiled_steps
 
 # Temperature alone (1 and below 1), top-k, top-p, min-p, and all together.
 SETTINGS = (
@@ -126,6 +127,7 @@ def sweep(model: Model, numerics, pool: list[Row], widths) -> list[str]:
                            with_entropy=i % 3 == 0, offset=i)  # fmt: skip
         if i % 16 == 15:  # a program per width: drop them before XLA:CPU's memory maps run out
             jax.clear_caches()
+            clear_compiled_steps()
             gc.collect()
     return bad
 

@@ -262,7 +262,7 @@ def test_warmup_compiles_the_whole_table(tiny_model):
     engine = Engine(tiny_model, cfg)
     seconds = engine.warmup(threads=2, progress=False)
     assert sorted(seconds) == [(t, min(t, 4), 0) for t in engine.runner.token_buckets]
-    assert all(s > 0 for s in seconds.values())
+    assert all(s >= 0 for s in seconds.values())
     assert engine.warmup() == {}  # nothing left to compile
     prompts, sp = random_prompts(6, 512, seed=5), SamplingParams(max_tokens=3, seed=0)
     warm = engine.generate(prompts, sp)

@@ -91,8 +91,9 @@ def test_qwen_family_kv_split_and_replicated_paths():
     r = run_check("--family", "tiny-qwen", "--configs", "2x1,8x1", "--score-meshes", "4x2")
     assert r["score_equals_reference"]
     assert all(v["bitwise_equal"] for v in r["configs"].values()), r["configs"]
-    assert r["configs"]["2x1"]["shards"]["wk"] == [[32, 128]]  # 2 of the 4 KV heads per device
-    assert r["configs"]["8x1"]["shards"]["wk"] == [[64, 128]]  # replicated (4 < 8)
+    wk = {c: [s[1:] for s in r["configs"][c]["shards"]["wk"]] for c in ("2x1", "8x1")}  # [L, ...]
+    assert wk["2x1"] == [[32, 128]]  # 2 of the 4 KV heads per device
+    assert wk["8x1"] == [[64, 128]]  # replicated (4 < 8)
     assert r["score_mesh_4x2_equals_reference"]
 
 

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jengine
 from jengine import rl
 from jengine.config import EngineConfig, SamplingParams
 from jengine.engine import Engine
@@ -164,7 +165,7 @@ class RunConfig:
     eval_every: int = 5
     eval_seed: int = 1234
     seed: int = 0
-    micro_batch: int = 16
+    micro_batch: int = 8  # rows per gradient pass: the vocabulary-wide temporaries scale with it
     clip_eps: float = 0.2
     correction: str = "none"
     is_cap: float = 2.0
@@ -197,19 +198,22 @@ _logprobs = jax.jit(_token_logprobs, static_argnames=("config", "numerics"))
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "numerics", "correction", "clip_eps", "is_cap")
+    jax.jit, static_argnames=("config", "numerics", "correction", "clip_eps", "is_cap"),
+    donate_argnums=1,
 )
 def _grads(
-    params, b, logp_fwd, n_total, temperature, *, config, numerics, correction, clip_eps, is_cap
-):
-    """Gradient of this micro-batch's share of the token-mean GRPO loss.
+    params, acc, b, logp_fwd, n_total, temperature, *, config, numerics, correction, clip_eps,
+    is_cap,
+):  # fmt: skip
+    """Gradient of this micro-batch's share of the token-mean GRPO loss, added to `acc` (the
+    accumulated gradient, updated in place).
 
     The loss sees `logp_fwd` (the forward program's values, bitwise the rollout's when on-policy)
     with the gradient of jax's own differentiated forward: logp = logp_fwd + (ad - stop_grad(ad))
     is logp_fwd exactly (x - x == 0). The differentiated program's values `ad` can differ from
     the forward program's in the last bit (XLA compiles the AD-transformed sampling loop body
     differently); they are returned for the `ad_bitwise_equal` diagnostic.
-    Returns (loss share, ad values f32[B, L - 1], IS weights f32[B, L - 1], grads).
+    Returns (loss share, ad values f32[B, L - 1], IS weights f32[B, L - 1], acc + grads).
     """
     mask = rl.completion_mask(b["prompt_lens"], b["completion_lens"], b["tokens"].shape[1])
 
@@ -229,7 +233,7 @@ def _grads(
         return loss * share, (ad, jnp.ones_like(ad) if w is None else w)
 
     (loss, (ad, w)), g = jax.value_and_grad(objective, has_aux=True)(params)
-    return loss, ad, w, g
+    return loss, ad, w, jax.tree_util.tree_map(jnp.add, acc, g)
 
 
 # The optimiser state and the gradients are updated in place (donated). The params are not: the
@@ -241,7 +245,7 @@ def _apply(params, opt_state, grads, *, tx):
     return optax.apply_updates(params, updates), opt_state
 
 
-_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b), donate_argnums=0)
+_zeros = jax.jit(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t))
 
 
 class Trainer:
@@ -271,7 +275,7 @@ class Trainer:
         )
         packed["advantages"] = np.asarray(rl.group_advantages(rewards)).reshape(-1)
         rows, n_total = len(outs), float(packed["completion_lens"].sum())
-        grads, loss, logps, ads, ws, t_fwd = None, 0.0, [], [], [], 0.0
+        grads, loss, logps, ads, ws, t_fwd = _zeros(self.params), 0.0, [], [], [], 0.0
         for s in range(0, rows, cfg.micro_batch):
             b = {k: jnp.asarray(v[s : s + cfg.micro_batch]) for k, v in packed.items()}
             t0 = time.perf_counter()
@@ -280,8 +284,9 @@ class Trainer:
             )
             logp.block_until_ready()
             t_fwd += time.perf_counter() - t0
-            l, ad, w, g = _grads(
+            l, ad, w, grads = _grads(
                 self.params,
+                grads,
                 b,
                 logp,
                 n_total,
@@ -292,7 +297,6 @@ class Trainer:
                 clip_eps=cfg.clip_eps,
                 is_cap=cfg.is_cap,
             )
-            grads = g if grads is None else _add(grads, g)
             loss += float(l)
             logps.append(np.asarray(logp))
             ads.append(np.asarray(ad))
@@ -340,13 +344,15 @@ class Trainer:
 # -- evaluation ---------------------------------------------------------------------------------
 
 
-def evaluate(engine: Engine, params, tok, pairs, max_tokens: int) -> dict:
-    """Greedy accuracy (the reward) on `pairs` under `params` (loaded into `engine` first)."""
-    engine.update_weights(params, mode="keep")
+def evaluate(config, engine_config, params, tok, pairs, max_tokens: int) -> dict:
+    """Greedy accuracy (the reward) on `pairs` under `params`, on an engine made for it and closed
+    after (its steps are compiled once per process; it holds no params or KV between evals)."""
+    engine = Engine(jengine.Model(config, params), engine_config)
     outs = engine.generate(
         [encode(tok, a, b) for a, b in pairs],
         SamplingParams(temperature=0.0, max_tokens=max_tokens),
     )
+    engine.close()
     texts = [tok.decode(o.token_ids) for o in outs]
     return {
         "accuracy": float(np.mean([reward(t, a + b) for t, (a, b) in zip(texts, pairs)])),
@@ -386,12 +392,15 @@ def engine_config(cfg: RunConfig, length: int, **changes) -> EngineConfig:
     )
 
 
-@functools.lru_cache(maxsize=1)
 def load(path: str):
-    """(model, tokenizer) of a checkpoint, kept for the next run in this process."""
-    import jengine
+    """(model, tokenizer) of a checkpoint. The model is read again for every run: a run's first
+    params are dropped once the trainer and the engine hold newer ones."""
+    return jengine.load_model(path), _tokenizer(path)
 
-    return jengine.load_model(path), jengine.load_tokenizer(path)
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer(path: str):
+    return jengine.load_tokenizer(path)
 
 
 def task_length(tok, cfg: RunConfig) -> int:
@@ -464,13 +473,14 @@ def run(cfg: RunConfig, log=print) -> list[dict]:
     variant = VARIANTS[cfg.rollout_variant]
     guard = dict(verify_fraction=cfg.verify_fraction, verify_strict=cfg.verify_strict)
     engine = Engine(model, base.replace(**guard, **variant))
-    eval_engine = Engine(model, base)
     trainer_numerics = base.resolved_numerics()  # == engine.numerics unless a rollout variant
     if cfg.rollout_variant == "default":
         assert trainer_numerics == engine.numerics
     trainer = Trainer(model, trainer_numerics, cfg, length, tok.decode)
+    model_config = model.config
+    del model  # the first params live on in the trainer and the engine until they are replaced
     t0 = time.perf_counter()
-    base_eval = evaluate(eval_engine, trainer.params, tok, eval_pairs, cfg.max_tokens)
+    base_eval = evaluate(model_config, base, trainer.params, tok, eval_pairs, cfg.max_tokens)
     log(
         f"[{cfg.rollout_variant}/{cfg.mode}] base greedy accuracy {base_eval['accuracy']:.3f} "
         f"on {len(eval_pairs)} held-out problems ({time.perf_counter() - t0:.0f}s), e.g. "
@@ -514,7 +524,7 @@ def run(cfg: RunConfig, log=print) -> list[dict]:
                 record["base_eval_accuracy"] = base_eval["accuracy"]
             if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
                 t_eval = time.perf_counter()
-                ev = evaluate(eval_engine, trainer.params, tok, eval_pairs, cfg.max_tokens)
+                ev = evaluate(model_config, base, trainer.params, tok, eval_pairs, cfg.max_tokens)
                 record.update(
                     eval_accuracy=ev["accuracy"],
                     eval_answer_only=ev["answer_only"],
@@ -559,7 +569,6 @@ def run(cfg: RunConfig, log=print) -> list[dict]:
         f"{summary['wall_seconds']:.0f}s; {cfg.out}/metrics.jsonl"
     )
     engine.close()
-    eval_engine.close()
     return records
 
 
