@@ -17,6 +17,7 @@ file. Each record (`TRACE_SCHEMA`) has:
 | pages_free | int | free KV pages after the step |
 | preemptions | int | preemptions so far (cumulative) |
 | compile_seconds | float | optional: seconds of this step spent compiling (0.0 unless `compiled`) |
+| cached_tokens | int | optional: prompt tokens the prefix cache served to the sequences admitted in the step (not computed) |
 | verify_mismatches | list | optional: request ids whose rollout logprobs the parity guard could not reproduce |
 
 `read_trace` parses a file, `validate_trace` checks every record against the schema (types,
@@ -57,6 +58,7 @@ TRACE_SCHEMA: dict[str, type | tuple[type, ...]] = {
 }
 OPTIONAL_TRACE_KEYS: dict[str, type | tuple[type, ...]] = {
     "compile_seconds": (int, float),
+    "cached_tokens": int,
     "verify_mismatches": list,  # request ids the runtime parity guard found differing
 }
 
@@ -162,7 +164,8 @@ def summarize_trace(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
       steps, compiled_steps, compile_seconds (sum over compiled steps), run_seconds (the other
       steps), tokens (prefill + decode), decode_tokens, tokens_per_second (over the steps that
       did not compile), buckets ({bucket_tokens: steps}), max_seqs, min_pages_free, preemptions,
-      policy_versions (sorted distinct).
+      policy_versions (sorted distinct), cached_tokens (prompt tokens served from the prefix
+      cache).
     """
     compiled = [r for r in records if r["compiled"]]
     warm = [r for r in records if not r["compiled"]]
@@ -186,6 +189,7 @@ def summarize_trace(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "min_pages_free": min((r["pages_free"] for r in records), default=None),
         "preemptions": max((r["preemptions"] for r in records), default=0),
         "policy_versions": sorted({r["policy_version"] for r in records}),
+        "cached_tokens": sum(r.get("cached_tokens", 0) for r in records),
     }
 
 
