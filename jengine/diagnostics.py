@@ -317,9 +317,11 @@ def parity_report(
 
     Args:
       model: the `Model` that produced the rollout (its current params).
-      outputs: the engine's `RequestOutput`s (token_ids, logprobs).
+      outputs: the engine's `RequestOutput`s (token_ids, logprobs), or `rl.Trajectory`s: each
+        scored as one row (its prompt, then every turn), its model tokens compared.
       prompts: the prompt token ids, one per output; None takes `output.prompt_token_ids`.
-      sampling_params: one `SamplingParams` or one per output, as generated.
+      sampling_params: one `SamplingParams` or one per output, as generated (None with
+        trajectories: each trajectory's own).
       numerics: the trainer side's `jengine.Numerics`: `engine.numerics` for the engine's own
         bits, or another value for an ablation (e.g. `engine.numerics.replace(
         lm_head_dtype="bfloat16")` shows what a trainer with a bf16 head sees).
@@ -336,15 +338,26 @@ def parity_report(
         prompts = [o.prompt_token_ids for o in outputs]
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    trajectories = bool(outputs) and hasattr(outputs[0], "loss_mask")
+    if trajectories:  # a row per trajectory; its model tokens (mask) are compared
+        if sampling_params is None:
+            sampling_params = [t.sampling_params for t in outputs]
+        completions = [t.tokens[len(p) :] for t, p in zip(outputs, prompts)]
+        masks = [t.loss_mask[len(p) :] for t, p in zip(outputs, prompts)]
+        rollout = [t.logprobs[len(p) :][m] for t, p, m in zip(outputs, prompts, masks)]
+    else:
+        completions = [list(o.token_ids) for o in outputs]
+        rollout = [np.asarray(o.logprobs, np.float32) for o in outputs]
     per_seq = per_sequence(sampling_params, len(outputs))
     trainer: list[np.ndarray] = []
     for start in range(0, len(outputs), batch_size):
         sl = slice(start, start + batch_size)
         trainer += list(jengine.score(
-            model, [list(p) for p in prompts[sl]], [list(o.token_ids) for o in outputs[sl]],
-            per_seq[sl], numerics=numerics, logprobs_mode=logprobs_mode,
+            model, [list(p) for p in prompts[sl]], completions[sl], per_seq[sl],
+            numerics=numerics, logprobs_mode=logprobs_mode,
         ))  # fmt: skip
-    rollout = [np.asarray(o.logprobs, np.float32) for o in outputs]
+    if trajectories:
+        trainer = [t[m] for t, m in zip(trainer, masks)]
     are_logprobs = {logprobs_mode, rollout_logprobs_mode or logprobs_mode} <= set(LOGPROB_MODES)
     report = mismatch_metrics(trainer, rollout, are_logprobs=are_logprobs)
     report["settings"] = {"logprobs_mode": logprobs_mode, **dataclasses.asdict(numerics)}

@@ -209,7 +209,7 @@ class Engine:
             raise ValueError(f"stop_token_ids holds {bad}, outside [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs the text: give the engine a tokenizer "
-                             "(Engine(model, config, tokenizer=jengine.load_tokenizer(path)))")  # fmt: skip
+                             "(Engine(..., tokenizer=jengine.load_tokenizer(path)))")  # fmt: skip
         max_len = min(len(prompt) + params.max_tokens, self.max_model_len)
         pages_needed = -(-max_len // self.config.page_size)
         if pages_needed > self.num_pages:

@@ -153,10 +153,11 @@ def text_tokenizer(vocab_size: int = 512):
     from jengine.tokenizer import Tokenizer, _bytes_to_unicode
 
     rng = np.random.default_rng(0)
-    words = ("the a calculator result answer is of and to what <calc> </calc> <result> </result> "
-             "plus times minus equals number tool call compute step first then").split()  # fmt: skip
+    words = ("the a calculator result answer is of and to what <calc> </calc> <result> "
+             "</result> plus times minus equals number tool call compute step first then").split()
     corpus = [f"What is {a} + {b}? <calc>{a}+{b}</calc> <result>{a + b}</result> "
-              + " ".join(rng.choice(words, 8)) for a, b in rng.integers(0, 1000, (400, 2))]  # fmt: skip
+              + " ".join(rng.choice(words, 8))
+              for a, b in rng.integers(0, 1000, (400, 2))]  # fmt: skip
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

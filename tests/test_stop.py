@@ -40,7 +40,8 @@ def reference(tok, generated: list[int], stop: str, include: bool):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model, tiny_tokenizer):
-    cfg = EngineConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32)
+    # tests/test_engine.py's configuration: the same compiled steps
+    cfg = EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64)
     return Engine(tiny_model, cfg, tokenizer=tiny_tokenizer)
 
 
@@ -71,8 +72,8 @@ def test_a_stop_string_spanning_two_tokens(engine, unstopped, tiny_tokenizer):
     requests, expected = [], []
     for include in (False, True):
         for p, sp, o, s in zip(PROMPTS, params, outs, stops):
-            requests.append((p, dataclasses.replace(sp, stop=("zzzz", s),
-                                                    include_stop_str_in_output=include)))  # fmt: skip
+            stopping = dataclasses.replace(sp, stop=("zzzz", s), include_stop_str_in_output=include)
+            requests.append((p, stopping))
             expected.append((o, s, *reference(tok, o.token_ids, s, include)))
     fillers = [([7, 7, 7, 7], SamplingParams(max_tokens=20, seed=9)) for _ in range(3)]
     batched = engine.generate(*zip(*(requests + fillers)))
