@@ -71,6 +71,7 @@ SLOW = (
     "tests/test_parity_guard.py::test_every_finished_request_is_verified_and_exact",
     "tests/test_rl.py::test_example_reward_rises",
     "tests/test_sampling.py::test_a_row_keeps_its_bits_in_every_tile_and_batch",
+    "tests/test_tool_use.py",
     "tests/test_tpu_interpret.py::test_outputs_independent_of_batch",
     "tests/test_tunix.py::test_grpo_learner",
     "tests/test_wheel.py",

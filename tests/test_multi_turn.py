@@ -78,7 +78,8 @@ def test_a_bad_environment_ends_its_trajectory_only(tiny_model):
     assert [len(t.model_turns) for t in trajs[-3:]] == [3, 2, 4]
     assert trajs[-3].turns[-1].role == "model" and len(long[0].tokens) == 40
     engine.check_invariants()
-    assert engine.stats["num_pages_free"] == engine.stats["num_pages"] and not engine.stats["running"]
+    stats = engine.stats
+    assert stats["num_pages_free"] == stats["num_pages"] and not stats["running"]
 
 
 def test_weight_updates_in_flight(tiny_model):
