@@ -7,7 +7,8 @@
   truncated_is, masked_is, token_ratios, sequence_ratios   opt-in corrections (TIS, MIS, GSPO)
   group_advantages, grpo_loss, gspo_loss                   GRPO / GSPO objectives
   RolloutActor, GroupRequest, Group   pipelined rollouts: a background thread owns the engine,
-                                      finished groups arrive on a bounded queue (`rl.pipeline`)
+                                      finished groups (of requests, or of trajectories when the
+                                      request has an env) arrive on a bounded queue
   Trajectory, Turn, ChatTemplate      multi-turn rollouts in token ids (`rl.trajectory`): model
                                       turns (mask 1) and environment turns (mask 0)
   multi_turn, MultiTurn               the multi-turn loop: environments as sync / async callables
