@@ -16,7 +16,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jengine import Engine, EngineConfig, Model, ModelConfig, SamplingParams, init_params, rl
+from jengine import (Engine, EngineConfig, Model, ModelConfig, SamplingParams, diagnostics,
+                     init_params, rl)  # fmt: skip
 from tests import exactness
 
 LENGTH = 132  # rows of the pool: every width up to 130 can be cut from them
@@ -63,15 +64,16 @@ def test_trainer_side_matches_the_rollout_at_every_width(name):
     assert not exactness.sweep(model, numerics, pool, widths)
 
 
-def test_multi_turn_trajectories_scored_in_one_row(tiny_tokenizer):
+def test_multi_turn_trajectories_scored_in_one_row(tiny_tokenizer, tmp_path):
     """`rl.MultiTurn` on a small pool (preemption), with other requests in the batch: 2-6 model
     turns per trajectory, per-turn stops (stop string, stop token id, max_tokens), environment
     tokens between (random ids from a sync environment, tool messages that an async one renders
     with the chat template). With the prefix cache on (continuations served from it) and off
     (recomputed) the trajectories are the same bits; each turn's prompt is exactly the last one
     plus the model's and the environment's tokens, although decoding the model's tokens and
-    encoding them again gives other ids; and the trainer-side logprobs of the packed trajectories
-    are every model token's rollout logprob, bit for bit."""
+    encoding them again gives other ids; the step trace counts the prompt tokens the cache served;
+    and the trainer-side logprobs of the packed trajectories are every model token's rollout
+    logprob, bit for bit."""
     tok, cfg = tiny_tokenizer, ModelConfig.named("tiny")
     model, chat = Model(cfg, init_params(cfg, seed=2)), rl.ChatTemplate(tiny_tokenizer)
 
@@ -96,7 +98,8 @@ def test_multi_turn_trajectories_scored_in_one_row(tiny_tokenizer):
     fillers = [list(map(int, rng.integers(2, cfg.vocab_size, 20))) for _ in range(3)]
 
     def run(prefix_caching: bool):
-        config = EngineConfig(**exactness.SMALL_POOL, enable_prefix_caching=prefix_caching)
+        config = EngineConfig(**exactness.SMALL_POOL, enable_prefix_caching=prefix_caching,
+                              trace_path=str(tmp_path / f"trace_{prefix_caching}.jsonl"))
         engine = Engine(model, config, tokenizer=tok)
         submitted, add = [], engine.add_request
         engine.add_request = lambda p, *a, **k: submitted.append(list(p)) or add(p, *a, **k)
@@ -127,6 +130,10 @@ def test_multi_turn_trajectories_scored_in_one_row(tiny_tokenizer):
             before = [x for turn in t.turns[: 2 * k] for x in turn.token_ids]
             assert t.prompt_token_ids + before in submitted
     assert sum(m.cached_tokens for t in trajs for m in t.model_turns[1:]) > 0  # cache hits
+    engine.close()
+    trace = diagnostics.read_trace(tmp_path / "trace_True.jsonl")
+    diagnostics.validate_trace(trace)
+    assert diagnostics.summarize_trace(trace)["cached_tokens"] == on["prefix_cache_hit_tokens"]
     drift = [m.token_ids for t in trajs for m in t.model_turns
              if tok.encode(tok.decode(m.token_ids)) != m.token_ids]  # fmt: skip
     assert drift, "decode-then-encode gave back every model turn's ids: the check proves nothing"
