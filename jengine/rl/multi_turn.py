@@ -224,10 +224,16 @@ class MultiTurn:
         return ended
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the `async` environments run on (a thread of its own, from first use
+        until `close()`)."""
         if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, name="jengine-envs",
-                             daemon=True).start()  # fmt: skip
+            loop = self._loop = asyncio.new_event_loop()
+
+            def run() -> None:
+                loop.run_forever()
+                loop.close()
+
+            threading.Thread(target=run, name="jengine-envs", daemon=True).start()
         return self._loop
 
     def close(self) -> None:
