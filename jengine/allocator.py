@@ -1,13 +1,15 @@
 """Host-side KV page bookkeeping: a deterministic free list, refcounts and a prefix cache.
 
 The device holds the pages (`models.transformer.empty_kv_cache`); this module decides which page
-ids a sequence uses. Allocation is deterministic (lowest free id first) so runs replay exactly,
-although placement never changes a bit of output (attention gathers pages in logical order).
+ids a sequence uses. Allocation is deterministic so runs replay exactly, although placement never
+changes a bit of output (attention gathers pages in logical order): free pages that hold no
+prefix-cache key first, lowest id first; then cached ones, least recently freed first.
 
 Prefix cache: a full page is keyed by `(parent key, its tokens, policy version)`; the chain makes a
 key name the whole prefix, and the version makes a request admitted after a weight update miss
 KV computed under older weights. A freed page keeps its key and content until the page is handed
-out again, so later requests can still hit it.
+out again, so later requests can still hit it; handing out uncached pages first keeps a finished
+request's KV for its continuation (the next turn of a conversation) as long as the pool allows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class BlockAllocator:
         self.num_pages, self.page_size = num_pages, page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.refcount = [0] * num_pages
-        self._free_heap = list(range(num_pages))
+        self._free_heap = list(range(num_pages))  # free pages holding no key, by id
+        self._evictable: dict[int, None] = {}  # free pages holding a key, least recently freed
         self._is_free = [True] * num_pages
         self.num_free = num_pages
         self._cached: dict[PageKey, int] = {}  # key -> page holding that prefix's KV
@@ -57,14 +60,17 @@ class BlockAllocator:
         self.refcount[page] = 1
 
     def allocate(self, n: int) -> list[int]:
-        """`n` fresh pages, lowest ids first. A cached page handed out loses its key."""
+        """`n` fresh pages: uncached ones lowest id first, then cached ones least recently freed
+        first. A cached page handed out loses its key."""
         if n > self.num_free:
             raise OutOfPages(f"need {n} pages, {self.num_free} of {self.num_pages} free")
         out = []
         while len(out) < n:
-            page = heapq.heappop(self._free_heap)
-            if not self._is_free[page]:
-                continue  # stale heap entry of a page revived from the prefix cache
+            if self._free_heap:
+                page = heapq.heappop(self._free_heap)
+            else:
+                page = next(iter(self._evictable))
+                del self._evictable[page]
             self._forget(page)
             self._take(page)
             out.append(page)
@@ -84,7 +90,10 @@ class BlockAllocator:
             if self.refcount[page] == 0:
                 self._is_free[page] = True
                 self.num_free += 1
-                heapq.heappush(self._free_heap, page)
+                if page in self._key_of:
+                    self._evictable[page] = None
+                else:
+                    heapq.heappush(self._free_heap, page)
 
     # -- prefix cache -----------------------------------------------------------------------
 
@@ -103,6 +112,7 @@ class BlockAllocator:
             if page is None:
                 break
             if self._is_free[page]:
+                del self._evictable[page]
                 self._take(page)
             else:
                 self.refcount[page] += 1
@@ -124,6 +134,9 @@ class BlockAllocator:
         self._key_of[page] = key
 
     def clear_prefix_cache(self) -> None:
+        for page in self._evictable:
+            heapq.heappush(self._free_heap, page)
+        self._evictable.clear()
         self._cached.clear()
         self._key_of.clear()
 
@@ -153,3 +166,6 @@ class BlockAllocator:
         for key, page in self._cached.items():
             if self._key_of.get(page) != key:
                 raise AssertionError(f"prefix cache maps a key to page {page} that disowns it")
+        if sorted([*self._free_heap, *self._evictable]) != free or any(
+                p in self._key_of for p in self._free_heap):  # fmt: skip
+            raise AssertionError("the free lists are not the free pages, cached ones apart")

@@ -10,7 +10,8 @@ Commands:
             {"messages": [{"role": ..., "content": ...}, ...]} (text needs a tokenizer), with
             optional "request_id" and "sampling_params" (overrides of the sampling flags).
             Results: request_id, prompt_token_ids, token_ids, logprobs, policy_versions,
-            finish_reason (+ text with a tokenizer, top_logprobs with --top_logprobs).
+            finish_reason (+ text with a tokenizer, stop_reason when a stop token or --stop
+            string ended it, top_logprobs with --top_logprobs).
   score     --input IN.jsonl --out OUT.jsonl: per line prompt_token_ids + token_ids (or
             completion_token_ids; or "prompt"/"completion" text) -> {"logprobs": [...]}, scored
             teacher-forced under the sampling flags, overridden per line by "sampling_params".
@@ -111,7 +112,7 @@ def _define_config_flags(cls) -> dict[str, str]:
         elif kind is float:
             bounds = dict(lower_bound=f.metadata.get("lo"), upper_bound=f.metadata.get("hi"))
             flags.DEFINE_float(name, None, help_, **bounds, **_f)
-        elif kind == tuple[int, ...]:
+        elif kind in (tuple[int, ...], tuple[str, ...]):
             flags.DEFINE_list(name, None, help_, **_f)
         else:
             flags.DEFINE_string(name, None, help_, **_f)
@@ -277,7 +278,7 @@ def _set_flags(names: dict[str, str]) -> dict[str, Any]:
                 value = tuple(int(v) for v in value)
             except ValueError:
                 raise UsageError(f"--stop_token_ids={','.join(value)}: must be integers") from None
-        out[field] = value
+        out[field] = tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -290,8 +291,9 @@ def sampling_params(defaults: dict[str, Any] | None = None, index: int = 0, **ov
     if d.get("seed") is not None:
         d["seed"] = d["seed"] + index
     d.update(overrides)
-    if "stop_token_ids" in d:
-        d["stop_token_ids"] = tuple(d["stop_token_ids"])
+    for key in ("stop_token_ids", "stop"):  # JSON lists
+        if isinstance(d.get(key), list):
+            d[key] = tuple(d[key])
     try:
         return SamplingParams(**d)
     except (ValueError, TypeError) as e:
@@ -317,13 +319,15 @@ def engine_config(model, defaults: dict[str, Any] | None = None, trace_path: str
         raise _flag_error(e) from None
 
 
-def make_engine(model, config):
-    """An Engine; a config the model cannot serve (e.g. --max_model_len past its positions) is a
-    usage error naming the flag."""
+def make_engine(model, config, tokenizer=None):
+    """An Engine (with `tokenizer`: outputs carry text, stop strings work); a config the model
+    cannot serve (e.g. --max_model_len past its positions) is a usage error naming the flag."""
     from jengine.engine import Engine
 
+    if FLAGS.stop and tokenizer is None:
+        raise UsageError(f"--stop={','.join(FLAGS.stop)} needs a tokenizer (--tokenizer)")
     try:
-        return Engine(model, config)
+        return Engine(model, config, tokenizer=tokenizer)
     except ValueError as e:
         raise _flag_error(e) from None
 
@@ -472,7 +476,7 @@ def cmd_demo(argv: list[str]) -> int:
     with _trace_file(FLAGS.trace) as trace_path:
         config = engine_config(model, {"max_model_len": 256, "max_num_seqs": len(prompts),
                                            "max_num_batched_tokens": 256}, trace_path)  # fmt: skip
-        engine = make_engine(model, config)
+        engine = make_engine(model, config, tok)
         t1 = time.perf_counter()
         outs = engine.generate(prompts, params, progress=_progress(False))
         gen_seconds = time.perf_counter() - t1
@@ -550,7 +554,7 @@ def cmd_generate(argv: list[str]) -> int:
     config = engine_config(
         model, {"max_model_len": min(max(256, longest), model.config.max_position_embeddings)}
     )
-    engine = make_engine(model, config)
+    engine = make_engine(model, config, tok)
     try:
         for i, (p, sp, rid) in enumerate(zip(prompts, params, ids)):
             try:
@@ -581,8 +585,10 @@ def cmd_generate(argv: list[str]) -> int:
                     "min_p": sp.min_p,
                 },
             }
-            if tok is not None:
-                rec["text"] = tok.decode(o.token_ids)
+            if o.text is not None:
+                rec["text"] = o.text
+            if o.stop_reason is not None:
+                rec["stop_reason"] = o.stop_reason
             if o.top_logprobs is not None:
                 rec["top_logprobs"] = [
                     [[int(t), float(v)] for t, v in row] for row in o.top_logprobs
@@ -649,7 +655,7 @@ def cmd_parity(argv: list[str]) -> int:
 
     from jengine import diagnostics
 
-    model, _tok, path = load(FLAGS.model or "tiny")
+    model, tok, path = load(FLAGS.model or "tiny")
     n = FLAGS.num_prompts or 8
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
@@ -661,7 +667,7 @@ def cmd_parity(argv: list[str]) -> int:
         for i in range(n)
     ]
     config = engine_config(model, {"max_model_len": 256, "max_num_seqs": n})
-    engine = make_engine(model, config)
+    engine = make_engine(model, config, tok)
     try:
         outs = engine.generate(prompts, params, progress=_progress(False))
     finally:

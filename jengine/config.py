@@ -69,6 +69,9 @@ def _validate(obj: Any, skip: tuple[str, ...] = ()) -> None:
                 raise TypeError(f"{name}={value!r} must be a tuple of ints")
             for t in value:
                 _check_int(f"{name}[...]", t, lo=0)
+        elif kind == tuple[str, ...]:
+            if not isinstance(value, tuple) or not all(isinstance(t, str) and t for t in value):
+                raise TypeError(f"{name}={value!r} must be a tuple of non-empty strs")
         elif kind is str and not isinstance(value, (str, os.PathLike) if m.get("path") else str):
             raise TypeError(f"{name}={value!r} must be a str")
 
@@ -380,6 +383,10 @@ class SamplingParams:
     tokens get -inf and the processed distribution is renormalised over the survivors.
     `temperature=0` is greedy (argmax of the raw logits); its processed distribution is the raw one.
     `seed=None` derives the request's seed from the engine seed and the request's arrival index.
+    Stops as in vLLM: EOS (unless `ignore_eos`), a token of `stop_token_ids` or a string of `stop`
+    ends the request with finish_reason 'stop', the token that did it kept in `token_ids`; the
+    output text leaves out a stop token's text and is cut before a stop string (both kept with
+    `include_stop_str_in_output`); `RequestOutput.stop_reason` names the stop token id or string.
     """
 
     temperature: float = _field(1.0, "Sampling temperature; 0 is greedy.", lo=0.0)
@@ -392,6 +399,11 @@ class SamplingParams:
         "engine seed and the arrival order.", lo=0, hi=2**31 - 1,
     )  # fmt: skip
     stop_token_ids: tuple[int, ...] = _field((), "Token ids that end a request (comma-separated).")
+    stop: tuple[str, ...] = _field(
+        (), "Stop strings (comma-separated): the request ends at the token that completes one in "
+        "its generated text (which is cut before it); needs an engine with a tokenizer.",
+    )  # fmt: skip
+    include_stop_str_in_output: bool = _field(False, "Keep the stop string in the output text.")
     ignore_eos: bool = _field(False, "Keep generating past the model's EOS tokens.")
     logprobs: int = _field(0, "Also return the n best (id, value) pairs per token (0-20).",
                            flag="top_logprobs", lo=0, hi=20)  # fmt: skip

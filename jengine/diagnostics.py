@@ -17,6 +17,7 @@ file. Each record (`TRACE_SCHEMA`) has:
 | pages_free | int | free KV pages after the step |
 | preemptions | int | preemptions so far (cumulative) |
 | compile_seconds | float | optional: seconds of this step spent compiling (0.0 unless `compiled`) |
+| cached_tokens | int | optional: prompt tokens the prefix cache served to the sequences admitted in the step (not computed) |
 | verify_mismatches | list | optional: request ids whose rollout logprobs the parity guard could not reproduce |
 
 `read_trace` parses a file, `validate_trace` checks every record against the schema (types,
@@ -57,6 +58,7 @@ TRACE_SCHEMA: dict[str, type | tuple[type, ...]] = {
 }
 OPTIONAL_TRACE_KEYS: dict[str, type | tuple[type, ...]] = {
     "compile_seconds": (int, float),
+    "cached_tokens": int,
     "verify_mismatches": list,  # request ids the runtime parity guard found differing
 }
 
@@ -162,7 +164,8 @@ def summarize_trace(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
       steps, compiled_steps, compile_seconds (sum over compiled steps), run_seconds (the other
       steps), tokens (prefill + decode), decode_tokens, tokens_per_second (over the steps that
       did not compile), buckets ({bucket_tokens: steps}), max_seqs, min_pages_free, preemptions,
-      policy_versions (sorted distinct).
+      policy_versions (sorted distinct), cached_tokens (prompt tokens served from the prefix
+      cache).
     """
     compiled = [r for r in records if r["compiled"]]
     warm = [r for r in records if not r["compiled"]]
@@ -186,6 +189,7 @@ def summarize_trace(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "min_pages_free": min((r["pages_free"] for r in records), default=None),
         "preemptions": max((r["preemptions"] for r in records), default=0),
         "policy_versions": sorted({r["policy_version"] for r in records}),
+        "cached_tokens": sum(r.get("cached_tokens", 0) for r in records),
     }
 
 
@@ -313,9 +317,11 @@ def parity_report(
 
     Args:
       model: the `Model` that produced the rollout (its current params).
-      outputs: the engine's `RequestOutput`s (token_ids, logprobs).
+      outputs: the engine's `RequestOutput`s (token_ids, logprobs), or `rl.Trajectory`s: each
+        scored as one row (its prompt, then every turn), its model tokens compared.
       prompts: the prompt token ids, one per output; None takes `output.prompt_token_ids`.
-      sampling_params: one `SamplingParams` or one per output, as generated.
+      sampling_params: one `SamplingParams` or one per output, as generated (None with
+        trajectories: each trajectory's own).
       numerics: the trainer side's `jengine.Numerics`: `engine.numerics` for the engine's own
         bits, or another value for an ablation (e.g. `engine.numerics.replace(
         lm_head_dtype="bfloat16")` shows what a trainer with a bf16 head sees).
@@ -332,15 +338,26 @@ def parity_report(
         prompts = [o.prompt_token_ids for o in outputs]
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    trajectories = bool(outputs) and hasattr(outputs[0], "loss_mask")
+    if trajectories:  # a row per trajectory; its model tokens (mask) are compared
+        if sampling_params is None:
+            sampling_params = [t.sampling_params for t in outputs]
+        completions = [t.tokens[len(p) :] for t, p in zip(outputs, prompts)]
+        masks = [t.loss_mask[len(p) :] for t, p in zip(outputs, prompts)]
+        rollout = [t.logprobs[len(p) :][m] for t, p, m in zip(outputs, prompts, masks)]
+    else:
+        completions = [list(o.token_ids) for o in outputs]
+        rollout = [np.asarray(o.logprobs, np.float32) for o in outputs]
     per_seq = per_sequence(sampling_params, len(outputs))
     trainer: list[np.ndarray] = []
     for start in range(0, len(outputs), batch_size):
         sl = slice(start, start + batch_size)
         trainer += list(jengine.score(
-            model, [list(p) for p in prompts[sl]], [list(o.token_ids) for o in outputs[sl]],
-            per_seq[sl], numerics=numerics, logprobs_mode=logprobs_mode,
+            model, [list(p) for p in prompts[sl]], completions[sl], per_seq[sl],
+            numerics=numerics, logprobs_mode=logprobs_mode,
         ))  # fmt: skip
-    rollout = [np.asarray(o.logprobs, np.float32) for o in outputs]
+    if trajectories:
+        trainer = [t[m] for t, m in zip(trainer, masks)]
     are_logprobs = {logprobs_mode, rollout_logprobs_mode or logprobs_mode} <= set(LOGPROB_MODES)
     report = mismatch_metrics(trainer, rollout, are_logprobs=are_logprobs)
     report["settings"] = {"logprobs_mode": logprobs_mode, **dataclasses.asdict(numerics)}

@@ -36,6 +36,7 @@ from jengine.models.transformer import Model, Params, param_shapes
 from jengine.runner import Runner
 from jengine.scheduler import Scheduled, Scheduler
 from jengine.scheduler import Sequence as Seq
+from jengine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 FINISH_REASONS = ("stop", "length", "aborted", "error")
 UPDATE_MODES = ("keep", "recompute", "abort")
@@ -60,6 +61,10 @@ class RequestOutput:
     token, its number under the engine's `logprobs_mode`, and the policy version that produced it.
     top_logprobs: when `SamplingParams.logprobs = n > 0`, per token a list of n (token id, value)
     pairs, best first; else None.
+    text: the generated text when the engine has a tokenizer (vLLM's: see `SamplingParams`).
+    stop_reason: the stop token id or stop string that ended the request; None otherwise (EOS
+    included, as in vLLM).
+    num_cached_tokens: prompt tokens served from the prefix cache when the request was admitted.
     """
 
     request_id: str
@@ -70,6 +75,9 @@ class RequestOutput:
     finish_reason: str | None  # None only in `Engine.partial_output` (still running)
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
+    text: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
 
 
 def check_params(params: Params, shapes: Params, where: str, dtypes: Params | None = None) -> None:
@@ -123,13 +131,15 @@ def _kv_budget_bytes() -> int:
 class Engine:
     """A rollout engine over one model. Not thread-safe: call it from one thread.
 
-    `mesh`: an optional ('data', 'model') `jax.sharding.Mesh` of shape (data_parallel_size,
+    `tokenizer`: a `jengine.Tokenizer`: outputs then carry their text, and requests may have stop
+    strings. `mesh`: an optional ('data', 'model') `jax.sharding.Mesh` of shape (data_parallel_size,
     tensor_parallel_size); by default one is built from `jax.devices()` when tp * dp > 1.
     Data-parallel replica i serves the requests whose arrival index is i mod dp; all replicas step
     together in one device step. See `jengine.sharding` for why no layout changes a bit.
     """
 
-    def __init__(self, model: Model, config: EngineConfig | None = None, *, mesh: Any = None):
+    def __init__(self, model: Model, config: EngineConfig | None = None, *, mesh: Any = None,
+                 tokenizer: Tokenizer | None = None):  # fmt: skip
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jengine Model, got {type(model).__name__}")
         config = config or EngineConfig()
@@ -152,7 +162,7 @@ class Engine:
         # or a mesh over this process's devices) never talks to another process while stepping
         self.spans_processes = self.mesh is not None and len(
             {d.process_index for d in self.mesh.devices.flat}) > 1  # fmt: skip
-        self.config, self.max_model_len = config, max_model_len
+        self.config, self.max_model_len, self.tokenizer = config, max_model_len, tokenizer
         self.pages_per_seq = -(-max_model_len // config.page_size)
         num_pages = config.num_pages
         if num_pages is None:
@@ -179,6 +189,7 @@ class Engine:
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
         self._to_verify: list[tuple[RequestOutput, SamplingParams]] = []
         self._step_index = self._generated = self._verified = self._verify_mismatches = 0
+        self._traced_hits = 0  # prefix-cache hit tokens up to the last traced step
         self._trace = open(config.trace_path, "w") if config.trace_path else None
 
     @property
@@ -204,6 +215,9 @@ class Engine:
         vocab = self.runner.config.vocab_size
         if bad := [t for t in params.stop_token_ids if t >= vocab]:
             raise ValueError(f"stop_token_ids holds {bad}, outside [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs the text: give the engine a tokenizer "
+                             "(Engine(..., tokenizer=jengine.load_tokenizer(path)))")  # fmt: skip
         max_len = min(len(prompt) + params.max_tokens, self.max_model_len)
         pages_needed = -(-max_len // self.config.page_size)
         if pages_needed > self.num_pages:
@@ -241,6 +255,9 @@ class Engine:
             seed = (self.config.seed * 1_000_003 + arrival) % (2**31)
         replica = arrival % len(self.schedulers)
         seq = Seq(request_id, arrival, prompt, params, seed, max_len, stop, replica)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop,
+                                                     params.include_stop_str_in_output)  # fmt: skip
         self._seqs[request_id] = seq
         self.schedulers[replica].add(seq)
         return request_id
@@ -280,6 +297,8 @@ class Engine:
             logprobs=np.asarray(seq.logprobs[start:], np.float32),
             policy_versions=np.asarray(seq.versions[start:], np.int32),
             top_logprobs=top if seq.params.logprobs else None, error=error,
+            text=seq.detokenizer.text if seq.detokenizer else None, stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )  # fmt: skip
 
     def partial_output(self, request_id: str, start: int = 0) -> RequestOutput | None:
@@ -322,12 +341,20 @@ class Engine:
         return bad
 
     def _stop_reason(self, seq: Seq, token: int) -> str | None:
-        p, eos = seq.params, self.runner.config.eos_token_ids
-        if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
-            return "stop"
-        if seq.num_generated >= p.max_tokens or len(seq.tokens) >= seq.max_len:
-            return "length"
-        return None
+        """'stop' (EOS, a stop token id, a stop string), 'length' or None after `token`; the text
+        grows by the token's (vLLM's rules: `SamplingParams`)."""
+        p, eos, reason = seq.params, self.runner.config.eos_token_ids, None
+        if not p.ignore_eos and token in eos:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif seq.num_generated >= p.max_tokens or len(seq.tokens) >= seq.max_len:
+            reason = "length"
+        if seq.detokenizer is not None:
+            decode = reason != "stop" or p.include_stop_str_in_output
+            if (found := seq.detokenizer.push(token, decode)) is not None:
+                reason, seq.stop_reason = "stop", found
+        return reason
 
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns the requests that finished in it (none while paused)."""
@@ -420,7 +447,9 @@ class Engine:
             compile_seconds=round(seconds, 6) if compiled_now else 0.0,
             pages_free=sum(s.allocator.num_free for s in self.schedulers),
             preemptions=sum(s.num_preemptions for s in self.schedulers),
+            cached_tokens=sum(s.prefix_hit_tokens for s in self.schedulers) - self._traced_hits,
         )  # fmt: skip
+        self._traced_hits += record["cached_tokens"]
         if mismatches:
             record["verify_mismatches"] = mismatches
         self._trace.write(json.dumps(record) + "\n")

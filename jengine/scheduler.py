@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,9 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in `pages`
     kv_version: int = 0  # policy version the first computed page was keyed under
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    detokenizer: Any = None  # a tokenizer.IncrementalDetokenizer when the engine has a tokenizer
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at admission
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -175,6 +179,8 @@ class Scheduler:
                 self.waiting.insert(0, seq)
                 break
             self.running.append(seq)
+            if seq.num_cached_tokens is None:  # first admission (not a preempted one's return)
+                seq.num_cached_tokens = seq.num_computed
             planned.append((seq, n))
             in_flight.update(self._keys_registered_by(seq, n))
             budget -= n

@@ -100,6 +100,62 @@ class Tokenizer:
         )
 
 
+# vLLM's incremental detokenization: a new token is decoded together with the few before it, so
+# a character that spans tokens (UTF-8 bytes, SentencePiece's leading space) comes out whole.
+_DETOKENIZE_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    """The text of a request's generated tokens, built one token at a time, with vLLM's stop
+    string semantics (`SamplingParams.stop`, `include_stop_str_in_output`).
+
+    Each token is decoded with the (up to) 5 tokens before it, the prompt's last ones at first,
+    and its text is appended once it is no longer an incomplete character (vLLM's
+    `detokenize_incrementally`); special tokens are skipped. A stop string is looked for in the
+    generated text only (never in the prompt), in the part that ends with the new characters, so
+    one that spans several tokens is found at the token that completes it.
+
+    Attributes:
+      text: the generated text so far (cut at the stop string once one is found).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
+                 include_stop_str_in_output: bool = False) -> None:  # fmt: skip
+        self.tokenizer, self.stop, self.include = tokenizer, tuple(stop), include_stop_str_in_output
+        self._ids = list(prompt_ids[-(_DETOKENIZE_CONTEXT + 2) :])
+        self._read = len(self._ids)
+        self._prefix = max(self._read - _DETOKENIZE_CONTEXT, 0)
+        self.text = ""
+
+    def push(self, token_id: int, decode: bool = True) -> str | None:
+        """Adds the next generated token; returns the stop string it completed, else None.
+
+        `decode=False` adds the token without its text (vLLM leaves out the text of a token that
+        ended the request as EOS or a stop token id, unless `include_stop_str_in_output`)."""
+        self._ids.append(token_id)
+        if not decode:
+            return None
+        before = self.tokenizer.decode(self._ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return None  # no whole new character yet
+        new = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += new
+        return self._find_stop(len(new))
+
+    def _find_stop(self, new_chars: int) -> str | None:
+        """vLLM's `StopChecker.check_stop_strings`: the first of `stop` (in order) found ending
+        within the last `new_chars` characters; the text is cut before it, or after it with
+        `include_stop_str_in_output`."""
+        for s in self.stop:
+            at = self.text.find(s, max(len(self.text) - new_chars - len(s) + 1, 0))
+            if at != -1:
+                self.text = self.text[: at + len(s) if self.include else at]
+                return s
+        return None
+
+
 def _compile(template: str):
     """A template in the sandboxed environment transformers uses (trim/lstrip blocks, tojson,
     raise_exception, strftime_now, loop controls)."""

@@ -83,6 +83,7 @@ SLOW = (
     "tests/test_parity_guard.py::test_every_finished_request_is_verified_and_exact",
     "tests/test_rl.py::test_example_reward_rises",
     "tests/test_sampling.py::test_a_row_keeps_its_bits_in_every_tile_and_batch",
+    "tests/test_tool_use.py",
     "tests/test_tpu_interpret.py::test_outputs_independent_of_batch",
     "tests/test_tunix.py::test_grpo_learner",
     "tests/test_wheel.py",
@@ -149,3 +150,42 @@ def same_bits(a, b) -> bool:
 def random_prompts(n: int, vocab: int, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [list(map(int, rng.integers(2, vocab, rng.integers(lo, hi)))) for _ in range(n)]
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
+
+
+def text_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE `jengine.Tokenizer` with exactly `vocab_size` ids, trained here on a small
+    arithmetic corpus (no download): the 128 ASCII bytes (every id decodes to ASCII text), ChatML's
+    `<|im_start|>` (id 0) and `<|im_end|>` (id 1, the EOS, as the tiny model's), merges for the
+    rest. Decoding then encoding changes ids: two sampled tokens "3", "+" decode to text that
+    encodes as one merged token."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from jengine.tokenizer import Tokenizer, _bytes_to_unicode
+
+    rng = np.random.default_rng(0)
+    words = ("the a calculator result answer is of and to what <calc> </calc> <result> "
+             "</result> plus times minus equals number tool call compute step first then").split()
+    corpus = [f"What is {a} + {b}? <calc>{a}+{b}</calc> <result>{a + b}</result> "
+              + " ".join(rng.choice(words, 8))
+              for a, b in rng.integers(0, 1000, (400, 2))]  # fmt: skip
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    ascii_bytes = [_bytes_to_unicode()[b] for b in range(128)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=ascii_bytes, limit_alphabet=128)  # fmt: skip
+    backend.train_from_iterator(corpus, trainer)
+    assert backend.get_vocab_size() == vocab_size
+    return Tokenizer(backend=backend, chat_template=CHATML, eos_token_ids=(1,))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return text_tokenizer()

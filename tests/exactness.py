@@ -132,6 +132,28 @@ def sweep(model: Model, numerics, pool: list[Row], widths) -> list[str]:
     return bad
 
 
-def engine_for(model: Model, length: int, **cfg) -> Engine:
+# A pool of 24 pages of 8 tokens (the preemption config of tests/test_engine.py: the same
+# compiled steps): a request of up to SMALL_POOL_TOKENS tokens fits it, a few at once do not.
+SMALL_POOL = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_pages=24,
+                  page_size=8)  # fmt: skip
+SMALL_POOL_TOKENS = 24 * 8
+
+
+def engine_for(model: Model, length: int, tokenizer=None, **cfg) -> Engine:
     return Engine(model, EngineConfig(**{"max_model_len": length, "max_num_seqs": 32,
-                                         "max_num_batched_tokens": 256, **cfg}))  # fmt: skip
+                                         "max_num_batched_tokens": 256, **cfg}),
+                  tokenizer=tokenizer)  # fmt: skip
+
+
+def trainer_bits_match(model: Model, numerics, trajectories) -> int:
+    """Scores `rl.pack(trajectories)` with `rl.token_logprobs` (the loss mask as its mask);
+    asserts every model token's value is its rollout logprob bit for bit and every other column
+    0.0; returns the number of model tokens."""
+    b = rl.pack(trajectories)
+    values = rl.token_logprobs(model.params, model.config, b["tokens"], b["prompt_lens"],
+                               b["completion_lens"], numerics=numerics, mask=b["loss_mask"],
+                               sampling_params=[t.sampling_params for t in trajectories])
+    values, mask = np.asarray(values), b["loss_mask"]
+    assert np.array_equal(bits(values[mask]), bits(b["logprobs"][mask]))
+    assert not values[~mask].any() and mask.sum() == sum(t.num_model_tokens for t in trajectories)
+    return int(mask.sum())

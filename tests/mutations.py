@@ -102,6 +102,27 @@ MUTATIONS = [
         ("test_a_cached_page_in_use_is_shared_by_reference", "runTest"),
     ),
     Mutation(
+        "trajectory_mask_off_by_one",
+        "rl.pack of trajectories aligns the loss mask, logprobs and versions with the token "
+        "instead of the column that scores it (one to the left)",
+        "jengine/rl/trajectory.py",
+        "            out[key][i, : len(row) - 1] = values[1:]\n",
+        "            out[key][i, : len(row) - 1] = values[:-1]\n",
+        ("tests/test_multi_turn.py",),
+        "pack",
+        ("test_pack_lays_out_trajectories_for_the_trainer",),
+    ),
+    Mutation(
+        "stop_string_searched_in_the_prompt",
+        "a stop string is looked for in the prompt's text and the generated text together",
+        "jengine/tokenizer.py",
+        "        self.text = \"\"\n",
+        "        self.text = tokenizer.decode(list(prompt_ids))\n",
+        ("tests/test_stop.py",),
+        "prompt",
+        ("test_a_stop_string_in_the_prompt_stops_nothing",),
+    ),
+    Mutation(
         "sampling_key_ignores_position",
         "the sampling noise key is key(seed) alone, not fold_in(key(seed), position)",
         "jengine/sampling.py",

@@ -55,6 +55,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.alloc = BlockAllocator(NUM_PAGES, PAGE_SIZE, enable_prefix_caching=True)
         self.pages: dict[str, list[int]] = {}  # model: owner -> pages, in the order received
         self.cache: dict[tuple, int] = {}  # model: prefix key -> page
+        self.evictable: list[int] = []  # model: free cached pages, least recently freed first
         self.next_id = 0
 
     # -- model helpers ---------------------------------------------------------------------------
@@ -83,7 +84,10 @@ class AllocatorMachine(RuleBasedStateMachine):
                 self.alloc.allocate(n)
             return self._new_owner()  # an owner with no pages (refused)
         got = self.alloc.allocate(n)
-        assert got == sorted(free_before)[:n], "allocation is lowest free id first"
+        uncached = sorted(p for p in free_before if p not in self.evictable)
+        assert got == (uncached + self.evictable)[:n], (
+            "allocation is uncached pages lowest id first, then cached least recently freed first")
+        self.evictable = [p for p in self.evictable if p not in got]
         for p in got:  # a page handed out loses its prefix-cache key
             for key in [k for k, v in self.cache.items() if v == p]:
                 del self.cache[key]
@@ -95,6 +99,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def free(self, owner):
         pages = self.pages.pop(owner, [])
         self.alloc.free(pages)
+        now_free = set(self._free_pages())
+        self.evictable += [p for p in pages if p in now_free and p in self.cache.values()]
 
     @rule(owner=owners)
     def double_free_is_refused_without_change(self, owner):
@@ -132,6 +138,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             want.append(self.cache[key])
         got = self.alloc.lookup(keys)
         assert got == want, "lookup takes the longest cached run, in order"
+        self.evictable = [p for p in self.evictable if p not in got]
         owner = self._new_owner()
         self.pages[owner] = list(got)
         return owner
@@ -140,6 +147,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def clear_prefix_cache(self):
         self.alloc.clear_prefix_cache()
         self.cache.clear()
+        self.evictable = []
 
     # -- invariants ------------------------------------------------------------------------------
 
@@ -155,7 +163,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.alloc.free(self.pages.pop(owner))
         self.alloc.check_invariants({})
         assert self.alloc.num_free == NUM_PAGES
-        assert self.alloc.allocate(NUM_PAGES) == list(range(NUM_PAGES)), "every page is free"
+        assert sorted(self.alloc.allocate(NUM_PAGES)) == list(range(NUM_PAGES)), "all are free"
 
 
 def test_a_cached_page_in_use_is_shared_by_reference():
@@ -184,7 +192,9 @@ def test_a_cached_page_in_use_is_shared_by_reference():
     alloc.free(third)
     alloc.check_invariants({})
     assert alloc.num_free == alloc.num_pages and not any(alloc.refcount)
-    assert alloc.allocate(4) == [0, 1, 2, 3], "every page is free"
+    # every page is free: the uncached ones are handed out first, the cached ones (keeping their
+    # prefix for a later request) last
+    assert alloc.allocate(4) == [2, 3, 0, 1]
 
 
 TestAllocator = AllocatorMachine.TestCase

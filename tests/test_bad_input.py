@@ -151,6 +151,12 @@ ENGINE_CASES = [
         "stop_token_ids",
     ),
     ("stop not callable", lambda e, m: e.add_request([3], stop=5), TypeError, "stop"),
+    (
+        "stop strings, no tokenizer",
+        lambda e, m: e.add_request([3], SamplingParams(stop=("</a>",))),
+        ValueError,
+        "tokenizer",
+    ),
     ("request_id int", lambda e, m: e.add_request([3], request_id=7), TypeError, "request_id"),
     ("request_id empty", lambda e, m: e.add_request([3], request_id=""), TypeError, "request_id"),
     (
@@ -375,6 +381,11 @@ SAMPLING_CASES = [
     (dict(stop_token_ids=(-1,)), "stop_token_ids"),
     (dict(stop_token_ids=(1.5,)), "stop_token_ids"),
     (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(stop="</a>"), "stop"),  # a str, not a tuple of strs
+    (dict(stop=["</a>"]), "stop"),
+    (dict(stop=("",)), "stop"),
+    (dict(stop=(3,)), "stop"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
     (dict(logprobs=21), "logprobs"),
     (dict(logprobs=-1), "logprobs"),
 ]

@@ -10,10 +10,14 @@ tests/exactness.py has the helpers.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import numpy as np
 import pytest
 
-from jengine import Model, ModelConfig, SamplingParams, init_params, rl
+from jengine import (Engine, EngineConfig, Model, ModelConfig, SamplingParams, diagnostics,
+                     init_params, rl)  # fmt: skip
 from tests import exactness
 
 LENGTH = 132  # rows of the pool: every width up to 130 can be cut from them
@@ -60,45 +64,80 @@ def test_trainer_side_matches_the_rollout_at_every_width(name):
     assert not exactness.sweep(model, numerics, pool, widths)
 
 
-def test_multi_turn_trajectory_scored_in_one_row():
-    """Turns generated with prefix caching and preemption, other requests in every step, the
-    environment's tokens between turns; the whole trajectory teacher-forced as one row gives every
-    model token its rollout bits."""
-    cfg = ModelConfig.named("tiny")
-    model = Model(cfg, init_params(cfg, seed=2))
-    engine = exactness.engine_for(model, 160, num_pages=24)  # 6 trajectories need ~36 pages
+def test_multi_turn_trajectories_scored_in_one_row(tiny_tokenizer, tmp_path):
+    """`rl.MultiTurn` on a small pool (preemption), with other requests in the batch: 2-6 model
+    turns per trajectory, per-turn stops (stop string, stop token id, max_tokens), environment
+    tokens between (random ids from a sync environment, tool messages that an async one renders
+    with the chat template). With the prefix cache on (continuations served from it) and off
+    (recomputed) the trajectories are the same bits; each turn's prompt is exactly the last one
+    plus the model's and the environment's tokens, although decoding the model's tokens and
+    encoding them again gives other ids; the step trace counts the prompt tokens the cache served;
+    and the trainer-side logprobs of the packed trajectories are every model token's rollout
+    logprob, bit for bit."""
+    tok, cfg = tiny_tokenizer, ModelConfig.named("tiny")
+    model, chat = Model(cfg, init_params(cfg, seed=2)), rl.ChatTemplate(tiny_tokenizer)
+
+    def turns_left(traj) -> bool:  # trajectory i runs 2 + i % 5 model turns
+        return len(traj.model_turns) < 2 + traj.index % 5
+
+    def env(traj):
+        rng = np.random.default_rng(100 * traj.index + len(traj.turns))
+        return list(map(int, rng.integers(2, cfg.vocab_size, 2 + len(traj.turns)))) if turns_left(
+            traj) else None  # fmt: skip
+
+    async def tool(traj):
+        await asyncio.sleep(0)
+        message = {"role": "tool", "content": f"{traj.index} * {len(traj.turns)} = 42"}
+        return chat.env([message], after=traj.turns[-1].token_ids) if turns_left(traj) else None
+
     rng = np.random.default_rng(7)
-    settings = exactness.SETTINGS
-    trajs = [dict(tokens=list(map(int, rng.integers(2, cfg.vocab_size, 3 + i))), model=[], lp=[],
-                  params=settings[i % len(settings)]) for i in range(6)]  # fmt: skip
-    prompt_lens = [len(t["tokens"]) for t in trajs]
-    for turn in range(4):
-        params = [SamplingParams(**{**_fields(t["params"]), "max_tokens": 10 + 3 * turn,
-                                    "ignore_eos": True, "seed": 100 * turn + i})
-                  for i, t in enumerate(trajs)]  # fmt: skip
-        fillers = [list(map(int, rng.integers(2, cfg.vocab_size, 20))) for _ in range(3)]
-        outs = engine.generate([t["tokens"] for t in trajs] + fillers,
-                               params + [SamplingParams(max_tokens=8, seed=turn)] * 3)  # fmt: skip
-        for t, o in zip(trajs, outs):
-            start = len(t["tokens"])
-            t["tokens"] += list(o.token_ids)
-            t["model"] += range(start, len(t["tokens"]))
-            t["lp"] += list(np.asarray(o.logprobs, np.float32))
-            t["tokens"] += list(map(int, rng.integers(2, cfg.vocab_size, 2 + turn)))  # env turn
-    stats = engine.stats
-    assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0, stats
-    b = rl.pack([t["tokens"][:p] for t, p in zip(trajs, prompt_lens)],
-                [t["tokens"][p:] for t, p in zip(trajs, prompt_lens)])  # fmt: skip
-    values = np.asarray(rl.token_logprobs(model.params, cfg, b["tokens"], b["prompt_lens"],
-                                          b["completion_lens"], numerics=engine.numerics,
-                                          sampling_params=[t["params"] for t in trajs]))  # fmt: skip
-    for t, row in zip(trajs, values):
-        got = row[np.asarray(t["model"]) - 1]
-        assert np.array_equal(exactness.bits(got), exactness.bits(t["lp"]))
+    prompts = [chat.prompt([{"role": "user", "content": f"What is {i} * 7?"}]) for i in range(6)]
+    params = [dataclasses.replace(exactness.SETTINGS[i], max_tokens=10 + 2 * i, seed=i,
+                                  stop=("7",) * (i % 3 == 0), stop_token_ids=(5,) * (i % 3 == 1))
+              for i in range(6)]  # fmt: skip
+    fillers = [list(map(int, rng.integers(2, cfg.vocab_size, 20))) for _ in range(3)]
 
+    def run(prefix_caching: bool):
+        config = EngineConfig(**exactness.SMALL_POOL, enable_prefix_caching=prefix_caching,
+                              trace_path=str(tmp_path / f"trace_{prefix_caching}.jsonl"))
+        engine = Engine(model, config, tokenizer=tok)
+        submitted, add = [], engine.add_request
+        engine.add_request = lambda p, *a, **k: submitted.append(list(p)) or add(p, *a, **k)
+        for f in fillers:
+            add(f, SamplingParams(max_tokens=60, seed=3, ignore_eos=True))
+        loop = rl.MultiTurn(engine, max_turns=6, max_tokens=exactness.SMALL_POOL_TOKENS)
+        trajs = [loop.add(p, tool if i % 2 else env, sp)
+                 for i, (p, sp) in enumerate(zip(prompts, params))]  # fmt: skip
+        while loop.num_unfinished:
+            loop.step()
+        while engine.has_unfinished_requests():
+            loop.step()
+        assert len(loop.other_outputs) == len(fillers)
+        engine.check_invariants()
+        return engine, trajs, submitted
 
-def _fields(p: SamplingParams) -> dict:
-    return dict(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
+    (engine, trajs, submitted), (engine_off, trajs_off, _) = run(True), run(False)
+    on, off = engine.stats, engine_off.stats
+    assert on["preemptions"] + off["preemptions"] > 0 and off["prefix_cache_hit_tokens"] == 0
+    assert sorted(len(t.model_turns) for t in trajs) == [2, 2, 3, 4, 5, 6]
+    reasons = {m.stop_reason for t in trajs for m in t.model_turns}
+    assert {"7", 5, None} <= reasons, reasons
+    for t, t_off in zip(trajs, trajs_off):
+        assert t.status in ("done", "max_turns") and t.tokens == t_off.tokens
+        assert np.array_equal(exactness.bits(t.logprobs), exactness.bits(t_off.logprobs))
+        assert not any(turn.cached_tokens for turn in t_off.model_turns)  # recomputed
+        for k in range(len(t.model_turns)):  # turn k's prompt: exactly the tokens before it
+            before = [x for turn in t.turns[: 2 * k] for x in turn.token_ids]
+            assert t.prompt_token_ids + before in submitted
+    assert sum(m.cached_tokens for t in trajs for m in t.model_turns[1:]) > 0  # cache hits
+    engine.close()
+    trace = diagnostics.read_trace(tmp_path / "trace_True.jsonl")
+    diagnostics.validate_trace(trace)
+    assert diagnostics.summarize_trace(trace)["cached_tokens"] == on["prefix_cache_hit_tokens"]
+    drift = [m.token_ids for t in trajs for m in t.model_turns
+             if tok.encode(tok.decode(m.token_ids)) != m.token_ids]  # fmt: skip
+    assert drift, "decode-then-encode gave back every model turn's ids: the check proves nothing"
+    assert exactness.trainer_bits_match(model, engine.numerics, trajs)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ CORE = ("jengine/__init__.py", "jengine/config.py", "jengine/plan.py", "jengine/
         "jengine/models/transformer.py", "jengine/runner.py", "jengine/sharding.py",
         "jengine/scoring.py", "jengine/engine.py")  # fmt: skip
 # A ratchet, not the goal: this bound fails a change that makes the core grow unnoticed.
-CORE_LINE_BUDGET = 2602  # its size now: lower it as the core shrinks
+CORE_LINE_BUDGET = 2688  # its size now (stop strings: +86): lower it as the core shrinks
 
 
 def _modules() -> dict[str, str]:

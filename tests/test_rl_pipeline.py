@@ -15,6 +15,7 @@ What is proved here (tiny random model):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -171,3 +172,34 @@ def test_get_times_out_and_bad_sizes_are_refused(tiny_model):
             actor.get(timeout=0.2)
         release.set()
         assert actor.get(timeout=30) is None
+
+
+def test_groups_of_trajectories_equal_multi_turn_and_close_cleanly(tiny_model):
+    """A request with an env is a group of trajectories: delivered once each, bitwise the
+    trajectories `rl.multi_turn` gives on a fresh engine, versions covering the model tokens; a
+    close() with trajectories in flight leaves the engine empty."""
+
+    def env(traj):  # two environment turns of 3 ids, then the end
+        return [7 + traj.tokens[-1] % 5, 8, 9] if len(traj.model_turns) < 3 else None
+
+    async def slow_env(traj):
+        return env(traj)
+
+    reqs = [dataclasses.replace(r, env=slow_env if k % 2 else env)
+            for k, r in enumerate(_requests(4, seed=4))]  # fmt: skip
+    engine = Engine(tiny_model, CONFIG)
+    with rl.RolloutActor(engine, reqs, max_in_flight=2, queue_size=2, max_turns=3) as actor:
+        groups = sorted(iter(lambda: actor.get(timeout=120), None), key=lambda g: g.index)
+    assert [g.index for g in groups] == [0, 1, 2, 3] and not engine.has_unfinished_requests()
+    for g, r in zip(groups, reqs):
+        want = rl.multi_turn(Engine(tiny_model, CONFIG), r.env, [r.prompt] * G,
+                             r.sampling_params, max_turns=3)  # fmt: skip
+        for got, w, v in zip(g.outputs, want, g.versions):
+            assert got.status == w.status == "max_turns" and got.tokens == w.tokens
+            assert same_bits(got.logprobs, w.logprobs) and v.shape == (got.num_model_tokens,)
+    endless = (dataclasses.replace(r, env=env) for r in itertools.cycle(_requests(2, seed=5)))
+    actor = rl.RolloutActor(engine, endless, max_in_flight=2, queue_size=4).start()
+    assert actor.get(timeout=120) is not None
+    actor.close()
+    assert not engine.has_unfinished_requests() and actor.stats["aborted"] > 0
+    engine.check_invariants()

@@ -205,8 +205,9 @@ def _grads(
     params, acc, b, logp_fwd, n_total, temperature, *, config, numerics, correction, clip_eps,
     is_cap,
 ):  # fmt: skip
-    """Gradient of this micro-batch's share of the token-mean GRPO loss, added to `acc` (the
-    accumulated gradient, updated in place).
+    """Gradient of this micro-batch's share of the token-mean GRPO loss (over the completion, or
+    over `b["loss_mask"]` when given: packed trajectories, `jengine.examples.tool_use`), added to
+    `acc` (the accumulated gradient, updated in place).
 
     The loss sees `logp_fwd` (the forward program's values, bitwise the rollout's when on-policy)
     with the gradient of jax's own differentiated forward: logp = logp_fwd + (ad - stop_grad(ad))
@@ -215,7 +216,10 @@ def _grads(
     differently); they are returned for the `ad_bitwise_equal` diagnostic.
     Returns (loss share, ad values f32[B, L - 1], IS weights f32[B, L - 1], acc + grads).
     """
-    mask = rl.completion_mask(b["prompt_lens"], b["completion_lens"], b["tokens"].shape[1])
+    if "loss_mask" in b:  # packed trajectories: the model's tokens only
+        mask = b["loss_mask"]
+    else:
+        mask = rl.completion_mask(b["prompt_lens"], b["completion_lens"], b["tokens"].shape[1])
 
     def objective(p):
         ad = _token_logprobs(p, b, temperature, config=config, numerics=numerics)
@@ -743,6 +747,28 @@ def guard_cost(cfg: RunConfig, fractions=(0.0, 0.01, 1.0), repeats: int = 5, log
     return result
 
 
+def parse(p: argparse.ArgumentParser, argv, positive, config_cls):
+    """(args, config_cls from them): adds --compile_cache (and sets the persistent XLA cache up),
+    refuses a `positive` flag below 1 and a --group below 2."""
+    p.add_argument(
+        "--compile_cache",
+        default=os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or os.path.join("~", ".cache", "jengine", "xla"),
+        help="persistent XLA cache ('' disables; default: $JAX_COMPILATION_CACHE_DIR if set)",
+    )
+    a = p.parse_args(argv)
+    for name in positive:
+        if getattr(a, name) < 1:
+            p.error(f"--{name}={getattr(a, name)} must be >= 1")
+    if a.group < 2:
+        p.error(f"--group={a.group} must be >= 2 (GRPO's advantages compare samples of a prompt)")
+    if a.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(a.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return a, config_cls(**{k: v for k, v in vars(a).items() if k in fields})
+
+
 def main(argv=None) -> None:
     d = RunConfig()
     p = argparse.ArgumentParser(
@@ -784,32 +810,9 @@ def main(argv=None) -> None:
         "--guard_cost", action="store_true", help="time rollouts at verify_fraction 0/0.01/1"
     )
     p.add_argument("--out", default=d.out, help="output directory")
-    p.add_argument(
-        "--compile_cache",
-        default=os.environ.get("JAX_COMPILATION_CACHE_DIR")
-        or os.path.join("~", ".cache", "jengine", "xla"),
-        help="persistent XLA cache ('' disables; default: $JAX_COMPILATION_CACHE_DIR if set)",
-    )
-    a = p.parse_args(argv)
-    for name in (
-        "steps",
-        "group",
-        "prompts_per_step",
-        "max_tokens",
-        "max_operand",
-        "eval_size",
-        "eval_every",
-        "micro_batch",
-    ):
-        if getattr(a, name) < 1:
-            p.error(f"--{name}={getattr(a, name)} must be >= 1")
-    if a.group < 2:
-        p.error(f"--group={a.group} must be >= 2 (GRPO's advantages compare samples of a prompt)")
-    if a.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(a.compile_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    positive = ("steps", "group", "prompts_per_step", "max_tokens", "max_operand", "eval_size",
+                "eval_every", "micro_batch")  # fmt: skip
+    a, cfg = parse(p, argv, positive, RunConfig)
     log = functools.partial(print, flush=True)
     if a.guard_cost:
         guard_cost(cfg, log=log)

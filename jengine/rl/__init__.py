@@ -7,7 +7,11 @@
   truncated_is, masked_is, token_ratios, sequence_ratios   opt-in corrections (TIS, MIS, GSPO)
   group_advantages, grpo_loss, gspo_loss                   GRPO / GSPO objectives
   RolloutActor, GroupRequest, Group   pipelined rollouts: a background thread owns the engine,
-                                      finished groups arrive on a bounded queue (`rl.pipeline`)
+                                      finished groups (of requests, or of trajectories when the
+                                      request has an env) arrive on a bounded queue
+  Trajectory, Turn, ChatTemplate      multi-turn rollouts in token ids (`rl.trajectory`): model
+                                      turns (mask 1) and environment turns (mask 0)
+  multi_turn, MultiTurn               the multi-turn loop: environments as sync / async callables
 """
 
 from jengine.rl.corrections import (
@@ -21,11 +25,13 @@ from jengine.rl.corrections import (
 from jengine.rl.logprobs import completion_mask, pack, token_logprobs
 from jengine.rl.losses import group_advantages, grpo_loss, gspo_loss
 from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
+from jengine.rl.multi_turn import MultiTurn, multi_turn
 from jengine.rl.pipeline import Group, GroupRequest, RolloutActor
+from jengine.rl.trajectory import ChatTemplate, Trajectory, Turn
 
 __all__ = [
-    "bitwise_equal", "completion_mask", "Group", "GroupRequest", "group_advantages", "grpo_loss",
-    "gspo_loss", "log_ratios", "masked_is", "mismatch_metrics", "pack", "RolloutActor",
-    "sequence_log_ratios", "sequence_ratios", "to_host", "token_logprobs", "token_ratios",
-    "truncated_is",
+    "bitwise_equal", "ChatTemplate", "completion_mask", "Group", "GroupRequest",
+    "group_advantages", "grpo_loss", "gspo_loss", "log_ratios", "masked_is", "mismatch_metrics",
+    "multi_turn", "MultiTurn", "pack", "RolloutActor", "sequence_log_ratios", "sequence_ratios",
+    "to_host", "token_logprobs", "token_ratios", "Trajectory", "truncated_is", "Turn",
 ]  # fmt: skip

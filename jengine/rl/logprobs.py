@@ -80,7 +80,8 @@ def _entropy(raw: jax.Array, rp: plan_lib.SampleRows, logprobs_mode: str) -> jax
 @functools.partial(jax.jit, static_argnames=("config", "logprobs_mode", "numerics", "mesh",
                                               "page_size", "with_entropy", "remat"))  # fmt: skip
 def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
-                  completion_lens: jax.Array, sampling_rows: dict[str, jax.Array], *,
+                  completion_lens: jax.Array, sampling_rows: dict[str, jax.Array],
+                  loss_mask: jax.Array | None, *,
                   config: ModelConfig, logprobs_mode: str, numerics: Numerics,
                   mesh: jax.sharding.Mesh | None, page_size: int, with_entropy: bool,
                   remat: bool):  # fmt: skip
@@ -127,6 +128,7 @@ def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
             remat=remat,
         )
     mask = completion_mask(prompt_lens, completion_lens, length)
+    mask = mask if loss_mask is None else mask & loss_mask
     values = jnp.where(mask, values.reshape(batch, length - 1), 0.0)
     if not with_entropy:
         return values
@@ -140,7 +142,7 @@ def token_logprobs(
     temperature: Any = None, top_k: Any = None, top_p: Any = None, min_p: Any = None,
     logprobs_mode: str = "processed_logprobs", numerics: Numerics | None = None,
     mesh: jax.sharding.Mesh | None = None, page_size: int = DEFAULT_PAGE_SIZE,
-    with_entropy: bool = False, remat: bool = True,
+    with_entropy: bool = False, mask: jax.Array | None = None, remat: bool = True,
 ):  # fmt: skip
     """Per-token numbers of `tokens` under `params`, teacher-forced: f32[B, L - 1].
 
@@ -163,13 +165,15 @@ def token_logprobs(
       page_size: scratch page size of the layout; changes no bit.
       with_entropy: also return f32[B, L - 1] entropies of the (processed, under the processed
         modes) distribution each token was drawn from (no gradient flows through them).
+      mask: optional bool[B, L - 1], the columns to keep within the completion, e.g. a packed
+        trajectory's `loss_mask` (its model-sampled tokens).
       remat: under differentiation, recompute activations in the backward pass instead of
         keeping them: each scan period of layers, and the sampling transforms over the logits
         (`jax.checkpoint`). The values are the same bits either way; True keeps a gradient's
         memory to one period's activations plus the logits.
     Returns:
       values f32[B, L - 1] (column t scores tokens[:, t + 1]; 0.0 outside
-      `completion_mask(prompt_lens, completion_lens, L)`), or (values, entropy).
+      `completion_mask(prompt_lens, completion_lens, L)` and `mask`), or (values, entropy).
 
     Jit-able and differentiable w.r.t. params; every argument except params, tokens, lengths and
     sampling arrays is static.
@@ -191,19 +195,28 @@ def token_logprobs(
     rows = {k: jnp.broadcast_to(jnp.asarray([getattr(s, k) for s in per_seq] if given[k] is None
                                             else given[k], plan_lib.ROW_DTYPES[k]), (batch,))
             for k in plan_lib.FILTERS}  # fmt: skip
+    if mask is not None:
+        mask = jnp.asarray(mask, jnp.bool_)
+        if mask.shape != (batch, length - 1):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(batch, length - 1)}")
     return _token_values(
-        params, tokens, prompt_lens, completion_lens, rows, config=config,
+        params, tokens, prompt_lens, completion_lens, rows, mask, config=config,
         logprobs_mode=logprobs_mode, numerics=numerics, mesh=mesh, page_size=page_size,
         with_entropy=with_entropy, remat=remat,
     )  # fmt: skip
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]] | None = None,
          length: int | None = None, pad_id: int = 0,
          rollout_logprobs: Sequence[Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """Host-side: right-padded `tokens` i32[B, L], `prompt_lens`, `completion_lens`, and when
     `rollout_logprobs` is given, `logprobs` f32[B, L - 1] aligned with `token_logprobs` (0 outside
-    the completion)."""
+    the completion). `pack(trajectories)` packs `rl.Trajectory`s, with their `loss_mask` and
+    `versions` (`rl.trajectory.pack_trajectories`)."""
+    if completions is None:
+        from jengine.rl.trajectory import pack_trajectories
+
+        return pack_trajectories(prompts, length, pad_id)
     lens = [len(p) + len(c) for p, c in zip(prompts, completions)]
     length = length or max(lens)
     if max(lens) > length:

@@ -22,6 +22,11 @@ counter is in `outputs[i].policy_versions`). A group whose `submitted_version` (
 entered the engine) and token versions all equal v was computed entirely under v's params, so
 under v its rollout logprobs are the trainer's bits exactly.
 
+A `GroupRequest` with an `env` is a group of multi-turn trajectories (`rl.multi_turn`'s loop, as
+`self.multi_turn`: `max_turns` and `max_tokens` are its limits): the actor calls the environment
+between engine steps and delivers the group when every trajectory has ended; `Group.versions[i]`
+then covers the trajectory's model tokens.
+
 `close()` stops the thread: in-flight requests are aborted (the engine is left empty, no pages
 held) and the thread is joined with a timeout. An exception on the actor thread is re-raised in
 the trainer by the next `get()` (or by `close()` if never delivered). Published params must not
@@ -35,34 +40,41 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from jengine.config import SamplingParams
 from jengine.engine import Engine, RequestOutput
+from jengine.rl.multi_turn import MultiTurn
+from jengine.rl.trajectory import Trajectory
 
 _END = object()  # queue marker: the source is exhausted and every group was delivered
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupRequest:
-    """One prompt sampled G = len(sampling_params) times; `meta` rides along (e.g. the answer)."""
+    """One prompt sampled G = len(sampling_params) times; `meta` rides along (e.g. the answer).
+    With an `env` (an environment as `rl.multi_turn` takes), each sample is a multi-turn
+    `rl.Trajectory` instead of one request."""
 
     prompt: Sequence[int]
     sampling_params: Sequence[SamplingParams]
     meta: Any = None
+    env: Callable | None = None
 
 
 @dataclasses.dataclass
 class Group:
-    """A finished group: `outputs[i]` answers `request.sampling_params[i]`; `versions[i]` is i32
-    [len(outputs[i].token_ids)] trainer versions; `index` is the request's place in the source."""
+    """A finished group: `outputs[i]` answers `request.sampling_params[i]` (a `RequestOutput`, or
+    an `rl.Trajectory` when the request has an env); `versions[i]` is i32 trainer versions of its
+    sampled tokens (`token_ids`, or the trajectory's model tokens in order); `index` is the
+    request's place in the source."""
 
     index: int
     request: GroupRequest
-    outputs: list[RequestOutput]
+    outputs: list[RequestOutput | Trajectory]
     versions: list[np.ndarray]
     submitted_version: int
 
@@ -82,7 +94,8 @@ class RolloutActor:
 
     def __init__(self, engine: Engine, source: Iterable[GroupRequest], *, max_in_flight: int = 8,
                  queue_size: int = 8, update_mode: str = "keep", version: int = 0,
-                 join_timeout: float = 120.0):  # fmt: skip
+                 join_timeout: float = 120.0, max_turns: int = 8,
+                 max_tokens: int | None = None):  # fmt: skip
         if max_in_flight < 1 or queue_size < 1:
             raise ValueError(f"max_in_flight={max_in_flight} and queue_size={queue_size} must "
                              "be >= 1")  # fmt: skip
@@ -100,6 +113,8 @@ class RolloutActor:
         # groups, updates, skipped_updates, steps, idle_seconds, aborted
         self.stats: collections.Counter = collections.Counter()
         self.engine_stats: dict[str, Any] = dict(engine.stats)  # copied after every engine step
+        # requests with an env: their trajectories (max_turns, max_tokens: as rl.multi_turn's)
+        self.multi_turn = MultiTurn(engine, max_turns=max_turns, max_tokens=max_tokens)
         self._thread = threading.Thread(target=self._run, name="rollout-actor", daemon=True)
 
     # -- trainer side ---------------------------------------------------------------------------
@@ -177,8 +192,15 @@ class RolloutActor:
     def _run(self) -> None:
         building: dict[int, dict] = {}  # group index -> {request, outputs, submitted}
         owner: dict[str, tuple[int, int]] = {}  # request id -> (group index, sample index)
+        owner_of_trajectory: dict[int, tuple[int, int]] = {}  # trajectory index -> the same
         ready: collections.deque[Group] = collections.deque()
         index, exhausted = 0, False
+
+        def deliver(g: int, i: int, out: RequestOutput | Trajectory) -> None:
+            (b := building[g])["outputs"][i] = out
+            if len(b["outputs"]) == len(b["request"].sampling_params):
+                ready.append(self._group(g, building.pop(g)))
+
         try:
             while not self._stop.is_set():
                 self._apply_update()
@@ -190,7 +212,11 @@ class RolloutActor:
                         break
                     building[index] = dict(request=req, outputs={}, submitted=self.version)
                     for i, sp in enumerate(req.sampling_params):
-                        owner[self.engine.add_request(req.prompt, sp)] = (index, i)
+                        if req.env is None:
+                            owner[self.engine.add_request(req.prompt, sp)] = (index, i)
+                        else:
+                            traj = self.multi_turn.add(req.prompt, req.env, sp, req.meta)
+                            owner_of_trajectory[traj.index] = (index, i)
                     index += 1
                 while ready:  # hand over what is finished, without blocking
                     try:
@@ -199,12 +225,14 @@ class RolloutActor:
                         break
                     ready.popleft()
                     self.stats["groups"] += 1
+                for traj in self.multi_turn.poll():  # async environments that answered
+                    deliver(*owner_of_trajectory.pop(traj.index), traj)
                 if self.engine.has_unfinished_requests():
                     for out in self.engine.step():
-                        g, i = owner.pop(out.request_id)
-                        (b := building[g])["outputs"][i] = out
-                        if len(b["outputs"]) == len(b["request"].sampling_params):
-                            ready.append(self._group(g, building.pop(g)))
+                        if out.request_id in owner:
+                            deliver(*owner.pop(out.request_id), out)
+                        elif (traj := self.multi_turn.handle(out)) is not None:
+                            deliver(*owner_of_trajectory.pop(traj.index), traj)
                     self.stats["steps"] += 1
                     self.engine_stats = dict(self.engine.stats)
                 elif exhausted and not ready and not building:
@@ -221,6 +249,8 @@ class RolloutActor:
         except BaseException as e:  # re-raised in the trainer by get() / close()
             self._error = e
         finally:
+            self.stats["aborted"] += len(self.multi_turn.abort())
+            self.multi_turn.close()
             for rid in list(owner):  # leave the engine empty: nothing in flight, no pages held
                 try:
                     self.engine.abort(rid)
@@ -235,6 +265,7 @@ class RolloutActor:
     def _group(self, index: int, b: dict) -> Group:
         outs = [b["outputs"][i] for i in range(len(b["request"].sampling_params))]
         lookup = np.vectorize(self._version_of.__getitem__, otypes=[np.int32])
-        versions = [lookup(o.policy_versions) if o.policy_versions.size else np.zeros(0, np.int32)
-                    for o in outs]  # fmt: skip
+        engine_versions = [o.policy_versions[o.loss_mask] if isinstance(o, Trajectory)
+                           else o.policy_versions for o in outs]  # fmt: skip
+        versions = [lookup(v) if v.size else np.zeros(0, np.int32) for v in engine_versions]
         return Group(index, b["request"], outs, versions, b["submitted"])
