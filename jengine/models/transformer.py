@@ -345,6 +345,7 @@ def forward(
     numerics: Numerics,
     tp: Any = None,
     remat: bool = False,
+    hidden: bool = False,
 ) -> tuple[jax.Array, KVCache | ScratchKV]:
     """One ragged step.
 
@@ -364,23 +365,31 @@ def forward(
       remat: recompute each scan period's activations in the backward pass instead of keeping
         them (`jax.checkpoint`): a gradient then holds one period's activations, not every
         layer's. Values are unchanged.
+      hidden: return the final-normed hidden states [R, hidden] of the logit rows instead of
+        their logits (`head` computes those).
     Returns:
       (f32[R, vocab] logits of `batch.logit_rows` (soft-capped when `final_logit_softcap`), the KV
       cache with this step's K/V written).
     """
-    dtype = params["embed"].dtype
     h = embed(params, config, batch.tokens, tp)
     h, kv = _decoder(params["layers"], config, h, kv, batch, numerics, tp, remat)
-    h = h[batch.logit_rows]
-    h = _norm(h, params["final_norm"], config, numerics)
-    head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": dtype}[
+    h = _norm(h[batch.logit_rows], params["final_norm"], config, numerics)
+    if hidden:
+        return h, kv
+    return head(h, lm_head_weight(params, config), config, numerics, tp), kv
+
+
+def head(h: jax.Array, w: jax.Array, config: ModelConfig, numerics: Numerics,
+         tp: Any = None) -> jax.Array:  # fmt: skip
+    """f32[R, vocab] logits of the final-normed hidden states h[R, hidden] under the lm_head
+    w[vocab, hidden] (soft-capped when `final_logit_softcap`), in `numerics.lm_head_dtype`."""
+    head_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "model": w.dtype}[
         numerics.lm_head_dtype
     ]
-    w = lm_head_weight(params, config)
     logits = ops.matmul(h.astype(head_dtype), w.astype(head_dtype), numerics)
     if tp is not None:
         logits = tp.gather(logits)
-    return ops.apply_soft_cap(logits, config.final_logit_softcap), kv
+    return ops.apply_soft_cap(logits, config.final_logit_softcap)
 
 
 def empty_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: Any) -> KVCache:

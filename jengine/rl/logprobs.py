@@ -29,7 +29,7 @@ import numpy as np
 from jengine import plan as plan_lib
 from jengine import sampling, sharding
 from jengine.config import LOGPROBS_MODES, ModelConfig, Numerics, SamplingParams, check_choice
-from jengine.models.transformer import Params, ScratchKV, forward
+from jengine.models.transformer import Params, ScratchKV, forward, head, lm_head_weight
 from jengine.scoring import layout, per_sequence
 
 DEFAULT_PAGE_SIZE = 16  # any page size gives the same bits; this one keeps the page table short
@@ -77,6 +77,51 @@ def _entropy(raw: jax.Array, rp: plan_lib.SampleRows, logprobs_mode: str) -> jax
     return -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
 
 
+HEAD_CHUNK = 64  # rows per chunk of the head's backward pass
+
+
+def _head_values(h: jax.Array, w: jax.Array, rp: plan_lib.SampleRows, n: int, config: ModelConfig,
+                 numerics: Numerics, logprobs_mode: str) -> jax.Array:  # fmt: skip
+    """f32[n] `sampling.select(head(h, w)[:n], rp).value`: exactly that computation forward; its
+    backward recomputes the logits HEAD_CHUNK rows at a time (the reference gradient of each
+    chunk, the head's weight gradient accumulated), so a gradient never holds a [rows, vocab]
+    array. h: [R >= n, hidden] final-normed hidden states, w: the lm_head [vocab, hidden]."""
+    names = [f.name for f in dataclasses.fields(plan_lib.SampleRows)]
+
+    def chunk_values(h, w, *fields):
+        logits = head(h, w, config, numerics)
+        return sampling.select(logits[: fields[0].shape[0]], plan_lib.SampleRows(*fields),
+                               logprobs_mode).value  # fmt: skip
+
+    @jax.custom_vjp
+    def values(h, w, *fields):
+        return chunk_values(h, w, *fields)
+
+    def values_fwd(h, w, *fields):
+        return chunk_values(h, w, *fields), (h, w, fields)
+
+    def values_bwd(res, g):
+        h, w, fields = res
+        pad = -n % HEAD_CHUNK
+        chunks = lambda x: jnp.pad(x[:n], [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(  # noqa
+            -1, HEAD_CHUNK, *x.shape[1:])
+        pad_fields = [chunks(f) for f in fields]
+
+        def body(dw, xs):
+            h_c, g_c, *f_c = xs
+            _, vjp = jax.vjp(lambda h_c, w: chunk_values(h_c, w, *f_c), h_c, w)
+            dh_c, dw_c = vjp(g_c)
+            return dw + dw_c.astype(jnp.float32), dh_c
+
+        dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32),
+                              (chunks(h), chunks(g), *pad_fields))  # fmt: skip
+        dh = jnp.zeros_like(h).at[:n].set(dh.reshape(-1, h.shape[1])[:n].astype(h.dtype))
+        return (dh, dw.astype(w.dtype), *[None] * len(fields))
+
+    values.defvjp(values_fwd, values_bwd)
+    return values(h, w, *(getattr(rp, k) for k in names))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "logprobs_mode", "numerics", "mesh",
                                               "page_size", "with_entropy", "remat"))  # fmt: skip
 def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
@@ -114,7 +159,19 @@ def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
 
     if remat:  # a gradient keeps the logits, not every [rows, vocab] sampling intermediate
         post = jax.checkpoint(post)
-    if mesh is None:
+    if mesh is None and remat:  # the head's backward in row chunks: no [rows, vocab] array kept
+        p = fill(tokens, sampling_rows)
+        h, _ = forward(params, config, p, ScratchKV(num_pages, page_size), numerics, remat=True,
+                       hidden=True)  # fmt: skip
+        rp = jax.tree_util.tree_map(lambda x: x[:n], p.rows)
+        values = _head_values(h, lm_head_weight(params, config), rp, n, config, numerics,
+                              logprobs_mode)  # fmt: skip
+        ent = None
+        if with_entropy:
+            logits = jax.lax.stop_gradient(head(h, lm_head_weight(params, config), config,
+                                                numerics))[:n]  # fmt: skip
+            ent = _entropy(logits, rp, logprobs_mode)
+    elif mesh is None:
         kv = ScratchKV(num_pages, page_size)
         p = fill(tokens, sampling_rows)
         logits, _ = forward(params, config, p, kv, numerics, remat=remat)
