@@ -34,6 +34,8 @@ DATA, MODEL = "data", "model"
 # [dp, num_layers, num_pages, page_size, kv_heads, head_dim]: one stacked pool per data row,
 # split by KV head
 KV_SPEC = P(DATA, None, None, None, MODEL, None)
+# an expert leaf [E, out, in] (in a layer): experts split into tp consecutive groups over 'model'
+EXPERT_SPEC = P(MODEL, None, None)
 
 
 # -- meshes -----------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
         problems.append(f"num_kv_heads={kvh} and tp={tp}: one must divide the other")
     for name, n in (("num_heads", heads), ("hidden_size", config.hidden_size),
                     ("intermediate_size", config.intermediate_size),
+                    ("shared_expert_intermediate_size", config.shared_expert_intermediate_size),
                     ("vocab_size", config.vocab_size),
                     ("num_kv_heads * head_dim", kvh * config.head_dim)):  # fmt: skip
         if n % c:
@@ -132,7 +135,11 @@ def param_specs(config: ModelConfig, tp: int) -> Params:
     kv, kv_bias = (P(MODEL, None), P(MODEL)) if split else (P(), P())
     by_name = dict.fromkeys(("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm",
                              "k_norm"), P())  # fmt: skip
-    by_name.update(dict.fromkeys(("wq", "wo", "w_gate", "w_up", "w_down"), P(MODEL, None)))
+    by_name.update(dict.fromkeys(("wq", "wo", "w_gate", "w_up", "w_down", "shared_w_gate",
+                                  "shared_w_up", "shared_w_down"), P(MODEL, None)))  # fmt: skip
+    # the router and the shared expert's gate replicated; experts split by expert (EXPERT_SPEC)
+    by_name.update(router=P(), shared_expert_gate=P(),
+                   **dict.fromkeys(("experts_gate", "experts_up", "experts_down"), EXPERT_SPEC))
     by_name.update(bq=P(MODEL), wk=kv, wv=kv, bk=kv_bias, bv=kv_bias)
     shapes = param_shapes(config)
     specs: Params = {

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.config import GEMMA_FLAGS, PARAM_DTYPES, ModelConfig, RopeScaling, gemma_layer_types
-from jengine.models.transformer import Model, Params, init_params, param_shapes, stack_layers
+from jengine.models.transformer import (Model, Params, init_params, leaf_layers, param_shapes,
+                                        stack_layers)
 
 ParamPath = tuple[str | int, ...]  # ("embed",), ("layers", "wq") stacked, ("layers", 3, "wq")
 # None, a pytree of Shardings shaped like the params, or a callable
@@ -49,7 +50,16 @@ _HF_LAYER = {
     **{f"w{x}": f"self_attn.{x}_proj.weight" for x in "qkvo"},
     **{f"b{x}": f"self_attn.{x}_proj.bias" for x in "qkv"},
     **{f"w_{x}": f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")},
+    # mixture of experts (Qwen3-MoE, Qwen2-MoE): an expert leaf stacks `{e}` over the experts
+    "router": "mlp.gate.weight",
+    **{f"experts_{x}": f"mlp.experts.{{e}}.{x}_proj.weight" for x in ("gate", "up", "down")},
+    **{f"shared_w_{x}": f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")},
+    "shared_expert_gate": "mlp.shared_expert_gate.weight",
 }  # fmt: skip
+_HF_MIXTRAL_LAYER = {**_HF_LAYER, "router": "block_sparse_moe.gate.weight",
+                     "experts_gate": "block_sparse_moe.experts.{e}.w1.weight",
+                     "experts_up": "block_sparse_moe.experts.{e}.w3.weight",
+                     "experts_down": "block_sparse_moe.experts.{e}.w2.weight"}  # fmt: skip
 # Gemma's layer norms under their HF names: its post_attention_layernorm is the attention
 # output's norm, not the MLP's input norm as in Llama.
 _HF_POST_NORM_LAYER = {**_HF_LAYER, "post_attn_norm": "post_attention_layernorm.weight",
@@ -170,8 +180,9 @@ def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Ar
 
 def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Shardings) -> Params:
     """Params of `config` read one tensor at a time: read -> check/convert -> place -> drop.
-    `read(path, shape)` returns the leaf (a layer's: path ("layers", i, name)) in jengine layout on
-    the host, the only host copy alive; a stacked leaf is updated in place layer by layer."""
+    `read(path, shape)` returns the leaf (a layer's: path ("layers", i, name), i the model's layer
+    number) in jengine layout on the host, the only host copy alive; a stacked leaf is updated in
+    place layer by layer (row r: the r-th of `leaf_layers`)."""
 
     def make(path: ParamPath, shape: tuple[int, ...]) -> jax.Array:
         sharding = _sharding_for(shardings, path, shape)
@@ -180,9 +191,9 @@ def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Sharding
         zeros = functools.partial(jnp.zeros, shape, dtype)
         stacked = jax.jit(zeros, out_shardings=sharding)() if sharding else zeros()
         layer_sharding = _layer_sharding(sharding, path)
-        for i in range(shape[0]):
+        for row, i in enumerate(leaf_layers(config, path[1])):
             layer = _place(read(("layers", i, path[1]), shape[1:]), dtype, layer_sharding)
-            stacked = _set_layer(stacked, layer, np.int32(i))
+            stacked = _set_layer(stacked, layer, np.int32(row))
         return stacked.block_until_ready()
 
     return _build(config, make)
@@ -253,9 +264,17 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
         return stored
 
     layer_names = _HF_POST_NORM_LAYER if config.post_norms else _HF_LAYER
+    if any(".block_sparse_moe." in name for name in files):  # Mixtral's names
+        layer_names = _HF_MIXTRAL_LAYER
 
     def read(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         name = _name(path, _HF_TOP, layer_names, "model.layers.")
+        if "{e}" in name:  # one tensor per expert, stacked [E, ...]
+            return np.stack([read_tensor(name.format(e=e), path, shape[1:])
+                             for e in range(shape[0])])  # fmt: skip
+        return read_tensor(name, path, shape)
+
+    def read_tensor(name: str, path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         if name not in files:
             raise CheckpointError(f"{directory}: tensor {name} is missing (needed for "
                                   f"{_dotted(path)} {list(shape)})")  # fmt: skip

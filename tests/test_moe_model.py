@@ -1,0 +1,260 @@
+"""Mixture-of-experts models: Qwen3-MoE, Mixtral and Qwen2-MoE checkpoints written by transformers
+agree with it (fp32, prompts of 100+ tokens, greedy continuations identical); on `tiny-moe` the
+rollout is bitwise `score` and `rl.token_logprobs`, and a request's output does not depend on its
+batch mates (60 rows sharing its experts), chunking, page size, prefix caching or preemption."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jengine
+from jengine import Engine, EngineConfig, Model, ModelConfig, SamplingParams, init_params, rl
+from jengine.models.loading import load_model
+from jengine.models.transformer import (layer_period, leaf_layers, param_shapes, stack_layers,
+                                        unstack_layers)  # fmt: skip
+from tests.conftest import random_prompts
+
+
+def bits(x) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+def assert_bitwise(a, b):
+    assert np.array_equal(bits(a), bits(b))
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_experts=8, num_experts_per_tok=0, moe_intermediate_size=4), "num_experts_per_tok=0"),
+        (dict(num_experts=8, num_experts_per_tok=9, moe_intermediate_size=4), "num_experts_per_tok=9"),
+        (dict(num_experts=8, num_experts_per_tok=2), "moe_intermediate_size=0"),
+        (dict(num_experts_per_tok=2), "num_experts=0"),
+        (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=4, mlp_only_layers=(5,)),
+         "mlp_only_layers contains 5"),
+        (dict(num_experts=-1), "num_experts=-1"),
+        (dict(decoder_sparse_step=0), "decoder_sparse_step=0"),
+    ],
+)
+def test_bad_moe_fields_are_named(kwargs, message):
+    base = ModelConfig.named("tiny").to_dict()
+    with pytest.raises((ValueError, TypeError), match=message):
+        ModelConfig.from_dict({**base, **kwargs})
+
+
+def test_sparse_layers_follow_qwens_rule_and_the_scan_period_covers_them():
+    c = ModelConfig.named("tiny").replace(num_layers=7, num_experts=8, num_experts_per_tok=2,
+                                          moe_intermediate_size=4, decoder_sparse_step=2)  # fmt: skip
+    assert c.sparse_layers == (1, 3, 5) and layer_period(c) == 2
+    c = c.replace(decoder_sparse_step=1, mlp_only_layers=(1,))
+    assert c.sparse_layers == (0, 2, 3, 4, 5, 6) and layer_period(c) == 6  # layer 6 is a 0
+    shapes = param_shapes(c)["layers"]
+    assert shapes["w_up"] == (1, 384, 128) and shapes["experts_up"] == (6, 8, 4, 128)
+    assert shapes["router"] == (6, 8, 128) and shapes["wq"][0] == 7
+    assert leaf_layers(c, "w_down") == (1,) and leaf_layers(c, "experts_down") == c.sparse_layers
+
+
+def test_shipped_moe_configs():
+    q = ModelConfig.named("qwen3-30b-a3b")
+    assert (q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size) == (128, 8, 768)
+    assert q.norm_topk_prob and q.qk_norm and len(q.sparse_layers) == 48
+    m = ModelConfig.named("mixtral-8x7b")
+    assert (m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size) == (8, 2, 14336)
+    assert ModelConfig.named("tiny-moe").num_experts >= 8
+
+
+# -- transformers parity ----------------------------------------------------------------------
+
+COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512)  # fmt: skip
+FAMILIES = {
+    # top-2 renormalised, layer 1 dense (mlp_only_layers): a scan period of 3 kinds
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),
+    # top-4 of 8, Mixtral renormalises always
+    "mixtral": lambda: transformers.MixtralConfig(
+        **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=4),
+    # top-4 not renormalised, a shared expert with its sigmoid gate, biased q/k/v
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=4, shared_expert_intermediate_size=48, norm_topk_prob=False),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (checkpoint dir, the fp32 torch model it holds)."""
+    out = {}
+    for family, make in FAMILIES.items():
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation="eager")
+        with torch.no_grad():  # weights large enough that routing is decisive
+            for name, p in hf.named_parameters():
+                p.copy_((1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else
+                        (0.5 if "gate.weight" in name else 0.1) * torch.randn_like(p))
+        directory = str(tmp_path_factory.mktemp(family))
+        hf.eval().save_pretrained(directory)
+        out[family] = directory, hf
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_checkpoint_matches_transformers(checkpoints, family):
+    directory, hf = checkpoints[family]
+    model = load_model(directory)
+    assert model.config.num_experts == 8 and model.params["layers"]["experts_gate"].shape[1] == 8
+    rng = np.random.default_rng(2)
+    prompt = list(map(int, rng.integers(0, 256, 110)))
+    completion = list(map(int, rng.integers(0, 256, 10)))
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + completion])).logits[0].float()
+    want = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1, 119), torch.tensor(completion)]
+    got = jengine.score(model, prompt, completion)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    # greedy continuation: transformers' argmax token by token
+    engine = Engine(model, EngineConfig(max_model_len=160, max_num_seqs=1, page_size=16))
+    ours = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             min_new_tokens=12)[0, len(prompt):]  # fmt: skip
+    assert ours[0].token_ids == theirs.tolist()
+
+
+def test_stack_unstack_round_trip_with_dense_and_sparse_layers(checkpoints):
+    model = load_model(checkpoints["qwen3_moe"][0])
+    per_layer = unstack_layers(model.params, model.config)["layers"]
+    assert "w_up" in per_layer[1] and "router" not in per_layer[1] and "router" in per_layer[2]
+    again = stack_layers({**model.params, "layers": per_layer})
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(model.params)):
+        assert_bitwise(a, b)
+    with pytest.raises(ValueError, match="pass the model's config"):
+        unstack_layers(model.params)
+
+
+# -- exactness on tiny-moe --------------------------------------------------------------------
+
+BASE = dict(max_model_len=160, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+            num_pages=96)  # fmt: skip
+PARAMS = [
+    SamplingParams(temperature=1.0, max_tokens=8, seed=1),
+    SamplingParams(temperature=0.7, top_k=40, max_tokens=6, seed=2),
+    SamplingParams(temperature=0.0, max_tokens=7, seed=3),
+    SamplingParams(temperature=0.9, top_p=0.9, max_tokens=5, seed=4),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = ModelConfig.named("tiny-moe")
+    params = init_params(cfg, seed=0)
+    # a router with weight enough that tokens prefer some experts strongly
+    params["layers"]["router"] = params["layers"]["router"] * 20
+    return Model(cfg, params)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return random_prompts(4, 512, lo=20, hi=60, seed=5), PARAMS
+
+
+def run(model, prompts, params, **cfg):
+    engine = Engine(model, EngineConfig(**{**BASE, **cfg}))
+    outs = engine.generate(prompts, params)
+    engine.check_invariants()
+    return outs, engine
+
+
+@pytest.fixture(scope="module")
+def alone(tiny, workload):
+    prompts, params = workload
+    return [run(tiny, [p], [sp], max_num_batched_tokens=16)[0][0] for p, sp in zip(prompts, params)]
+
+
+def test_rollout_is_bitwise_score_and_token_logprobs(tiny, workload, alone):
+    prompts, params = workload
+    outs, _ = run(tiny, prompts, params)
+    scored = jengine.score(tiny, prompts, [o.token_ids for o in outs], params)
+    for a, b, s in zip(alone, outs, scored):
+        assert a.token_ids == b.token_ids
+        assert_bitwise(a.logprobs, b.logprobs)
+        assert_bitwise(s, b.logprobs)
+    seqs = [p + o.token_ids for p, o in zip(prompts, outs)]
+    width = max(map(len, seqs))
+    tokens = jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32)
+    prompt_lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    completion_lens = jnp.asarray([len(o.token_ids) for o in outs], jnp.int32)
+
+    def values(p):
+        return rl.token_logprobs(p, tiny.config, tokens, prompt_lens, completion_lens,
+                                 sampling_params=params)  # fmt: skip
+
+    got = np.asarray(values(tiny.params))
+    for row, (prompt, out) in enumerate(zip(prompts, outs)):
+        start = len(prompt) - 1
+        assert_bitwise(got[row, start : start + len(out.token_ids)], out.logprobs)
+    grads = jax.grad(lambda p: jnp.sum(values(p)))(tiny.params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+    assert float(jnp.abs(grads["layers"]["router"]).sum()) > 0  # the gate weights are trained
+    assert float(jnp.abs(grads["layers"]["experts_down"]).sum()) > 0
+
+
+def test_a_request_is_bitwise_alone_among_60_rows_on_its_experts(tiny, workload, alone):
+    """The same request next to 15 copies of one 60-token prompt (so the experts it uses receive
+    tens of rows in a step instead of a few) gives its alone bits."""
+    prompts, params = workload
+    crowd = random_prompts(1, 512, lo=60, hi=61, seed=11)[0]
+    outs, _ = run(tiny, [prompts[0]] + [crowd] * 15, [params[0]] + [SamplingParams(max_tokens=2)] * 15,
+                  max_num_seqs=16, max_num_batched_tokens=128, enable_prefix_caching=False)
+    assert outs[0].token_ids == alone[0].token_ids
+    assert_bitwise(outs[0].logprobs, alone[0].logprobs)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"max_num_seqs": 3, "max_num_batched_tokens": 24},
+        {"min_token_bucket": 2, "max_num_batched_tokens": 24},
+        {"enable_prefix_caching": False, "page_size": 32, "num_pages": 24},
+        {"page_size": 4, "num_pages": 24, "max_num_batched_tokens": 16},  # preempts
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_output_independent_of_batching_pages_and_preemption(tiny, workload, alone, cfg):
+    prompts, params = workload
+    outs, engine = run(tiny, prompts, params, **cfg)
+    assert (engine.stats["preemptions"] > 0) == (cfg.get("page_size") == 4)
+    for a, b in zip(alone, outs):
+        assert a.token_ids == b.token_ids
+        assert_bitwise(a.logprobs, b.logprobs)
+
+
+def test_prefix_cache_hits_change_nothing(tiny):
+    prefix = random_prompts(1, 512, lo=40, hi=41, seed=9)[0]
+    prompts = [prefix + [5 + i, 7, 9] for i in range(3)]
+    params = [SamplingParams(max_tokens=6, seed=i) for i in range(3)]
+    engine = Engine(tiny, EngineConfig(**BASE))
+    warm = engine.generate(prompts[:1], params[:1]) + engine.generate(prompts[1:], params[1:])
+    assert engine.stats["prefix_cache_hit_tokens"] >= 2 * 40
+    cold, _ = run(tiny, prompts, params, enable_prefix_caching=False)
+    for a, b in zip(cold, warm):
+        assert a.token_ids == b.token_ids
+        assert_bitwise(a.logprobs, b.logprobs)
+
+
+def test_orbax_round_trip(tiny, tmp_path):
+    from jengine.models.loading import save_model
+
+    save_model(tiny, str(tmp_path / "ckpt"))
+    back = load_model(str(tmp_path / "ckpt"))
+    assert back.config == tiny.config
+    for a, b in zip(jax.tree_util.tree_leaves(back.params), jax.tree_util.tree_leaves(tiny.params)):
+        assert_bitwise(a, b)
