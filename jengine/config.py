@@ -596,6 +596,9 @@ class EngineConfig(_Replace):
         "or a hardware fault (counted in stats, written to the trace).", lo=0.0, hi=1.0,
     )  # fmt: skip
     verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
+    return_routed_experts: bool = _field(
+        False, "Mixture-of-experts models: put each generated token's expert ids per sparse layer "
+        "on its output (routed_experts).")  # fmt: skip
     check_divergence: bool = _field(
         True, "Multi-process runs: compare every step's plan across processes before running it "
         "(an all-gather of a digest); a difference raises on every process.")  # fmt: skip

@@ -60,6 +60,9 @@ class RequestOutput:
     token, its number under the engine's `logprobs_mode`, and the policy version that produced it.
     top_logprobs: when `SamplingParams.logprobs = n > 0`, per token a list of n (token id, value)
     pairs, best first; else None.
+    routed_experts: with `EngineConfig(return_routed_experts=True)`, i32[num_tokens,
+    num_sparse_layers, k]: for generated token i, the experts (by rank) each sparse layer routed
+    the row whose logits it was sampled from (the token before it) to; else None.
     """
 
     request_id: str
@@ -70,6 +73,7 @@ class RequestOutput:
     finish_reason: str | None  # None only in `Engine.partial_output` (still running)
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
+    routed_experts: np.ndarray | None = None
 
 
 def check_params(params: Params, shapes: Params, where: str, dtypes: Params | None = None) -> None:
@@ -165,6 +169,7 @@ class Engine:
             model, self.numerics, logprobs_mode=config.logprobs_mode, num_pages=num_pages,
             page_size=config.page_size, max_tokens=config.max_num_batched_tokens,
             max_seqs=config.max_num_seqs, min_tokens=config.min_token_bucket, mesh=self.mesh,
+            routing=config.return_routed_experts,
         )  # fmt: skip
         self.schedulers = [
             Scheduler(BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching),
@@ -280,6 +285,8 @@ class Engine:
             logprobs=np.asarray(seq.logprobs[start:], np.float32),
             policy_versions=np.asarray(seq.versions[start:], np.int32),
             top_logprobs=top if seq.params.logprobs else None, error=error,
+            routed_experts=np.stack(seq.routed[start:]).astype(np.int32) if seq.routed[start:]
+            else None,
         )  # fmt: skip
 
     def partial_output(self, request_id: str, start: int = 0) -> RequestOutput | None:
@@ -396,6 +403,8 @@ class Engine:
             seq.versions.append(self.policy_version)
             if n := seq.params.logprobs:
                 seq.top.append((sel.top_ids[r, :n].copy(), sel.top_values[r, :n].copy()))
+            if sel.routing is not None:
+                seq.routed.append(sel.routing[r].copy())
             self._generated += 1
             reason = self._stop_reason(seq, token)
             if reason is None and seq.stop is not None:

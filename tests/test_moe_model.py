@@ -258,3 +258,91 @@ def test_orbax_round_trip(tiny, tmp_path):
     assert back.config == tiny.config
     for a, b in zip(jax.tree_util.tree_leaves(back.params), jax.tree_util.tree_leaves(tiny.params)):
         assert_bitwise(a, b)
+
+
+def test_routed_experts_recorded_by_the_engine_are_the_scorers(tiny, workload):
+    """`return_routed_experts` puts i32[tokens, sparse layers, k] on each output; they equal the
+    routing `rl.token_logprobs(return_routing=True)` used for every completion token, and
+    `rl.mismatch_metrics` counts 0 routing mismatches (and counts a changed expert)."""
+    prompts, params = workload
+    outs, _ = run(tiny, prompts, params, return_routed_experts=True)
+    c = tiny.config
+    packed = rl.pack(prompts, [o.token_ids for o in outs],
+                     rollout_logprobs=[o.logprobs for o in outs])  # fmt: skip
+    values, routing = rl.token_logprobs(
+        tiny.params, c, packed["tokens"], packed["prompt_lens"], packed["completion_lens"],
+        sampling_params=params, return_routing=True)  # fmt: skip
+    routing = np.asarray(routing)
+    assert routing.shape[2:] == (len(c.sparse_layers), c.num_experts_per_tok)
+    rollout = np.zeros_like(routing) - 1
+    for b, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.routed_experts.dtype == np.int32
+        assert o.routed_experts.shape == (len(o.token_ids), len(c.sparse_layers), 2)
+        assert (np.diff(np.sort(o.routed_experts, -1), axis=-1) > 0).all()  # k distinct experts
+        np.testing.assert_array_equal(o.routed_experts, routing[b, len(p) - 1 : len(p) - 1 + len(o.token_ids)])
+        rollout[b, len(p) - 1 : len(p) - 1 + len(o.token_ids)] = o.routed_experts
+    mask = rl.completion_mask(packed["prompt_lens"], packed["completion_lens"], packed["tokens"].shape[1])
+    m = rl.to_host(rl.mismatch_metrics(values, packed["logprobs"], mask, routing_new=routing,
+                                       routing_old=rollout))  # fmt: skip
+    assert m["routing_mismatches"] == 0 and m["bitwise_equal"] == m["num_tokens"]
+    rollout[0, len(prompts[0]) - 1, 0, 1] += 1
+    assert int(rl.routing_mismatches(routing, rollout, mask)) == 1
+    plain, _ = run(tiny, prompts[:1], params[:1])
+    assert plain[0].routed_experts is None
+
+
+EP_CHECK = """
+import json
+import numpy as np
+import jax
+from jengine import Engine, EngineConfig, Model, ModelConfig, SamplingParams, init_params, rl
+from jengine.sharding import make_mesh
+from tests.conftest import random_prompts
+cfg = ModelConfig.named("tiny-moe")
+params = init_params(cfg, seed=0)
+params["layers"]["router"] = params["layers"]["router"] * 20
+model = Model(cfg, params)
+prompts = random_prompts(4, 512, lo=17, hi=60, seed=3)
+sp = [SamplingParams(temperature=0.8, max_tokens=6, seed=i) for i in range(4)]
+base = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+            column_blocks=4, return_routed_experts=True)
+outs = {}
+for name, kw in {"one_device": {}, "ep2": dict(tensor_parallel_size=2),
+                 "ep4": dict(tensor_parallel_size=4),
+                 "ep2xdp2": dict(tensor_parallel_size=2, data_parallel_size=2)}.items():
+    engine = Engine(model, EngineConfig(**base, **kw))
+    outs[name] = [(o.token_ids, np.asarray(o.logprobs, np.float32).view(np.uint32).tolist(),
+                   o.routed_experts.tolist()) for o in engine.generate(prompts, sp)]
+    if name == "ep2":
+        shards = engine.runner.params["layers"]["experts_up"].addressable_shards
+        experts_per_device = shards[0].data.shape[1]
+packed = rl.pack(prompts, [o[0] for o in outs["one_device"]])
+lp = {}
+for tp in (1, 4):
+    lp[tp] = np.asarray(rl.token_logprobs(
+        params, cfg, packed["tokens"], packed["prompt_lens"], packed["completion_lens"],
+        sampling_params=sp, numerics=engine.numerics.replace(column_blocks=4),
+        mesh=make_mesh(tp) if tp > 1 else None), np.float32).view(np.uint32).tolist()
+print(json.dumps({"equal": {k: v == outs["one_device"] for k, v in outs.items()},
+                  "scorer_equal": lp[1] == lp[4], "experts_per_device": experts_per_device,
+                  "tokens": len(outs["ep2"][0][0])}))
+"""
+
+
+def test_expert_parallel_is_bitwise_one_device():
+    """Experts split over 2 and 4 forced CPU devices (and 2 x 2 data parallel) give the tokens,
+    logprob bits and routed experts of one device; the scorer over 4 devices those of one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    proc = subprocess.run([sys.executable, "-c", EP_CHECK], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(report["equal"].values()) and report["scorer_equal"], report
+    assert report["experts_per_device"] == 4 and report["tokens"] == 6

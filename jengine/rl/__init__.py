@@ -4,6 +4,7 @@
   completion_mask   which output columns are completion tokens
   pack              host-side padding of (prompt, completion, rollout logprobs) into arrays
   mismatch_metrics  ratio / clip / k1 / k3 / |r| / ESS / bitwise-equal counts, as trainers log them
+  routing_mismatches  tokens a mixture-of-experts model routed differently (rollout vs trainer)
   truncated_is, masked_is, token_ratios, sequence_ratios   opt-in corrections (TIS, MIS, GSPO)
   group_advantages, grpo_loss, gspo_loss                   GRPO / GSPO objectives
   RolloutActor, GroupRequest, Group   pipelined rollouts: a background thread owns the engine,
@@ -20,12 +21,13 @@ from jengine.rl.corrections import (
 )
 from jengine.rl.logprobs import completion_mask, pack, token_logprobs
 from jengine.rl.losses import group_advantages, grpo_loss, gspo_loss
-from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
+from jengine.rl.metrics import bitwise_equal, mismatch_metrics, routing_mismatches, to_host
 from jengine.rl.pipeline import Group, GroupRequest, RolloutActor
 
 __all__ = [
     "bitwise_equal", "completion_mask", "Group", "GroupRequest", "group_advantages", "grpo_loss",
     "gspo_loss", "log_ratios", "masked_is", "mismatch_metrics", "pack", "RolloutActor",
+    "routing_mismatches",
     "sequence_log_ratios", "sequence_ratios", "to_host", "token_logprobs", "token_ratios",
     "truncated_is",
 ]  # fmt: skip
