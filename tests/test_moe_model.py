@@ -346,3 +346,13 @@ def test_expert_parallel_is_bitwise_one_device():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(report["equal"].values()) and report["scorer_equal"], report
     assert report["experts_per_device"] == 4 and report["tokens"] == 6
+
+
+def test_score_row_is_bitwise_alone_and_in_a_crowd_on_its_experts(tiny):
+    """Quick tier: one sequence scored alone and beside 15 copies of a 60-token sequence (its
+    experts then receive tens of rows where they had a few) has the same bits."""
+    prompt, completion = random_prompts(2, 512, lo=30, hi=31, seed=4)
+    crowd = random_prompts(1, 512, lo=60, hi=61, seed=11)[0]
+    alone = jengine.score(tiny, prompt, completion)
+    crowded = jengine.score(tiny, [prompt] + [crowd[:30]] * 15, [completion] + [crowd[30:60]] * 15)
+    assert_bitwise(crowded[0], alone)
