@@ -287,8 +287,14 @@ def test_routed_experts_recorded_by_the_engine_are_the_scorers(tiny, workload):
     assert m["routing_mismatches"] == 0 and m["bitwise_equal"] == m["num_tokens"]
     rollout[0, len(prompts[0]) - 1, 0, 1] += 1
     assert int(rl.routing_mismatches(routing, rollout, mask)) == 1
-    plain, _ = run(tiny, prompts[:1], params[:1])
+    plain, engine = run(tiny, prompts[:1], params[:1])
     assert plain[0].routed_experts is None
+    from jengine.diagnostics import format_parity_report, parity_report
+
+    report = parity_report(tiny, outs, prompts, params, numerics=engine.numerics)
+    assert report["routing_mismatches"] == 0 and "routing_mismatches" in format_parity_report(report)
+    outs[1].routed_experts[0, 0, 0] ^= 1
+    assert parity_report(tiny, outs, prompts, params, numerics=engine.numerics)["routing_mismatches"] == 1
 
 
 EP_CHECK = """
