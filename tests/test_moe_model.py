@@ -362,3 +362,55 @@ def test_score_row_is_bitwise_alone_and_in_a_crowd_on_its_experts(tiny):
     alone = jengine.score(tiny, prompt, completion)
     crowded = jengine.score(tiny, [prompt] + [crowd[:30]] * 15, [completion] + [crowd[30:60]] * 15)
     assert_bitwise(crowded[0], alone)
+
+
+def write_moe_gguf(path, model: Model, arch: str) -> None:
+    """`model` as llama.cpp's converter lays a mixture-of-experts model out: stacked expert tensors
+    (`blk.{i}.ffn_{gate,up,down}_exps`), the router as `ffn_gate_inp`, the expert metadata; q/k
+    rows permuted for the llama architecture."""
+    import gguf
+
+    from jengine.models.loading import _GGUF_LAYER, _GGUF_TOP
+    from tests.test_gguf import llama_cpp_permute
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in dict(block_count=c.num_layers, context_length=c.max_position_embeddings,
+                           embedding_length=c.hidden_size, feed_forward_length=c.intermediate_size,
+                           head_count=c.num_heads, head_count_kv=c.num_kv_heads,
+                           rope_freq_base=c.rope_theta, layer_norm_rms_eps=c.rms_norm_eps,
+                           key_length=c.head_dim, value_length=c.head_dim,
+                           vocab_size=c.vocab_size, expert_count=c.num_experts,
+                           expert_used_count=c.num_experts_per_tok).items():  # fmt: skip
+        getattr(w, f"add_{key}")(value)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    params = unstack_layers(model.params, c)
+    for name, value in params.items():
+        if name != "layers":
+            w.add_tensor(_GGUF_TOP[name], np.asarray(value, np.float32))
+    for i, layer in enumerate(params["layers"]):
+        for name, value in layer.items():
+            data = np.asarray(value, np.float32)
+            if arch == "llama" and name in ("wq", "wk"):
+                data = llama_cpp_permute(data, c.num_heads if name == "wq" else c.num_kv_heads)
+            w.add_tensor(f"blk.{i}.{_GGUF_LAYER[name]}", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family, arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama")])
+def test_gguf_with_stacked_experts_loads_the_checkpoints_params(checkpoints, tmp_path, family, arch):
+    """A qwen3moe GGUF and a llama GGUF with experts (Mixtral) load to the params and expert
+    config of the safetensors they were written from."""
+    hf = load_model(checkpoints[family][0])
+    path = tmp_path / "model.gguf"
+    write_moe_gguf(path, hf, arch)
+    got = load_model(str(path))
+    fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+              "qk_norm", "num_layers", "head_dim", "sparse_layers")  # fmt: skip
+    assert {f: getattr(got.config, f) for f in fields} == {f: getattr(hf.config, f) for f in fields}
+    assert jax.tree_util.tree_structure(got.params) == jax.tree_util.tree_structure(hf.params)
+    for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(hf.params)):
+        assert_bitwise(a, b)

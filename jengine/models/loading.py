@@ -73,8 +73,12 @@ _GGUF_LAYER = {
     **{f"{x}_norm": f"attn_{x}_norm.weight" for x in "qk"},
     **{f"w{x}": f"attn_{x}.weight" for x in "qkv"}, **{f"b{x}": f"attn_{x}.bias" for x in "qkv"},
     **{f"w_{x}": f"ffn_{x}.weight" for x in ("gate", "up", "down")},
+    # mixture of experts: llama.cpp stores each expert leaf stacked [E, out, in]
+    "router": "ffn_gate_inp.weight", "shared_expert_gate": "ffn_gate_inp_shexp.weight",
+    **{f"experts_{x}": f"ffn_{x}_exps.weight" for x in ("gate", "up", "down")},
+    **{f"shared_w_{x}": f"ffn_{x}_shexp.weight" for x in ("gate", "up", "down")},
 }  # fmt: skip
-_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "qwen2moe")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # F16: upcast
 
 
@@ -358,6 +362,16 @@ def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str],
     if scaling == "linear":
         factor = float(key("rope.scaling.factor"))
         family["rope_scaling"] = RopeScaling(rope_type="linear", factor=factor)
+    if experts := key("expert_count", 0):  # qwen3moe, qwen2moe, llama with experts (Mixtral)
+        family.update(
+            num_experts=experts, num_experts_per_tok=key("expert_used_count"),
+            moe_intermediate_size=key("expert_feed_forward_length", key("feed_forward_length")),
+            # llama.cpp renormalises the top-k for every architecture but qwen2moe
+            norm_topk_prob=bool(key("expert_weights_norm", arch != "qwen2moe")),
+            shared_expert_intermediate_size=key("expert_shared_feed_forward_length", 0),
+            # a layer without a router is dense (the file's tensors say which)
+            mlp_only_layers=tuple(i for i in range(key("block_count"))
+                                  if f"blk.{i}.ffn_gate_inp.weight" not in tensors))  # fmt: skip
     return ModelConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=key("feed_forward_length"),
         num_layers=key("block_count"), num_heads=heads,
