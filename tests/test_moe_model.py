@@ -414,3 +414,18 @@ def test_gguf_with_stacked_experts_loads_the_checkpoints_params(checkpoints, tmp
     assert jax.tree_util.tree_structure(got.params) == jax.tree_util.tree_structure(hf.params)
     for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(hf.params)):
         assert_bitwise(a, b)
+
+
+def test_tied_router_logits_route_to_the_lower_expert(tiny):
+    """Experts 3 and 5 with identical router rows tie on every token: wherever 5 is chosen, 3 is
+    chosen at an earlier rank, and 3 is chosen somewhere (the tie reaches the selection)."""
+    layers = dict(tiny.params["layers"])
+    layers["router"] = layers["router"].at[:, 5].set(layers["router"][:, 3])
+    params = {**tiny.params, "layers": layers}
+    tokens = np.asarray(random_prompts(4, 512, lo=64, hi=65, seed=13), np.int32)
+    _, routing = rl.token_logprobs(params, tiny.config, tokens, 1, return_routing=True)
+    routing = np.asarray(routing).reshape(-1, tiny.config.num_experts_per_tok)
+    has3, has5 = (routing == 3).any(-1), (routing == 5).any(-1)
+    assert has3.sum() > 0 and np.array_equal(has5, has5 & has3)
+    rank3, rank5 = (routing == 3).argmax(-1), (routing == 5).argmax(-1)
+    assert (rank3[has5] < rank5[has5]).all()
