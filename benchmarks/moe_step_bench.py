@@ -25,9 +25,13 @@ sys.path.insert(0, ROOT)
 import jax
 
 from benchmarks.kernel_bench import _best_ms
-from jengine import ModelConfig, SamplingParams, init_params
+from jengine import (
+    ModelConfig,
+    SamplingParams,
+    init_params,
+    sampling,  # noqa: F401  (registers the plan types as pytrees)
+)
 from jengine import plan as plan_lib
-from jengine import sampling  # noqa: F401  (registers the plan types as pytrees)
 from jengine.config import Numerics
 from jengine.models.transformer import empty_kv_cache, forward
 

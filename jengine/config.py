@@ -299,7 +299,8 @@ class ModelConfig(_Replace):
         supported = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                     "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}  # fmt: skip
+                     "qwen2_moe": "Qwen2MoeForCausalLM",
+                     "mixtral": "MixtralForCausalLM"}  # fmt: skip
         if model_type not in supported:  # the architecture names the family
             by_arch = {a: t for t, a in supported.items()}
             model_type = next((by_arch[a] for a in archs if a in by_arch), model_type)
@@ -384,7 +385,8 @@ def _moe_fields(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     every layer sliding, as its attention is."""
     if model_type == "mixtral":
         window = d.get("sliding_window")
-        return dict(num_experts=d["num_local_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+        return dict(num_experts=d["num_local_experts"],
+                    num_experts_per_tok=d["num_experts_per_tok"],
                     moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True,
                     sliding_window=window,
                     layer_types=("sliding_attention",) * d["num_hidden_layers"] if window else None)

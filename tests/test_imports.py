@@ -21,11 +21,11 @@ CORE = ("jengine/__init__.py", "jengine/config.py", "jengine/plan.py", "jengine/
         "jengine/models/transformer.py", "jengine/runner.py", "jengine/sharding.py",
         "jengine/scoring.py", "jengine/engine.py")  # fmt: skip
 # A ratchet, not the goal: this bound fails a change that makes the core grow unnoticed.
-# its size now: lower it as the core shrinks. Mixture-of-experts models added 226 lines: the
+# its size now: lower it as the core shrinks. Mixture-of-experts models added 229 lines: the
 # expert flags and their checks (config), leaves stacked over the layers that have them and the
 # sparse MLP (transformer), routed experts on outputs (engine, runner, scheduler, sampling) and
 # expert parallelism (sharding).
-CORE_LINE_BUDGET = 2828
+CORE_LINE_BUDGET = 2831
 
 
 def _modules() -> dict[str, str]:

@@ -15,8 +15,13 @@ import transformers
 import jengine
 from jengine import Engine, EngineConfig, Model, ModelConfig, SamplingParams, init_params, rl
 from jengine.models.loading import load_model
-from jengine.models.transformer import (layer_period, leaf_layers, param_shapes, stack_layers,
-                                        unstack_layers)  # fmt: skip
+from jengine.models.transformer import (
+    layer_period,
+    leaf_layers,
+    param_shapes,
+    stack_layers,
+    unstack_layers,  # fmt: skip
+)
 from tests.conftest import random_prompts
 
 

@@ -23,8 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.config import GEMMA_FLAGS, PARAM_DTYPES, ModelConfig, RopeScaling, gemma_layer_types
-from jengine.models.transformer import (Model, Params, init_params, leaf_layers, param_shapes,
-                                        stack_layers)
+from jengine.models.transformer import (
+    Model,
+    Params,
+    init_params,
+    leaf_layers,
+    param_shapes,
+    stack_layers,
+)
 
 ParamPath = tuple[str | int, ...]  # ("embed",), ("layers", "wq") stacked, ("layers", 3, "wq")
 # None, a pytree of Shardings shaped like the params, or a callable

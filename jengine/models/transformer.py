@@ -24,8 +24,8 @@ Params pytree (HF names in brackets; every matrix is `[out, in]`, nn.Linear's la
     router [E, hidden]                          (mlp.gate.weight {block_sparse_moe.gate.weight})
     experts_gate, experts_up [E, I, hidden]     (mlp.experts.{e}.gate_proj / up_proj.weight {w1/w3})
     experts_down [E, hidden, I]                 (mlp.experts.{e}.down_proj.weight {w2})
-    shared_w_gate, shared_w_up [S, hidden]  shared_w_down [hidden, S]  shared_expert_gate [1, hidden]
-                                 Qwen2-MoE only (mlp.shared_expert.*_proj, mlp.shared_expert_gate)
+    shared_w_gate, shared_w_up [S, hidden]  shared_w_down [hidden, S]  shared_expert_gate
+    [1, hidden]                  Qwen2-MoE only (mlp.shared_expert.*_proj, mlp.shared_expert_gate)
   Each leaf stacks only the layers that have it (`leaf_layers`): the dense MLP's the dense layers,
   the experts' the sparse layers (`ModelConfig.is_sparse`), the rest every layer.
 
@@ -101,7 +101,8 @@ def layer_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tup
         i = config.intermediate_size
         shapes.update(w_gate=(i, h), w_up=(i, h), w_down=(h, i))
     if any(config.is_sparse(i) for i in layers):
-        e, i, s = config.num_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size
+        e, i = config.num_experts, config.moe_intermediate_size
+        s = config.shared_expert_intermediate_size
         shapes.update(router=(e, h), experts_gate=(e, i, h), experts_up=(e, i, h),
                       experts_down=(e, h, i))  # fmt: skip
         if s:

@@ -67,8 +67,8 @@ def mismatch_metrics(logp_new: jax.Array, logp_old: jax.Array, mask=None, *, eps
     routing = {} if routing_new is None or routing_old is None else {
         "routing_mismatches": routing_mismatches(routing_new, routing_old, m)}  # fmt: skip
     return dict(
-        **routing, ratio_mean=mean(w), ratio_max=jnp.max(jnp.where(m, w, -jnp.inf)), clip_frac_low=low,
-        clip_frac_high=high, clip_frac=low + high, k1=mean(-r), k3=k3, kl_new_old=k3,
+        **routing, ratio_mean=mean(w), ratio_max=jnp.max(jnp.where(m, w, -jnp.inf)),
+        clip_frac_low=low, clip_frac_high=high, clip_frac=low + high, k1=mean(-r), k3=k3, kl_new_old=k3,
         mean_abs_log_ratio=mean(jnp.abs(r)), max_abs_diff=jnp.max(jnp.where(m, jnp.abs(r), 0.0)),
         ess=ess, ess_frac=ess / denom, bitwise_equal=bitwise_equal(logp_new, logp_old, m),
         num_tokens=n.astype(jnp.int32),
