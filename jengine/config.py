@@ -156,6 +156,18 @@ class ModelConfig(_Replace):
         layer's query at position i sees keys j with i - sliding_window < j <= i.
       rope_local_theta: RoPE base of the sliding layers (None: rope_theta). `rope_scaling` applies
         to the full-attention layers only.
+
+    Mixture of experts (Qwen3-MoE, Mixtral, Qwen2-MoE; `num_experts=0`: every layer dense):
+      num_experts, num_experts_per_tok (k): each token of a sparse layer goes to the k experts its
+        router (fp32 softmax over `num_experts` logits, ties to the lower index) ranks highest.
+      moe_intermediate_size: each expert's SwiGLU width (Mixtral's experts: intermediate_size).
+      norm_topk_prob: the k gate weights renormalised to sum to 1 (Qwen3-MoE's flag; Mixtral's
+        always), else the top-k softmax probabilities as they are (Qwen2-MoE).
+      decoder_sparse_step, mlp_only_layers: layer i is sparse when (i + 1) is a multiple of the
+        step and i is not in mlp_only_layers (Qwen's rule); the others keep the dense
+        `intermediate_size` MLP (`is_sparse`).
+      shared_expert_intermediate_size: > 0 adds Qwen2-MoE's shared expert to every sparse layer
+        (a dense SwiGLU MLP of that width, scaled by sigmoid of a [1, hidden] gate).
     """
 
     vocab_size: int = _field(lo=1)
@@ -186,9 +198,17 @@ class ModelConfig(_Replace):
     sliding_window: int | None = _field(None, lo=1)
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = _field(None, lo=1e-6)
+    num_experts: int = _field(0, lo=0)
+    num_experts_per_tok: int = _field(0, lo=0)
+    moe_intermediate_size: int = _field(0, lo=0)
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = _field(1, lo=1)
+    mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = _field(0, lo=0)
 
     def __post_init__(self) -> None:
         _validate(self, skip=("eos_token_ids", "bos_token_id"))
+        self._check_experts()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")  # fmt: skip
@@ -213,6 +233,35 @@ class ModelConfig(_Replace):
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError(f"layer_types={self.layer_types!r} has sliding layers but "
                                  "sliding_window=None")  # fmt: skip
+
+    def _check_experts(self) -> None:
+        for t in self.mlp_only_layers:
+            if not 0 <= t < self.num_layers:
+                raise ValueError(f"mlp_only_layers contains {t}, outside [0, num_layers="
+                                 f"{self.num_layers})")  # fmt: skip
+        if self.num_experts == 0:
+            moe = {"num_experts_per_tok": self.num_experts_per_tok,
+                   "moe_intermediate_size": self.moe_intermediate_size,
+                   "shared_expert_intermediate_size": self.shared_expert_intermediate_size}
+            if set_fields := {k: v for k, v in moe.items() if v}:
+                raise ValueError(f"{set_fields} set but num_experts=0 (a dense model)")
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, "
+                             f"num_experts={self.num_experts}]")  # fmt: skip
+        if self.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be >= 1 "
+                             f"when num_experts={self.num_experts}")  # fmt: skip
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is the mixture of experts (Qwen's rule; see the doc)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)  # fmt: skip
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """The layers whose MLP is the mixture of experts, in order."""
+        return tuple(i for i in range(self.num_layers) if self.is_sparse(i))
 
     def is_sliding(self, layer: int) -> bool:
         """Whether layer `layer` attends through the sliding window."""
@@ -241,7 +290,7 @@ class ModelConfig(_Replace):
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        for field in ("eos_token_ids", "layer_types"):
+        for field in ("eos_token_ids", "layer_types", "mlp_only_layers"):
             if d.get(field) is not None:
                 d[field] = tuple(d[field])
         return cls(**d)
@@ -252,7 +301,12 @@ class ModelConfig(_Replace):
         model_type = d.get("model_type", "")
         supported = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                     "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+                     "gemma3_text": "Gemma3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                     "qwen2_moe": "Qwen2MoeForCausalLM",
+                     "mixtral": "MixtralForCausalLM"}  # fmt: skip
+        if model_type not in supported:  # the architecture names the family
+            by_arch = {a: t for t, a in supported.items()}
+            model_type = next((by_arch[a] for a in archs if a in by_arch), model_type)
         if model_type not in supported and not set(archs) & set(supported.values()):
             raise ValueError(f"unsupported architecture model_type={model_type!r} architectures="
                              f"{archs}; jengine supports {sorted(supported.values())}")  # fmt: skip
@@ -266,7 +320,8 @@ class ModelConfig(_Replace):
         eos = d.get("eos_token_id", 1 if gemma else None)  # Gemma's defaults: EOS 1, BOS 2
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         torch_dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
-        family: dict[str, Any] = {"qk_norm": model_type == "qwen3"}
+        family: dict[str, Any] = {"qk_norm": model_type in ("qwen3", "qwen3_moe"),
+                                  **_moe_fields(d, model_type)}  # fmt: skip
         if gemma:
             family = _gemma_fields(d, gemma)
             rs = family.pop("rope_scaling")
@@ -278,7 +333,7 @@ class ModelConfig(_Replace):
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rope_theta=float(theta if theta is not None else 10000.0),
             rope_scaling=_rope_scaling(rs), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(d.get("attention_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma is not None)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             dtype="bfloat16" if torch_dtype == "bfloat16" else "float32", eos_token_ids=eos_ids,
@@ -321,6 +376,33 @@ def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
             original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
         )  # fmt: skip
     raise ValueError(f"unsupported rope_scaling {dict(rs)!r}: jengine supports {ROPE_TYPES}, none")
+
+
+def _moe_fields(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """Mixture-of-experts fields of an HF config (none for a dense family).
+
+    Qwen3-MoE / Qwen2-MoE: `num_experts` (transformers 5 writes it `num_local_experts`),
+    `moe_intermediate_size`, `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`; Qwen2-MoE
+    adds `shared_expert_intermediate_size`. Mixtral: `num_local_experts` experts of
+    `intermediate_size`, every layer sparse, top-k always renormalised; a `sliding_window` makes
+    every layer sliding, as its attention is."""
+    if model_type == "mixtral":
+        window = d.get("sliding_window")
+        return dict(num_experts=d["num_local_experts"],
+                    num_experts_per_tok=d["num_experts_per_tok"],
+                    moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True,
+                    sliding_window=window,
+                    layer_types=("sliding_attention",) * d["num_hidden_layers"] if window else None)
+    if model_type not in ("qwen3_moe", "qwen2_moe"):
+        return {}
+    experts = d.get("num_experts", d.get("num_local_experts"))
+    shared = d.get("shared_expert_intermediate_size") or 0 if model_type == "qwen2_moe" else 0
+    return dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                moe_intermediate_size=d["moe_intermediate_size"],
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                decoder_sparse_step=d.get("decoder_sparse_step") or 1,
+                mlp_only_layers=tuple(d.get("mlp_only_layers") or ()),
+                shared_expert_intermediate_size=shared)  # fmt: skip
 
 
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
@@ -528,6 +610,9 @@ class EngineConfig(_Replace):
         "or a hardware fault (counted in stats, written to the trace).", lo=0.0, hi=1.0,
     )  # fmt: skip
     verify_strict: bool = _field(False, "Raise VerificationError on a parity-guard mismatch.")
+    return_routed_experts: bool = _field(
+        False, "Mixture-of-experts models: put each generated token's expert ids per sparse layer "
+        "on its output (routed_experts).")  # fmt: skip
     check_divergence: bool = _field(
         True, "Multi-process runs: compare every step's plan across processes before running it "
         "(an all-gather of a digest); a difference raises on every process.")  # fmt: skip

@@ -329,7 +329,10 @@ def parity_report(
       rollout_logprobs_mode: what the rollout returned (default: `logprobs_mode`).
       batch_size: sequences per `score` call.
     Returns:
-      `mismatch_metrics(...)` plus `settings` (the trainer side's numerics and logprobs_mode).
+      `mismatch_metrics(...)` plus `settings` (the trainer side's numerics and logprobs_mode),
+      and `routing_mismatches` (tokens routed to other experts by the trainer side) when every
+      output carries `routed_experts` (a mixture-of-experts rollout with
+      `EngineConfig(return_routed_experts=True)`).
     """
     import jengine
     from jengine.scoring import per_sequence
@@ -361,7 +364,26 @@ def parity_report(
     are_logprobs = {logprobs_mode, rollout_logprobs_mode or logprobs_mode} <= set(LOGPROB_MODES)
     report = mismatch_metrics(trainer, rollout, are_logprobs=are_logprobs)
     report["settings"] = {"logprobs_mode": logprobs_mode, **dataclasses.asdict(numerics)}
+    if outputs and all(getattr(o, "routed_experts", None) is not None for o in outputs):
+        report["routing_mismatches"] = _routing_mismatches(model, outputs, prompts, per_seq,
+                                                           numerics)  # fmt: skip
     return report
+
+
+def _routing_mismatches(model, outputs, prompts, per_seq, numerics) -> int:
+    """Tokens whose rollout `routed_experts` differ from the routing the trainer-side scorer
+    (`rl.token_logprobs(return_routing=True)`) used for them, in some sparse layer or rank."""
+    from jengine import rl
+
+    packed = rl.pack([list(p) for p in prompts], [list(o.token_ids) for o in outputs])
+    _, routing = rl.token_logprobs(
+        model.params, model.config, packed["tokens"], packed["prompt_lens"],
+        packed["completion_lens"], sampling_params=per_seq, numerics=numerics,
+        return_routing=True)  # fmt: skip
+    routing = np.asarray(routing)
+    return sum(int(np.any(routing[b, len(p) - 1 : len(p) - 1 + len(o.token_ids)]
+                          != o.routed_experts, axis=(-2, -1)).sum())
+               for b, (p, o) in enumerate(zip(prompts, outputs)))  # fmt: skip
 
 
 def _fmt(value: Any) -> str:
@@ -380,7 +402,7 @@ def format_parity_report(report: dict[str, Any], keys: Iterable[str] | None = No
         "num_sequences", "num_tokens", "bitwise_equal", "sequences_bitwise_equal", "max_abs_diff",
         "mean_abs_diff", "rms_diff", "mean_diff", "non_finite_diffs", "ratio_mean", "ratio_min",
         "ratio_max", "k1", "k3", "clip_frac", "ess_frac", "first_mismatch",
-    ]  # fmt: skip
+    ] + (["routing_mismatches"] if "routing_mismatches" in report else [])  # fmt: skip
     lines = []
     for key in keys:
         value = report.get(key)

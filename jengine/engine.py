@@ -65,6 +65,9 @@ class RequestOutput:
     stop_reason: the stop token id or stop string that ended the request; None otherwise (EOS
     included, as in vLLM).
     num_cached_tokens: prompt tokens served from the prefix cache when the request was admitted.
+    routed_experts: with `EngineConfig(return_routed_experts=True)`, i32[num_tokens,
+    num_sparse_layers, k]: for generated token i, the experts (by rank) each sparse layer routed
+    the row whose logits it was sampled from (the token before it) to; else None.
     """
 
     request_id: str
@@ -78,6 +81,7 @@ class RequestOutput:
     text: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    routed_experts: np.ndarray | None = None
 
 
 def check_params(params: Params, shapes: Params, where: str, dtypes: Params | None = None) -> None:
@@ -175,6 +179,7 @@ class Engine:
             model, self.numerics, logprobs_mode=config.logprobs_mode, num_pages=num_pages,
             page_size=config.page_size, max_tokens=config.max_num_batched_tokens,
             max_seqs=config.max_num_seqs, min_tokens=config.min_token_bucket, mesh=self.mesh,
+            routing=config.return_routed_experts,
         )  # fmt: skip
         self.schedulers = [
             Scheduler(BlockAllocator(num_pages, config.page_size, config.enable_prefix_caching),
@@ -299,6 +304,8 @@ class Engine:
             top_logprobs=top if seq.params.logprobs else None, error=error,
             text=seq.detokenizer.text if seq.detokenizer else None, stop_reason=seq.stop_reason,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            routed_experts=np.stack(seq.routed[start:]).astype(np.int32) if seq.routed[start:]
+            else None,
         )  # fmt: skip
 
     def partial_output(self, request_id: str, start: int = 0) -> RequestOutput | None:
@@ -423,6 +430,8 @@ class Engine:
             seq.versions.append(self.policy_version)
             if n := seq.params.logprobs:
                 seq.top.append((sel.top_ids[r, :n].copy(), sel.top_values[r, :n].copy()))
+            if sel.routing is not None:
+                seq.routed.append(sel.routing[r].copy())
             self._generated += 1
             reason = self._stop_reason(seq, token)
             if reason is None and seq.stop is not None:

@@ -11,6 +11,7 @@ table; the KV pages are donated and updated in place.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import sys
@@ -33,7 +34,7 @@ MAX_TOP_N = 20  # a step returns 0 or MAX_TOP_N alternatives per token: two entr
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "numerics", "logprobs_mode", "top_n", "mesh"),
+    static_argnames=("config", "numerics", "logprobs_mode", "top_n", "mesh", "routing"),
     donate_argnames=("kv",),
 )
 def model_step(
@@ -46,20 +47,24 @@ def model_step(
     logprobs_mode: str,
     top_n: int,
     mesh: jax.sharding.Mesh | None = None,
+    routing: bool = False,
 ) -> tuple[sampling.Selected, KVCache]:
     """One step: write the plan's K/V, compute the logits of its logit rows, select tokens.
 
     Without `mesh`: params, kv and plan on one device. With a ('data', 'model') mesh: params and
     kv laid out by `jengine.sharding`, every plan leaf (and the result) with a leading [dp] axis.
+    `routing`: `Selected.routing` holds each logit row's expert ids per sparse layer.
     """
 
-    def select(logits: jax.Array, p: StepPlan) -> sampling.Selected:
-        return sampling.select(logits, p.rows, logprobs_mode, top_n)
+    def select(logits: jax.Array, p: StepPlan, routed: jax.Array | None) -> sampling.Selected:
+        sel = sampling.select(logits, p.rows, logprobs_mode, top_n)
+        return sel if routed is None else dataclasses.replace(sel, routing=routed[p.logit_rows])
 
     if mesh is None:
-        logits, kv = forward(params, config, plan, kv, numerics)
-        return select(logits, plan), kv
-    return sharding.sharded_forward(mesh, params, config, plan, kv, numerics, select)
+        logits, kv, routed = forward(params, config, plan, kv, numerics, return_routing=True)
+        return select(logits, plan, routed if routing else None), kv
+    post = select if routing else (lambda logits, p, routed: select(logits, p, None))
+    return sharding.sharded_forward(mesh, params, config, plan, kv, numerics, post)
 
 
 def next_pow2(n: int, lo: int = 1) -> int:
@@ -170,8 +175,10 @@ class Runner:
         max_seqs: int,
         min_tokens: int = MIN_TOKEN_BUCKET,
         mesh: jax.sharding.Mesh | None = None,
+        routing: bool = False,
     ):
         self.config = model.config
+        self.routing = routing
         self.numerics = numerics
         self.logprobs_mode = logprobs_mode
         self.mesh = mesh
@@ -235,7 +242,7 @@ class Runner:
         start = time.perf_counter()
         exe = _STEPS[signature] = model_step.lower(
             self.params, self.kv, batch, config=self.config, numerics=self.numerics,
-            logprobs_mode=self.logprobs_mode, top_n=top_n, mesh=self.mesh,
+            logprobs_mode=self.logprobs_mode, top_n=top_n, mesh=self.mesh, routing=self.routing,
         ).compile()  # fmt: skip
         return exe, time.perf_counter() - start
 

@@ -318,6 +318,7 @@ class Selected:
     finite: jax.Array  # bool, every raw logit finite
     top_ids: jax.Array  # i32[R, n]
     top_values: jax.Array  # f32[R, n]
+    routing: jax.Array | None = None  # i32[R, sparse layers, k]: the row's experts (when asked)
 
 
 def _select_tile(raw: jax.Array, rp: SampleRows, logprobs_mode: str, top_n: int) -> Selected:

@@ -39,6 +39,7 @@ class Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
     top: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    routed: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[sparse layers, k]
     pages: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in `pages`
     kv_version: int = 0  # policy version the first computed page was keyed under

@@ -10,6 +10,11 @@ With num_kv_heads < tp the k/v weights are replicated and each device keeps the 
 heads use. Every matmul computes its output in `Numerics.column_blocks` = C fixed blocks, so a
 device holding 1/tp of the columns runs C/tp of exactly the dots one device runs.
 
+Expert parallelism (axis 'model' too): a sparse layer's experts split into tp consecutive groups
+(`EXPERT_SPEC`); each device computes every token's expert products on its own experts, the
+products are all-gathered and each token's k are summed by rank on every device
+(`_LocalContext.experts`): gathered, never reduced across devices. Routers are replicated.
+
 Data parallelism (axis 'data'): one SPMD step over the whole mesh; data row i runs replica i's
 plan (plans and KV pages carry a leading [dp] axis), params are replicated over 'data'.
 This module imports nothing above the model layer.
@@ -28,12 +33,14 @@ from jax.sharding import PartitionSpec as P
 
 from jengine.config import EngineConfig, ModelConfig, Numerics, check_column_blocks
 from jengine.models.transformer import KVCache, Params, ScratchKV, forward, param_shapes
-from pallas_kernels.ops import head_unit
+from pallas_kernels import ops
 
 DATA, MODEL = "data", "model"
 # [dp, num_layers, num_pages, page_size, kv_heads, head_dim]: one stacked pool per data row,
 # split by KV head
 KV_SPEC = P(DATA, None, None, None, MODEL, None)
+# an expert leaf [E, out, in] (in a layer): experts split into tp consecutive groups over 'model'
+EXPERT_SPEC = P(MODEL, None, None)
 
 
 # -- meshes -----------------------------------------------------------------------------------
@@ -108,15 +115,19 @@ def check_model(config: ModelConfig, tp: int, column_blocks: int) -> None:
         problems.append(f"num_kv_heads={kvh} and tp={tp}: one must divide the other")
     for name, n in (("num_heads", heads), ("hidden_size", config.hidden_size),
                     ("intermediate_size", config.intermediate_size),
+                    ("shared_expert_intermediate_size", config.shared_expert_intermediate_size),
                     ("vocab_size", config.vocab_size),
                     ("num_kv_heads * head_dim", kvh * config.head_dim)):  # fmt: skip
         if n % c:
             problems.append(f"{name}={n} is not a multiple of column_blocks={c}")
     if not problems and c > 1:
-        unit, group = head_unit(heads, kvh, c), heads // kvh
+        unit, group = ops.head_unit(heads, kvh, c), heads // kvh
         if group % unit:
             problems.append(f"attention head unit {unit} does not divide the {group} heads per "
                             "KV head")  # fmt: skip
+    if config.num_experts % tp:
+        problems.append(f"num_experts={config.num_experts} is not a multiple of tp={tp} (experts "
+                        "are split over the devices)")  # fmt: skip
     if problems:
         raise ValueError("cannot shard this model bitwise: " + "; ".join(problems))
 
@@ -132,7 +143,11 @@ def param_specs(config: ModelConfig, tp: int) -> Params:
     kv, kv_bias = (P(MODEL, None), P(MODEL)) if split else (P(), P())
     by_name = dict.fromkeys(("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm",
                              "k_norm"), P())  # fmt: skip
-    by_name.update(dict.fromkeys(("wq", "wo", "w_gate", "w_up", "w_down"), P(MODEL, None)))
+    by_name.update(dict.fromkeys(("wq", "wo", "w_gate", "w_up", "w_down", "shared_w_gate",
+                                  "shared_w_up", "shared_w_down"), P(MODEL, None)))  # fmt: skip
+    # the router and the shared expert's gate replicated; experts split by expert (EXPERT_SPEC)
+    by_name.update(router=P(), shared_expert_gate=P(),
+                   **dict.fromkeys(("experts_gate", "experts_up", "experts_down"), EXPERT_SPEC))
     by_name.update(bq=P(MODEL), wk=kv, wv=kv, bk=kv_bias, bv=kv_bias)
     shapes = param_shapes(config)
     specs: Params = {
@@ -199,6 +214,23 @@ class _LocalContext:
         owner = tokens // rows_per
         return every[owner, jnp.arange(tokens.shape[0])]
 
+    def experts(self, x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array,
+                w_up: jax.Array, w_down: jax.Array, numerics: Numerics) -> jax.Array:
+        """Expert parallelism: this device holds experts [d * E/tp, (d + 1) * E/tp) (w_* are its
+        [E/tp, ...] slices) and computes every token's products on them (the others' rows with
+        gate weight 0, discarded); the devices' f32[T, k, H] products are all-gathered and each
+        (token, rank) takes its owner's, then they are summed by rank: the one-device bits (an
+        expert row's bits do not depend on the rows beside it), with no cross-device sum."""
+        local = w_gate.shape[0]
+        first = jax.lax.axis_index(MODEL) * local
+        owned = (ids >= first) & (ids < first + local)
+        products = ops.expert_products(x, jnp.where(owned, ids - first, 0),
+                                       jnp.where(owned, weights, 0.0), w_gate, w_up, w_down,
+                                       numerics)  # fmt: skip
+        every = jax.lax.all_gather(products, MODEL)  # [tp, T, k, H]
+        owner = (ids // local)[None, :, :, None]
+        return ops.sum_by_rank(jnp.take_along_axis(every, owner, axis=0)[0], x.dtype)
+
     def local_kv(self, x: jax.Array) -> jax.Array:
         """x[T, heads computed, D] -> the KV heads this device stores."""
         if not self.kv_replicated:
@@ -214,14 +246,16 @@ def local_numerics(numerics: Numerics, tp: int) -> Numerics:
 
 def sharded_forward(mesh: Mesh, params: Params, config: ModelConfig, plan: Any,
                     kv: KVCache | ScratchKV, numerics: Numerics,
-                    post: Callable[[jax.Array, Any], Any] | None = None, remat: bool = False,
+                    post: Callable[[jax.Array, Any, jax.Array], Any] | None = None,
+                    remat: bool = False,
                     ) -> tuple[Any, KVCache | ScratchKV]:  # fmt: skip
     """`forward` under shard_map over the whole ('data', 'model') mesh (called inside a jit).
 
     `plan` is a pytree of arrays with a leading [dp] axis (data row i's plan), `kv` is laid out as
     `empty_kv_cache` makes it (or `ScratchKV`: each device's own empty pages), `params` as
-    `param_specs` says (replicated over 'data'). `post(logits, plan)` (e.g. sampling) runs on the
-    gathered logits on every model device. Returns (post(...) or the logits with a leading [dp]
+    `param_specs` says (replicated over 'data'). `post(logits, plan, routing)` (e.g. sampling)
+    runs on the gathered logits (and `forward`'s routing, the same on every model device) on
+    every model device. Returns (post(...) or the logits with a leading [dp]
     axis, replicated on every device, so every process can read all of it; the new kv).
     """
     mesh = normalize_mesh(mesh)
@@ -234,8 +268,9 @@ def sharded_forward(mesh: Mesh, params: Params, config: ModelConfig, plan: Any,
     def body(params, kv, plan):
         plan, kv = tree_map(lambda x: x[0], (plan, kv))  # this data row's
         ctx = _LocalContext(config, tp, inner) if tp > 1 else None
-        logits, kv = forward(params, config, plan, scratch or kv, inner, tp=ctx, remat=remat)
-        out = logits if post is None else post(logits, plan)
+        logits, kv, routing = forward(params, config, plan, scratch or kv, inner, tp=ctx,
+                                      remat=remat, return_routing=True)  # fmt: skip
+        out = logits if post is None else post(logits, plan, routing)
         every = tree_map(lambda x: jax.lax.all_gather(x, DATA), out)  # [dp, ...]
         return every, () if scratch else tree_map(lambda x: x[None], kv)
 

@@ -155,10 +155,21 @@ def combine(products: jax.Array, dest: jax.Array, dtype) -> jax.Array:
     (`a * b + c * d` came out as fma(a, b, c * d)), rounding in an order the fusion picks, and an
     `optimization_barrier` between them does not survive its pipeline.
     """
-    acc = products[dest[:, 0]]
-    for r in range(1, dest.shape[1]):
-        acc = acc + products[dest[:, r]]
+    return sum_by_rank(products[dest], dtype)
+
+
+def sum_by_rank(products: jax.Array, dtype) -> jax.Array:
+    """[T, H] in `dtype`: f32[T, k, H] summed over k in rank order, ((p_0 + p_1) + p_2) + ..."""
+    acc = products[:, 0]
+    for r in range(1, products.shape[1]):
+        acc = acc + products[:, r]
     return acc.astype(dtype)
+
+
+def finish(products: jax.Array, dest: jax.Array, dtype, by_rank: bool) -> jax.Array:
+    """`combine`d, or with `by_rank` each token's k weighted products f32[T, k, H] (rank order)
+    left for the caller to combine (expert parallelism gathers them from their devices first)."""
+    return products[dest] if by_rank else combine(products, dest, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +245,9 @@ def row_weights(g: Grouping, weights: jax.Array) -> jax.Array:
 # -- lowerings ---------------------------------------------------------------------------------
 
 
-def reference(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+def reference(x, expert_ids, weights, w_gate, w_up, w_down, *, by_rank: bool = False) -> jax.Array:
     """[T, H] in x's dtype (module doc), through `jax.lax.ragged_dot` over the assignments sorted by
-    expert; plain XLA, differentiable, no invariance promise."""
+    expert; plain XLA, differentiable, no invariance promise. `by_rank`: see `finish`."""
     validate(x, expert_ids, weights, w_gate, w_up, w_down)
     tokens, k = expert_ids.shape
     experts = w_gate.shape[0]
@@ -253,7 +264,7 @@ def reference(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     h = swiglu(grouped(xs, w_gate), grouped(xs, w_up), x.dtype)
     y = grouped(h, w_down) * weights.astype(jnp.float32).reshape(-1)[order, None]
     dest = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    return combine(y, dest.reshape(tokens, k), x.dtype)  # row i of y is assignment order[i]
+    return finish(y, dest.reshape(tokens, k), x.dtype, by_rank)  # row i of y: assignment order[i]
 
 
 def expert_weights(
@@ -270,10 +281,10 @@ def expert_weights(
     return tuple(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in stacks)
 
 
-def cpu(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+def cpu(x, expert_ids, weights, w_gate, w_up, w_down, *, by_rank: bool = False) -> jax.Array:
     """[T, H] in x's dtype: one fixed `[TILE, H]` expert tile at a time (module doc), in a loop over
     the tiles in use whose trip count XLA cannot see; each tile fetches its rows and its expert's
-    weights inside the loop."""
+    weights inside the loop. `by_rank`: see `finish`."""
     validate(x, expert_ids, weights, w_gate, w_up, w_down)
     g = group(expert_ids, w_gate.shape[0], TILE)
     rows = g.row_token.shape[0]
@@ -291,4 +302,4 @@ def cpu(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     init = (jnp.int32(0), jnp.zeros((rows, x.shape[1]), jnp.float32))
     used = jax.lax.optimization_barrier(g.num_used[0])
     out = jax.lax.while_loop(lambda c: c[0] < used, body, init)[1]
-    return combine(out, g.dest, x.dtype)
+    return finish(out, g.dest, x.dtype, by_rank)

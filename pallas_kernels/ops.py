@@ -173,21 +173,24 @@ def with_reference_grad_of(fwd: Callable, ref: Callable, metadata: tuple[int, ..
 
 
 @functools.lru_cache(maxsize=None)
-def _experts_fn(numerics: Numerics) -> Callable:
+def _experts_fn(numerics: Numerics, by_rank: bool = False) -> Callable:
     _check_resolved(numerics)
+    ref = functools.partial(_moe.reference, by_rank=by_rank)
     # On CPU both modes run the tiled lowering, the fastest there is (XLA:CPU's ragged_dot
     # multiplies every row by every expert: BUILD.md); on accelerators "fast" is ragged_dot.
+    lowering = functools.partial(_pallas, "pallas_moe")
     if numerics.backend == "cpu":
-        fwd = _moe.cpu
+        fwd = functools.partial(_moe.cpu, by_rank=by_rank)
     elif numerics.mode == "fast":
-        return _moe.reference
+        return ref
     elif numerics.backend == "pallas":
-        tpu = _pallas("pallas_moe", "pallas", "tpu_kernel")
-        fwd = pallas_common.by_platform(tpu=tpu, gpu=_pallas("pallas_moe", "pallas"))
+        tpu = functools.partial(lowering("pallas", "tpu_kernel"), by_rank=by_rank)
+        gpu = functools.partial(lowering("pallas"), by_rank=by_rank)
+        fwd = pallas_common.by_platform(tpu=tpu, gpu=gpu)
     else:
         fn = "kernel" if numerics.backend == "pallas_interpret" else "tpu_kernel"
-        fwd = _pallas("pallas_moe", numerics.backend, fn)
-    return with_reference_grad_of(fwd, _moe.reference, metadata=(1,))  # expert_ids
+        fwd = functools.partial(lowering(numerics.backend, fn), by_rank=by_rank)
+    return with_reference_grad_of(fwd, ref, metadata=(1,))  # expert_ids
 
 
 def head_unit(heads: int, kv_heads: int, column_blocks: int) -> int:
@@ -287,6 +290,17 @@ def experts(
     expert weights (the reference's gradient; expert_ids get none)."""
     _moe.validate(x, expert_ids, weights, w_gate, w_up, w_down)
     return _experts_fn(numerics)(x, expert_ids, weights, w_gate, w_up, w_down)
+
+
+def expert_products(x, expert_ids, weights, w_gate, w_up, w_down, numerics: Numerics) -> jax.Array:
+    """f32[T, k, H]: `experts` before its combine, each token's k weighted expert outputs in rank
+    order (`moe.sum_by_rank` of them is `experts`, bit for bit). Expert parallelism gathers them
+    from the devices that own the experts, then combines."""
+    _moe.validate(x, expert_ids, weights, w_gate, w_up, w_down)
+    return _experts_fn(numerics, by_rank=True)(x, expert_ids, weights, w_gate, w_up, w_down)
+
+
+sum_by_rank = _moe.sum_by_rank
 
 
 write_kv = _rpa.write_kv

@@ -57,29 +57,30 @@ TILE = BLOCK_M  # rows per expert tile: the invariant matmul's row block (numeri
 Gmm = Callable[..., jax.Array]
 
 
-def kernel(x, expert_ids, weights, w_gate, w_up, w_down, *, interpret: Interpret = False):
+def kernel(x, expert_ids, weights, w_gate, w_up, w_down, *, interpret: Interpret = False,
+           by_rank: bool = False):  # fmt: skip
     """[T, H] in x's dtype; arguments and layout as `moe.reference`. Triton on GPU, the HLO
     interpreter with `interpret=True`."""
-    return _experts(
-        functools.partial(gmm, interpret=interpret), x, expert_ids, weights, w_gate, w_up, w_down
-    )
+    grouped = functools.partial(gmm, interpret=interpret)
+    return _experts(grouped, x, expert_ids, weights, w_gate, w_up, w_down, by_rank)
 
 
-def tpu_kernel(x, expert_ids, weights, w_gate, w_up, w_down, *, interpret: Interpret = False):
+def tpu_kernel(x, expert_ids, weights, w_gate, w_up, w_down, *, interpret: Interpret = False,
+               by_rank: bool = False):  # fmt: skip
     """`kernel` for Mosaic TPU; `interpret` True or a `pltpu.InterpretParams` runs TPU interpret
     mode (True: `pallas_common.TPU_INTERPRET`, every check on)."""
     params = TPU_INTERPRET if interpret is True else interpret
     gmm_tpu = functools.partial(tpu_gmm, interpret=params)
-    return _experts(gmm_tpu, x, expert_ids, weights, w_gate, w_up, w_down)
+    return _experts(gmm_tpu, x, expert_ids, weights, w_gate, w_up, w_down, by_rank)
 
 
-def _experts(grouped: Gmm, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+def _experts(grouped: Gmm, x, expert_ids, weights, w_gate, w_up, w_down, by_rank) -> jax.Array:
     moe.validate(x, expert_ids, weights, w_gate, w_up, w_down)
     g = moe.group(expert_ids, w_gate.shape[0], TILE)
     rows = moe.gather_rows(x, g.row_token)
     h = moe.swiglu(grouped(rows, w_gate, g), grouped(rows, w_up, g), x.dtype)
     products = grouped(h, w_down, g, row_scale=moe.row_weights(g, weights))
-    return moe.combine(products, g.dest, x.dtype)
+    return moe.finish(products, g.dest, x.dtype, by_rank)
 
 
 def _check(lhs: jax.Array, w: jax.Array) -> tuple[int, int, int]:

@@ -241,8 +241,8 @@ MUTATIONS = [
         "a token's k weighted expert outputs are summed in the order they sit in the grouped "
         "buffer (by expert id, as they arrive there), not by rank",
         "pallas_kernels/moe.py",
-        "    acc = products[dest[:, 0]]\n",
-        "    dest = jnp.sort(dest, axis=1)\n    acc = products[dest[:, 0]]\n",
+        "    return sum_by_rank(products[dest], dtype)\n",
+        "    return sum_by_rank(products[jnp.sort(dest, axis=1)], dtype)\n",
         ("tests/pallas_kernels/test_moe.py",),
         "combined_by_rank and cpu",
         ("test_row_is_its_experts_dense_mlp_combined_by_rank",),

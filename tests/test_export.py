@@ -3,7 +3,8 @@ share it) exports with `jax.export` for `tpu` and for `cuda` from this CPU machi
 shapes (no weights), and lowers every kernel to Mosaic TPU resp. Triton (none to Mosaic GPU).
 
 Every layer of a model has the same shapes, so the bucket sweep exports 2-layer versions of the
-real configs; the full layer count is exported for the largest bucket.
+real configs; the full layer count is exported for the largest bucket. Qwen3-30B-A3B's
+mixture-of-experts step exports at 2 layers.
 """
 
 from __future__ import annotations
@@ -118,3 +119,21 @@ def test_largest_bucket_exports_at_full_depth(name, platform):
     per_layer = 10 + 2 * model.qk_norm + 2 * model.post_norms  # 2 norms, 7 matmuls, attention
     # (+ q/k norms, + Gemma's post-attention and post-MLP norms)
     assert text.count(TARGET[platform]) == model.num_layers * per_layer + 2  # final norm, lm_head
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_moe_step_exports_at_qwen3_30b_a3b_shape(platform):
+    """Qwen3-30B-A3B's step (2 of its 48 layers: 128 experts of 768, top 8) exports for the
+    smallest and largest buckets, invariant and fast; the invariant step lowers the router and
+    the expert kernel (three grouped matmuls per sparse layer) to the platform's kernels."""
+    model, config = _model("qwen3-30b-a3b", num_layers=2), EngineConfig(max_model_len=4096)
+    dense = _model("qwen3-0.6b", num_layers=2)
+    counts = {}
+    for name, m in (("moe", model), ("dense", dense)):
+        counts[name] = export_text(platform, *step_for_bucket(m, config, 16, 0)).count(TARGET[platform])
+    # the scan body (one layer) holds the kernels once: its dense MLP's 3 matmuls become the
+    # router's matmul and the experts' 3 grouped matmuls
+    assert counts["moe"] == counts["dense"] + 1, counts
+    largest = buckets(config)[-1][0]
+    _check(platform, export_text(platform, *step_for_bucket(model, config, largest, 0)))
+    _check(platform, export_text(platform, *step_for_bucket(model, config, largest, 0, "fast")))

@@ -21,7 +21,11 @@ CORE = ("jengine/__init__.py", "jengine/config.py", "jengine/plan.py", "jengine/
         "jengine/models/transformer.py", "jengine/runner.py", "jengine/sharding.py",
         "jengine/scoring.py", "jengine/engine.py")  # fmt: skip
 # A ratchet, not the goal: this bound fails a change that makes the core grow unnoticed.
-CORE_LINE_BUDGET = 2688  # its size now (stop strings: +86): lower it as the core shrinks
+# its size now: lower it as the core shrinks. Stop strings added 86 lines; mixture-of-experts
+# models 229: the expert flags and their checks (config), leaves stacked over the layers that have
+# them and the sparse MLP (transformer), routed experts on outputs (engine, runner, scheduler,
+# sampling) and expert parallelism (sharding).
+CORE_LINE_BUDGET = 2922
 
 
 def _modules() -> dict[str, str]:

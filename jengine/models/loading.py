@@ -23,7 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.config import GEMMA_FLAGS, PARAM_DTYPES, ModelConfig, RopeScaling, gemma_layer_types
-from jengine.models.transformer import Model, Params, init_params, param_shapes, stack_layers
+from jengine.models.transformer import (
+    Model,
+    Params,
+    init_params,
+    leaf_layers,
+    param_shapes,
+    stack_layers,
+)
 
 ParamPath = tuple[str | int, ...]  # ("embed",), ("layers", "wq") stacked, ("layers", 3, "wq")
 # None, a pytree of Shardings shaped like the params, or a callable
@@ -49,7 +56,16 @@ _HF_LAYER = {
     **{f"w{x}": f"self_attn.{x}_proj.weight" for x in "qkvo"},
     **{f"b{x}": f"self_attn.{x}_proj.bias" for x in "qkv"},
     **{f"w_{x}": f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")},
+    # mixture of experts (Qwen3-MoE, Qwen2-MoE): an expert leaf stacks `{e}` over the experts
+    "router": "mlp.gate.weight",
+    **{f"experts_{x}": f"mlp.experts.{{e}}.{x}_proj.weight" for x in ("gate", "up", "down")},
+    **{f"shared_w_{x}": f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")},
+    "shared_expert_gate": "mlp.shared_expert_gate.weight",
 }  # fmt: skip
+_HF_MIXTRAL_LAYER = {**_HF_LAYER, "router": "block_sparse_moe.gate.weight",
+                     "experts_gate": "block_sparse_moe.experts.{e}.w1.weight",
+                     "experts_up": "block_sparse_moe.experts.{e}.w3.weight",
+                     "experts_down": "block_sparse_moe.experts.{e}.w2.weight"}  # fmt: skip
 # Gemma's layer norms under their HF names: its post_attention_layernorm is the attention
 # output's norm, not the MLP's input norm as in Llama.
 _HF_POST_NORM_LAYER = {**_HF_LAYER, "post_attn_norm": "post_attention_layernorm.weight",
@@ -63,8 +79,12 @@ _GGUF_LAYER = {
     **{f"{x}_norm": f"attn_{x}_norm.weight" for x in "qk"},
     **{f"w{x}": f"attn_{x}.weight" for x in "qkv"}, **{f"b{x}": f"attn_{x}.bias" for x in "qkv"},
     **{f"w_{x}": f"ffn_{x}.weight" for x in ("gate", "up", "down")},
+    # mixture of experts: llama.cpp stores each expert leaf stacked [E, out, in]
+    "router": "ffn_gate_inp.weight", "shared_expert_gate": "ffn_gate_inp_shexp.weight",
+    **{f"experts_{x}": f"ffn_{x}_exps.weight" for x in ("gate", "up", "down")},
+    **{f"shared_w_{x}": f"ffn_{x}_shexp.weight" for x in ("gate", "up", "down")},
 }  # fmt: skip
-_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "qwen2moe")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # F16: upcast
 
 
@@ -170,8 +190,9 @@ def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Ar
 
 def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Shardings) -> Params:
     """Params of `config` read one tensor at a time: read -> check/convert -> place -> drop.
-    `read(path, shape)` returns the leaf (a layer's: path ("layers", i, name)) in jengine layout on
-    the host, the only host copy alive; a stacked leaf is updated in place layer by layer."""
+    `read(path, shape)` returns the leaf (a layer's: path ("layers", i, name), i the model's layer
+    number) in jengine layout on the host, the only host copy alive; a stacked leaf is updated in
+    place layer by layer (row r: the r-th of `leaf_layers`)."""
 
     def make(path: ParamPath, shape: tuple[int, ...]) -> jax.Array:
         sharding = _sharding_for(shardings, path, shape)
@@ -180,9 +201,9 @@ def _assemble(config: ModelConfig, read: Reader, dtype: str, shardings: Sharding
         zeros = functools.partial(jnp.zeros, shape, dtype)
         stacked = jax.jit(zeros, out_shardings=sharding)() if sharding else zeros()
         layer_sharding = _layer_sharding(sharding, path)
-        for i in range(shape[0]):
+        for row, i in enumerate(leaf_layers(config, path[1])):
             layer = _place(read(("layers", i, path[1]), shape[1:]), dtype, layer_sharding)
-            stacked = _set_layer(stacked, layer, np.int32(i))
+            stacked = _set_layer(stacked, layer, np.int32(row))
         return stacked.block_until_ready()
 
     return _build(config, make)
@@ -253,9 +274,17 @@ def _load_hf(directory: str, dtype: str | None, shardings: Shardings) -> Model:
         return stored
 
     layer_names = _HF_POST_NORM_LAYER if config.post_norms else _HF_LAYER
+    if any(".block_sparse_moe." in name for name in files):  # Mixtral's names
+        layer_names = _HF_MIXTRAL_LAYER
 
     def read(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         name = _name(path, _HF_TOP, layer_names, "model.layers.")
+        if "{e}" in name:  # one tensor per expert, stacked [E, ...]
+            return np.stack([read_tensor(name.format(e=e), path, shape[1:])
+                             for e in range(shape[0])])  # fmt: skip
+        return read_tensor(name, path, shape)
+
+    def read_tensor(name: str, path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         if name not in files:
             raise CheckpointError(f"{directory}: tensor {name} is missing (needed for "
                                   f"{_dotted(path)} {list(shape)})")  # fmt: skip
@@ -339,6 +368,16 @@ def _gguf_config(path: str, meta: dict[str, Any], tensors: set[str],
     if scaling == "linear":
         factor = float(key("rope.scaling.factor"))
         family["rope_scaling"] = RopeScaling(rope_type="linear", factor=factor)
+    if experts := key("expert_count", 0):  # qwen3moe, qwen2moe, llama with experts (Mixtral)
+        family.update(
+            num_experts=experts, num_experts_per_tok=key("expert_used_count"),
+            moe_intermediate_size=key("expert_feed_forward_length", key("feed_forward_length")),
+            # llama.cpp renormalises the top-k for every architecture but qwen2moe
+            norm_topk_prob=bool(key("expert_weights_norm", arch != "qwen2moe")),
+            shared_expert_intermediate_size=key("expert_shared_feed_forward_length", 0),
+            # a layer without a router is dense (the file's tensors say which)
+            mlp_only_layers=tuple(i for i in range(key("block_count"))
+                                  if f"blk.{i}.ffn_gate_inp.weight" not in tensors))  # fmt: skip
     return ModelConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=key("feed_forward_length"),
         num_layers=key("block_count"), num_heads=heads,

@@ -18,16 +18,26 @@ Params pytree (HF names in brackets; every matrix is `[out, in]`, nn.Linear's la
     q_norm, k_norm [head_dim]    qk_norm only (Qwen3, Gemma 3)
     post_attn_norm [hidden]      post_norms only (Gemma: post_attention_layernorm.weight)
     mlp_norm   [hidden]          (post_attention_layernorm.weight; Gemma: pre_feedforward_layernorm)
-    w_gate, w_up [intermediate, hidden]  w_down [hidden, intermediate]
+    w_gate, w_up [intermediate, hidden]  w_down [hidden, intermediate]   dense layers only
     post_mlp_norm [hidden]       post_norms only (Gemma: post_feedforward_layernorm.weight)
+  a sparse layer's MLP (num_experts E > 0, I = moe_intermediate_size; Mixtral's names in braces):
+    router [E, hidden]                          (mlp.gate.weight {block_sparse_moe.gate.weight})
+    experts_gate, experts_up [E, I, hidden]     (mlp.experts.{e}.gate_proj / up_proj.weight {w1/w3})
+    experts_down [E, hidden, I]                 (mlp.experts.{e}.down_proj.weight {w2})
+    shared_w_gate, shared_w_up [S, hidden]  shared_w_down [hidden, S]  shared_expert_gate
+    [1, hidden]                  Qwen2-MoE only (mlp.shared_expert.*_proj, mlp.shared_expert_gate)
+  Each leaf stacks only the layers that have it (`leaf_layers`): the dense MLP's the dense layers,
+  the experts' the sparse layers (`ModelConfig.is_sparse`), the rest every layer.
 
 With `norm_unit_offset` (Gemma) norm weights are stored zero-centred, as HF stores them, and scale
 by `1 + w`. `stack_layers` / `unstack_layers` convert from / to a list of per-layer dicts.
 
 The layers run under one `jax.lax.scan`, so a step compiles one layer body whatever the depth.
-Layers whose attention differs (Gemma's sliding and full layers) repeat with a period p
-(`layer_period`): the scan body is one period (p layers, each with its static window and RoPE
-table), over num_layers // p periods; the num_layers % p layers left over run after it, unrolled.
+Layers whose kind differs (Gemma's sliding and full layers, dense and sparse MLPs) repeat with a
+period p (`layer_period`): the scan body is one period (p layers, each with its static window,
+RoPE table and MLP kind), over num_layers // p periods; a leaf holds the same number of layers in
+every period, and the period's j-th layer reads its rank among them; the num_layers % p layers
+left over run after it, unrolled.
 The KV cache is one stacked pair; a layer's pages are rows `layer * num_pages ...` of the cache
 viewed as [num_layers * num_pages, ...] (page ids are offset, nothing is copied).
 """
@@ -68,28 +78,65 @@ class Model:
     params: Params
 
 
-def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """One layer's leaves and their shapes (the stacked `layers` adds a leading num_layers)."""
+DENSE_MLP_LEAVES = ("w_gate", "w_up", "w_down")
+EXPERT_LEAVES = ("router", "experts_gate", "experts_up", "experts_down")
+SHARED_EXPERT_LEAVES = ("shared_w_gate", "shared_w_up", "shared_w_down", "shared_expert_gate")
+
+
+def layer_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Layer `layer`'s leaves and their shapes (None: every leaf some layer has). A stacked leaf
+    adds a leading axis over the layers that have it (`leaf_layers`)."""
     h, d = config.hidden_size, config.head_dim
     q_out, kv_out = config.num_heads * d, config.num_kv_heads * d
-    layer = {
+    layers = range(config.num_layers) if layer is None else (layer,)
+    shapes = {
         "attn_norm": (h,),
         "wq": (q_out, h),
         "wk": (kv_out, h),
         "wv": (kv_out, h),
         "wo": (h, q_out),
         "mlp_norm": (h,),
-        "w_gate": (config.intermediate_size, h),
-        "w_up": (config.intermediate_size, h),
-        "w_down": (h, config.intermediate_size),
     }
+    if not all(config.is_sparse(i) for i in layers):
+        i = config.intermediate_size
+        shapes.update(w_gate=(i, h), w_up=(i, h), w_down=(h, i))
+    if any(config.is_sparse(i) for i in layers):
+        e, i = config.num_experts, config.moe_intermediate_size
+        s = config.shared_expert_intermediate_size
+        shapes.update(router=(e, h), experts_gate=(e, i, h), experts_up=(e, i, h),
+                      experts_down=(e, h, i))  # fmt: skip
+        if s:
+            shapes.update(shared_w_gate=(s, h), shared_w_up=(s, h), shared_w_down=(h, s),
+                          shared_expert_gate=(1, h))  # fmt: skip
     if config.qkv_bias:
-        layer.update(bq=(q_out,), bk=(kv_out,), bv=(kv_out,))
+        shapes.update(bq=(q_out,), bk=(kv_out,), bv=(kv_out,))
     if config.qk_norm:
-        layer.update(q_norm=(d,), k_norm=(d,))
+        shapes.update(q_norm=(d,), k_norm=(d,))
     if config.post_norms:
-        layer.update(post_attn_norm=(h,), post_mlp_norm=(h,))
-    return layer
+        shapes.update(post_attn_norm=(h,), post_mlp_norm=(h,))
+    return shapes
+
+
+def leaf_layers(config: ModelConfig, name: str) -> tuple[int, ...]:
+    """The layers stacked in `params["layers"][name]`, in order: the dense MLP's leaves over the
+    dense layers, the experts' (and shared expert's) over the sparse layers, the others over all."""
+    every = range(config.num_layers)
+    if name in EXPERT_LEAVES or name in SHARED_EXPERT_LEAVES:
+        return config.sparse_layers
+    if name in DENSE_MLP_LEAVES:
+        return tuple(i for i in every if not config.is_sparse(i))
+    return tuple(every)
+
+
+def layer_leaves(layers: Params, config: ModelConfig, layer: int) -> Params:
+    """Layer `layer`'s own leaves out of stacks laid out as `leaf_layers` says (row = the layer's
+    rank among the layers stacked in the leaf)."""
+    out = {}
+    for name, w in layers.items():
+        members = leaf_layers(config, name)
+        if layer in members:
+            out[name] = w[members.index(layer)]
+    return out
 
 
 def _outer_shapes(config: ModelConfig) -> Params:
@@ -102,24 +149,33 @@ def _outer_shapes(config: ModelConfig) -> Params:
 
 def param_shapes(config: ModelConfig) -> Params:
     """The params pytree with shape tuples as leaves: the contract loaders check against."""
-    layers = {k: (config.num_layers, *s) for k, s in layer_shapes(config).items()}
+    layers = {k: (len(leaf_layers(config, k)), *s) for k, s in layer_shapes(config).items()}
     return {**_outer_shapes(config), "layers": layers}
 
 
 def stack_layers(params: Params) -> Params:
-    """`params` with `layers` a list of per-layer dicts turned into jengine's stacked form."""
+    """`params` with `layers` a list of per-layer dicts turned into jengine's stacked form: each
+    leaf stacked over the layers that have it, in layer order."""
     layers = params["layers"]
     if isinstance(layers, dict):
         return params
-    stacked = {k: jnp.stack([layer[k] for layer in layers]) for k in layers[0]}
+    names = dict.fromkeys(k for layer in layers for k in layer)
+    stacked = {k: jnp.stack([layer[k] for layer in layers if k in layer]) for k in names}
     return {**params, "layers": stacked}
 
 
-def unstack_layers(params: Params) -> Params:
-    """jengine's params with `layers` as a list of per-layer dicts (views: `x[i]`)."""
+def unstack_layers(params: Params, config: ModelConfig | None = None) -> Params:
+    """jengine's params with `layers` as a list of per-layer dicts (views: `x[i]`), each holding
+    the leaves its layer has. `config` is needed when leaves stack different layers (a model with
+    dense and sparse layers)."""
     layers = params["layers"]
-    n = len(next(iter(layers.values())))
-    return {**params, "layers": [{k: w[i] for k, w in layers.items()} for i in range(n)]}
+    n = len(layers["attn_norm"])
+    if config is None:
+        if any(len(w) != n for w in layers.values()):
+            raise ValueError("params stack some leaves over a subset of the layers (dense and "
+                             "sparse layers mixed): pass the model's config")  # fmt: skip
+        return {**params, "layers": [{k: w[i] for k, w in layers.items()} for i in range(n)]}
+    return {**params, "layers": [layer_leaves(layers, config, i) for i in range(n)]}
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype: str | None = None) -> Params:
@@ -136,9 +192,10 @@ def init_params(config: ModelConfig, seed: int = 0, dtype: str | None = None) ->
         return scale_shift[0] * noise + scale_shift[1]
 
     # drawn leaf by leaf in the order of the per-layer tree, then stacked on the host
-    per_layer = {**_outer_shapes(config), "layers": [layer_shapes(config)] * config.num_layers}
+    per_layer = [layer_shapes(config, i) for i in range(config.num_layers)]
+    per_layer = {**_outer_shapes(config), "layers": per_layer}
     host = jax.tree_util.tree_map_with_path(init, per_layer, is_leaf=lambda x: isinstance(x, tuple))
-    host["layers"] = {k: np.stack([layer[k] for layer in host["layers"]])
+    host["layers"] = {k: np.stack([layer[k] for layer in host["layers"] if k in layer])
                       for k in layer_shapes(config)}  # fmt: skip
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), host)
 
@@ -237,6 +294,38 @@ def _write_and_attend(
     return attn, new_kv
 
 
+def _mlp(prefix: str, x: jax.Array, layer: Params, config: ModelConfig, numerics: Numerics,
+         gather: Any) -> jax.Array:
+    """The dense SwiGLU MLP of leaves `{prefix}w_gate`, `{prefix}w_up`, `{prefix}w_down`."""
+    gate = _linear(x, layer[prefix + "w_gate"], None, numerics)
+    up = _linear(x, layer[prefix + "w_up"], None, numerics)
+    act = ACTIVATIONS[config.hidden_act]
+    return gather(_linear(gather(act(gate) * up), layer[prefix + "w_down"], None, numerics))
+
+
+def _moe(x: jax.Array, layer: Params, config: ModelConfig, numerics: Numerics,
+         tp: Any) -> tuple[jax.Array, jax.Array]:
+    """A sparse layer's MLP on x[T, H]: (out [T, H], expert_ids i32[T, k]).
+
+    Router logits through the invariant matmul (fp32), `ops.route` (softmax, top-k with ties to
+    the lower index, renormalised under `norm_topk_prob`), `ops.experts` (each token's k expert
+    MLPs summed by rank in fp32); plus Qwen2-MoE's shared expert scaled by sigmoid(its gate).
+    The router and the shared expert's gate are replicated under tensor parallelism and computed
+    in one column block on every device (their E or 1 rows need not divide column_blocks)."""
+    one_block = numerics.replace(column_blocks=1)
+    ids, weights = ops.route(x, layer["router"], one_block, k=config.num_experts_per_tok,
+                             renormalize=config.norm_topk_prob)  # fmt: skip
+    experts = (layer["experts_gate"], layer["experts_up"], layer["experts_down"])
+    out = ops.experts(x, ids, weights, *experts, numerics) if tp is None else tp.experts(
+        x, ids, weights, *experts, numerics)  # fmt: skip
+    if config.shared_expert_intermediate_size:
+        gather = (lambda a: a) if tp is None else tp.gather
+        shared = _mlp("shared_", x, layer, config, numerics, gather)
+        scale = jax.nn.sigmoid(_linear(x, layer["shared_expert_gate"], None, one_block))
+        out = out + scale * shared
+    return out, ids
+
+
 def _layer(
     layer: Params,
     index: Any,
@@ -247,8 +336,10 @@ def _layer(
     numerics: Numerics,
     tp: Any = None,
     sliding: bool = False,
-) -> tuple[jax.Array, KVCache | ScratchKV]:
-    """Decoder layer `index` (i32, traced under the scan) with its own weights `layer`."""
+) -> tuple[jax.Array, KVCache | ScratchKV, jax.Array | None]:
+    """Decoder layer `index` (i32, traced under the scan) with its own weights `layer` (a sparse
+    layer's hold the `router`). Returns (h, kv, the expert ids i32[T, k] of a sparse layer, else
+    None)."""
     num_tokens = h.shape[0]
     d = config.head_dim
     inv_freq = rope_inv_freq(config, sliding=sliding)
@@ -273,19 +364,21 @@ def _layer(
         out = _norm(out, layer["post_attn_norm"], config, numerics)
     h = h + out
     x = _norm(h, layer["mlp_norm"], config, numerics)
-    gate = _linear(x, layer["w_gate"], None, numerics)
-    up = _linear(x, layer["w_up"], None, numerics)
-    act = ACTIVATIONS[config.hidden_act]
-    out = gather(_linear(gather(act(gate) * up), layer["w_down"], None, numerics))
+    ids = None
+    if "router" in layer:
+        out, ids = _moe(x, layer, config, numerics, tp)
+    else:
+        out = _mlp("", x, layer, config, numerics, gather)
     if config.post_norms:
         out = _norm(out, layer["post_mlp_norm"], config, numerics)
-    return h + out, kv
+    return h + out, kv, ids
 
 
 def layer_period(config: ModelConfig) -> int:
-    """The smallest p with layer i's attention kind == layer (i mod p)'s for every i (1 when all
-    layers are alike; Gemma 3's 5 sliding + 1 full: 6; Gemma 2's alternation: 2)."""
-    kinds = [config.is_sliding(i) for i in range(config.num_layers)]
+    """The smallest p with layer i's kind == layer (i mod p)'s for every i, a kind being (sliding
+    or full attention, sparse or dense MLP): 1 when all layers are alike; Gemma 3's 5 sliding + 1
+    full: 6; Gemma 2's alternation: 2; Qwen's decoder_sparse_step s: s."""
+    kinds = [(config.is_sliding(i), config.is_sparse(i)) for i in range(config.num_layers)]
     return next(p for p in range(1, len(kinds) + 1)
                 if all(k == kinds[i % p] for i, k in enumerate(kinds)))  # fmt: skip
 
@@ -293,8 +386,13 @@ def layer_period(config: ModelConfig) -> int:
 def _decoder(
     layers: Params, config: ModelConfig, h: jax.Array, kv: KVCache | ScratchKV, batch: StepPlan,
     numerics: Numerics, tp: Any, remat: bool,
-) -> tuple[jax.Array, KVCache | ScratchKV]:
-    """Every decoder layer: a scan over the periods of `layer_period`, then the leftover layers."""
+) -> tuple[jax.Array, KVCache | ScratchKV, jax.Array]:
+    """Every decoder layer: a scan over the periods of `layer_period`, then the leftover layers.
+
+    Each leaf's stack (`leaf_layers`) holds the same number n of its layers in every period: its
+    first periods * n rows are grouped [periods, n, ...] and the period's j-th layer reads row
+    (its rank among the period's layers in the leaf). Returns (h, kv, routing i32[T,
+    num_sparse_layers, k]: each token's experts per sparse layer, in layer order)."""
     period = layer_period(config)
     periods = config.num_layers // period
     done = periods * period
@@ -304,24 +402,36 @@ def _decoder(
 
     def one_period(carry, xs):
         h, kv = carry
-        weights, first = xs  # weights: every leaf [period, ...]; first: i32 layer index
+        weights, first = xs  # weights: every leaf [its layers in a period, ...]; first: i32
+        routed = []
         for j in range(period):
-            layer = jax.tree_util.tree_map(lambda w, j=j: w[j], weights)
-            h, kv = _layer(layer, first + j, h, scratch or kv, batch, config, numerics, tp,
-                           sliding[j])  # fmt: skip
-        return (h, () if scratch else kv), None
+            layer = layer_leaves(weights, config, j)
+            h, kv, ids = _layer(layer, first + j, h, scratch or kv, batch, config, numerics, tp,
+                                sliding[j])  # fmt: skip
+            routed += [] if ids is None else [ids]
+        return (h, () if scratch else kv), routed
 
     if remat:
         one_period = jax.checkpoint(one_period)
-    grouped = jax.tree_util.tree_map(
-        lambda w: w[:done].reshape(periods, period, *w.shape[1:]), layers)  # fmt: skip
+
+    def grouped(name: str, w: jax.Array) -> jax.Array:
+        n = sum(1 for i in leaf_layers(config, name) if i < period)
+        return w[: periods * n].reshape(periods, n, *w.shape[1:])
+
+    grouped_layers = {name: grouped(name, w) for name, w in layers.items()}
     firsts = jnp.arange(0, done, period, dtype=jnp.int32)
-    (h, kv), _ = jax.lax.scan(one_period, (h, () if scratch else kv), (grouped, firsts))
+    (h, kv), routed = jax.lax.scan(one_period, (h, () if scratch else kv),
+                                   (grouped_layers, firsts))  # fmt: skip
+    # routed: per sparse layer of a period i32[periods, T, k] -> [sparse layers, T, k] in order
+    k = max(config.num_experts_per_tok, 1)
+    routed = [jnp.stack(routed, 1).reshape(-1, h.shape[0], k)] if routed else []
     kv = scratch or kv
     for i in range(done, config.num_layers):  # fewer than `period` layers
-        layer = jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
-        h, kv = _layer(layer, i, h, kv, batch, config, numerics, tp, config.is_sliding(i))
-    return h, kv
+        layer = layer_leaves(layers, config, i)
+        h, kv, ids = _layer(layer, i, h, kv, batch, config, numerics, tp, config.is_sliding(i))
+        routed += [] if ids is None else [ids[None]]
+    routing = jnp.concatenate(routed) if routed else jnp.zeros((0, h.shape[0], k), jnp.int32)
+    return h, kv, jnp.swapaxes(routing, 0, 1)
 
 
 def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
@@ -346,6 +456,7 @@ def forward(
     tp: Any = None,
     remat: bool = False,
     hidden: bool = False,
+    return_routing: bool = False,
 ) -> tuple[jax.Array, KVCache | ScratchKV]:
     """One ragged step.
 
@@ -367,16 +478,17 @@ def forward(
         layer's. Values are unchanged.
       hidden: return the final-normed hidden states [R, hidden] of the logit rows instead of
         their logits (`head` computes those).
+      return_routing: also return the routing, i32[T, num_sparse_layers, k]: every token row's
+        expert ids per sparse layer (in layer order), by rank (an empty axis for a dense model).
     Returns:
       (f32[R, vocab] logits of `batch.logit_rows` (soft-capped when `final_logit_softcap`), the KV
-      cache with this step's K/V written).
+      cache with this step's K/V written[, the routing]).
     """
     h = embed(params, config, batch.tokens, tp)
-    h, kv = _decoder(params["layers"], config, h, kv, batch, numerics, tp, remat)
+    h, kv, routing = _decoder(params["layers"], config, h, kv, batch, numerics, tp, remat)
     h = _norm(h[batch.logit_rows], params["final_norm"], config, numerics)
-    if hidden:
-        return h, kv
-    return head(h, lm_head_weight(params, config), config, numerics, tp), kv
+    out = h if hidden else head(h, lm_head_weight(params, config), config, numerics, tp)
+    return (out, kv, routing) if return_routing else (out, kv)
 
 
 def head(h: jax.Array, w: jax.Array, config: ModelConfig, numerics: Numerics,

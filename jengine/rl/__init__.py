@@ -4,6 +4,7 @@
   completion_mask   which output columns are completion tokens
   pack              host-side padding of (prompt, completion, rollout logprobs) into arrays
   mismatch_metrics  ratio / clip / k1 / k3 / |r| / ESS / bitwise-equal counts, as trainers log them
+  routing_mismatches  tokens a mixture-of-experts model routed differently (rollout vs trainer)
   truncated_is, masked_is, token_ratios, sequence_ratios   opt-in corrections (TIS, MIS, GSPO)
   group_advantages, grpo_loss, gspo_loss                   GRPO / GSPO objectives
   RolloutActor, GroupRequest, Group   pipelined rollouts: a background thread owns the engine,
@@ -24,7 +25,7 @@ from jengine.rl.corrections import (
 )
 from jengine.rl.logprobs import completion_mask, pack, token_logprobs
 from jengine.rl.losses import group_advantages, grpo_loss, gspo_loss
-from jengine.rl.metrics import bitwise_equal, mismatch_metrics, to_host
+from jengine.rl.metrics import bitwise_equal, mismatch_metrics, routing_mismatches, to_host
 from jengine.rl.multi_turn import MultiTurn, multi_turn
 from jengine.rl.pipeline import Group, GroupRequest, RolloutActor
 from jengine.rl.trajectory import ChatTemplate, Trajectory, Turn
@@ -32,6 +33,7 @@ from jengine.rl.trajectory import ChatTemplate, Trajectory, Turn
 __all__ = [
     "bitwise_equal", "ChatTemplate", "completion_mask", "Group", "GroupRequest",
     "group_advantages", "grpo_loss", "gspo_loss", "log_ratios", "masked_is", "mismatch_metrics",
-    "multi_turn", "MultiTurn", "pack", "RolloutActor", "sequence_log_ratios", "sequence_ratios",
-    "to_host", "token_logprobs", "token_ratios", "Trajectory", "truncated_is", "Turn",
+    "multi_turn", "MultiTurn", "pack", "RolloutActor", "routing_mismatches",
+    "sequence_log_ratios", "sequence_ratios", "to_host", "token_logprobs", "token_ratios",
+    "Trajectory", "truncated_is", "Turn",
 ]  # fmt: skip

@@ -123,13 +123,14 @@ def _head_values(h: jax.Array, w: jax.Array, rp: plan_lib.SampleRows, n: int, co
 
 
 @functools.partial(jax.jit, static_argnames=("config", "logprobs_mode", "numerics", "mesh",
-                                              "page_size", "with_entropy", "remat"))  # fmt: skip
+                                              "page_size", "with_entropy", "remat",
+                                              "with_routing"))  # fmt: skip
 def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
                   completion_lens: jax.Array, sampling_rows: dict[str, jax.Array],
                   loss_mask: jax.Array | None, *,
                   config: ModelConfig, logprobs_mode: str, numerics: Numerics,
                   mesh: jax.sharding.Mesh | None, page_size: int, with_entropy: bool,
-                  remat: bool):  # fmt: skip
+                  remat: bool, with_routing: bool = False):  # fmt: skip
     batch, length = tokens.shape
     dp = 1 if mesh is None else sharding.mesh_sizes(mesh)[0]
     layout, num_pages = dense_plan(batch // dp, length, page_size)
@@ -150,19 +151,20 @@ def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
         )
         return dataclasses.replace(layout, tokens=flat, rows=sample_rows)
 
-    def post(logits: jax.Array, p: plan_lib.StepPlan):
+    def post(logits: jax.Array, p: plan_lib.StepPlan, routing: jax.Array):
         rp = jax.tree_util.tree_map(lambda x: x[:n], p.rows)
         logits = logits[:n]
         values = sampling.select(logits, rp, logprobs_mode).value
         ent = _entropy(jax.lax.stop_gradient(logits), rp, logprobs_mode) if with_entropy else None
-        return values, ent
+        return values, ent, routing[p.logit_rows[:n]] if with_routing else None
 
     if remat:  # a gradient keeps the logits, not every [rows, vocab] sampling intermediate
         post = jax.checkpoint(post)
     if mesh is None and remat:  # the head's backward in row chunks: no [rows, vocab] array kept
         p = fill(tokens, sampling_rows)
-        h, _ = forward(params, config, p, ScratchKV(num_pages, page_size), numerics, remat=True,
-                       hidden=True)  # fmt: skip
+        h, _, routing = forward(params, config, p, ScratchKV(num_pages, page_size), numerics,
+                                remat=True, hidden=True, return_routing=True)  # fmt: skip
+        routing = routing[p.logit_rows[:n]] if with_routing else None
         rp = jax.tree_util.tree_map(lambda x: x[:n], p.rows)
         values = _head_values(h, lm_head_weight(params, config), rp, n, config, numerics,
                               logprobs_mode)  # fmt: skip
@@ -174,22 +176,25 @@ def _token_values(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
     elif mesh is None:
         kv = ScratchKV(num_pages, page_size)
         p = fill(tokens, sampling_rows)
-        logits, _ = forward(params, config, p, kv, numerics, remat=remat)
-        values, ent = post(logits, p)
+        logits, _, routing = forward(params, config, p, kv, numerics, remat=remat,
+                                     return_routing=True)  # fmt: skip
+        values, ent, routing = post(logits, p, routing)
     else:
         split = lambda x: x.reshape(dp, batch // dp, *x.shape[1:])  # noqa: E731
         plans = jax.vmap(fill)(split(tokens), {k: split(v) for k, v in sampling_rows.items()})
         kv = ScratchKV(num_pages, page_size)
-        (values, ent), _ = sharding.sharded_forward(
+        (values, ent, routing), _ = sharding.sharded_forward(
             mesh, sharding.shard_params(params, config, mesh), config, plans, kv, numerics, post,
             remat=remat,
         )
     mask = completion_mask(prompt_lens, completion_lens, length)
     mask = mask if loss_mask is None else mask & loss_mask
-    values = jnp.where(mask, values.reshape(batch, length - 1), 0.0)
-    if not with_entropy:
-        return values
-    return values, jnp.where(mask, ent.reshape(batch, length - 1), 0.0)
+    out = [jnp.where(mask, values.reshape(batch, length - 1), 0.0)]
+    if with_entropy:
+        out.append(jnp.where(mask, ent.reshape(batch, length - 1), 0.0))
+    if with_routing:
+        out.append(routing.reshape(batch, length - 1, *routing.shape[-2:]))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def token_logprobs(
@@ -200,6 +205,7 @@ def token_logprobs(
     logprobs_mode: str = "processed_logprobs", numerics: Numerics | None = None,
     mesh: jax.sharding.Mesh | None = None, page_size: int = DEFAULT_PAGE_SIZE,
     with_entropy: bool = False, mask: jax.Array | None = None, remat: bool = True,
+    return_routing: bool = False,
 ):  # fmt: skip
     """Per-token numbers of `tokens` under `params`, teacher-forced: f32[B, L - 1].
 
@@ -228,9 +234,14 @@ def token_logprobs(
         keeping them: each scan period of layers, and the sampling transforms over the logits
         (`jax.checkpoint`). The values are the same bits either way; True keeps a gradient's
         memory to one period's activations plus the logits.
+      return_routing: also return the routing it used, i32[B, L - 1, num_sparse_layers, k]:
+        column t holds the experts (by rank) each sparse layer routed token t to, the row that
+        scores tokens[:, t + 1] (a completion token's column equals the engine's
+        `RequestOutput.routed_experts` row for it); columns past a row's tokens route padding.
     Returns:
       values f32[B, L - 1] (column t scores tokens[:, t + 1]; 0.0 outside
-      `completion_mask(prompt_lens, completion_lens, L)` and `mask`), or (values, entropy).
+      `completion_mask(prompt_lens, completion_lens, L)` and `mask`), then the entropy and the
+      routing when asked (a tuple).
 
     Jit-able and differentiable w.r.t. params; every argument except params, tokens, lengths and
     sampling arrays is static.
@@ -259,7 +270,7 @@ def token_logprobs(
     return _token_values(
         params, tokens, prompt_lens, completion_lens, rows, mask, config=config,
         logprobs_mode=logprobs_mode, numerics=numerics, mesh=mesh, page_size=page_size,
-        with_entropy=with_entropy, remat=remat,
+        with_entropy=with_entropy, remat=remat, with_routing=return_routing,
     )  # fmt: skip
 
 
