@@ -535,6 +535,15 @@ class TextStream:
         self.text += delta
         return delta
 
+    def push_text(self, text: str, final: bool, hold: int) -> str:
+        """Extends the text towards `text`, the engine's own (vLLM's stop-string semantics: cut
+        before a stop string once found): all of it at the end, else all but its last `hold`
+        characters, which may be the start of a stop string not yet complete."""
+        end = len(text) if final else max(len(text) - hold, len(self.text))
+        delta = text[len(self.text) : end] if text.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
     def finish(self) -> str:
         if self.tok is None:
             return ""
@@ -810,9 +819,12 @@ async def _completions(request: Any, chat: bool):
     created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
     head = {"id": run.id, "object": kind, "created": created, "model": state.model_name}
     streams = [TextStream(state.tokenizer, opts.skip_special_tokens) for _ in reqs]
+    # requests with stop strings take the engine's text (cut before the stop string); while
+    # streaming, the longest stop string's possible start is held back. None: no stop string.
+    holds = [max(map(len, sp.stop)) - 1 if sp.stop else None for _, sp in reqs]
     prompt_tokens = sum(map(len, prompts))
     if opts.stream:
-        chunks = _stream(state, run, chat, head, opts, streams, prompt_tokens)
+        chunks = _stream(state, run, chat, head, opts, streams, prompt_tokens, holds)
         return _sse_response_class()(chunks, run.close)
     merged: dict[int, list] = collections.defaultdict(list)
     try:
@@ -825,8 +837,11 @@ async def _completions(request: Any, chat: bool):
     choices = []
     for i in range(len(reqs)):
         out = _concat(merged[i])
-        streams[i].push(out.token_ids)
-        streams[i].finish()
+        if holds[i] is not None and merged[i][-1].text is not None:  # stop strings cut
+            streams[i].push_text(merged[i][-1].text, True, 0)
+        else:
+            streams[i].push(out.token_ids)
+            streams[i].finish()
         choices.append(_choice(state, chat, i, out, streams[i].text, 0, opts, True, False))
     completion_tokens = sum(len(c) for o in merged.values() for c in (x.token_ids for x in o))
     return JSONResponse({**head, "choices": choices,
@@ -853,7 +868,7 @@ def _sse(data: Any) -> str:
 
 
 async def _stream(state: _State, run: _Run, chat: bool, head: dict, opts: Options,
-                  streams: list[TextStream], prompt_tokens: int):  # fmt: skip
+                  streams: list[TextStream], prompt_tokens: int, holds: list[int]):  # fmt: skip
     """The SSE body: a chunk per choice and step with its new tokens, the usage chunk when asked,
     then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -862,10 +877,12 @@ async def _stream(state: _State, run: _Run, chat: bool, head: dict, opts: Option
     completion_tokens = 0
     try:
         async for i, out in run.events():
-            offset = len(streams[i].text)
-            text = streams[i].push(out.token_ids)
-            if out.finish_reason is not None:
-                text += streams[i].finish()
+            offset, done = len(streams[i].text), out.finish_reason is not None
+            if holds[i] is not None and out.text is not None:  # the engine's text, stops cut
+                text = streams[i].push_text(out.text, done, holds[i])
+            else:
+                text = streams[i].push(out.token_ids)
+                text += streams[i].finish() if done else ""
             completion_tokens += len(out.token_ids)
             yield _sse({**head, "choices": [
                 _choice(state, chat, i, out, text, offset, opts, first[i], delta=True)]})  # fmt: skip

@@ -72,7 +72,7 @@ def reference(tiny_model):
 @pytest.fixture(scope="module")
 def server(tiny_model, tok, tmp_path_factory):
     weights_dir = tmp_path_factory.mktemp("weights")
-    engine = Engine(tiny_model, EngineConfig(**BASE))
+    engine = Engine(tiny_model, EngineConfig(**BASE), tokenizer=tok)
     config = ServerConfig(api_key=KEY, admin_key=ADMIN, weights_dir=str(weights_dir))
     with BackgroundServer(create_app(engine, tok, config, model_name="tiny")) as s:
         s.engine, s.loop, s.weights_dir = engine, s.app.state.jengine.loop, weights_dir
@@ -256,6 +256,25 @@ def test_stop_strings_pass_through_or_are_refused(server):
     if not supported:
         assert r.json()["error"]["param"] == "stop" and "not supported" in r.text
     assert stop_fields({"stop": None}) == {} and stop_fields({"stop": []}) == {}
+
+
+def test_stop_string_cuts_the_text_streamed_or_not(server):
+    """The text ends before a stop string found in the generated text (vLLM's semantics), and a
+    stream never sends characters the final text does not have."""
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 12, "seed": 3, "ignore_eos": True}
+    full = httpx.post(server.url + "/v1/completions", headers=auth(), timeout=30,
+                      json=body).json()["choices"][0]["text"]  # fmt: skip
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 1)
+                if "\ufffd" not in full[i : i + 2] and full[i : i + 2].strip())  # fmt: skip
+    want = full[: full.index(stop)]
+    r = httpx.post(server.url + "/v1/completions", headers=auth(), timeout=30,
+                   json={**body, "stop": [stop]})  # fmt: skip
+    assert r.json()["choices"][0]["text"] == want and r.json()["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", server.url + "/v1/completions", headers=auth(), timeout=30,
+                      json={**body, "stop": [stop], "stream": True}) as r:  # fmt: skip
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]  # fmt: skip
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
 
 
 def test_wrong_method_and_path_are_openai_errors(server):
