@@ -235,7 +235,7 @@ class Runner:
         empty = plan_lib.build([], page_size=1, pages_per_seq=pages_per_seq)
         batch = stack_plans([empty] * self.num_replicas, (num_tokens, num_seqs, num_seqs),
                             self.no_slot, self.mesh)  # fmt: skip
-        signature = (key, self.config, self.numerics, self.logprobs_mode, self.mesh,
+        signature = (key, self.config, self.numerics, self.logprobs_mode, self.mesh, self.routing,
                      *(_layout(x) for x in (self.params, self.kv, batch)))  # fmt: skip
         if (exe := _STEPS.get(signature)) is not None:
             return exe, 0.0
