@@ -58,6 +58,7 @@ SLOW = (
     "tests/test_moe_model.py::test_output_independent_of",
     "tests/test_moe_model.py::test_prefix_cache_hits",
     "tests/test_moe_model.py::test_routed_experts",
+    "tests/test_moe_model.py::test_shared_expert",
     "tests/test_moe_model.py::test_expert_parallel",
     "tests/test_moe_model.py::test_tied_router_logits",
     "tests/test_moe_model.py::test_score_row_is_bitwise_alone_and_in_a_crowd",

@@ -340,6 +340,22 @@ print(json.dumps({"equal": {k: v == outs["one_device"] for k, v in outs.items()}
 """
 
 
+def test_shared_expert_rollout_is_bitwise_score_and_alone(checkpoints):
+    """Qwen2-MoE (a shared expert gated by a sigmoid, added to the routed experts' combine, and
+    top-4 without renormalisation): a mixed batch's rollout logprobs are bitwise the scorer's and
+    each request's run alone with other chunk sizes."""
+    model = load_model(checkpoints["qwen2_moe"][0])
+    assert model.config.shared_expert_intermediate_size == 48
+    prompts, params = random_prompts(3, 256, lo=20, hi=50, seed=9), PARAMS[:3]
+    outs, _ = run(model, prompts, params)
+    scored = jengine.score(model, prompts, [o.token_ids for o in outs], params)
+    for prompt, sp, out, s in zip(prompts, params, outs, scored):
+        alone = run(model, [prompt], [sp], max_num_batched_tokens=16)[0][0]
+        assert alone.token_ids == out.token_ids
+        assert_bitwise(alone.logprobs, out.logprobs)
+        assert_bitwise(s, out.logprobs)
+
+
 def test_expert_parallel_is_bitwise_one_device():
     """Experts split over 2 and 4 forced CPU devices (and 2 x 2 data parallel) give the tokens,
     logprob bits and routed experts of one device; the scorer over 4 devices those of one."""

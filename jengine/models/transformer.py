@@ -403,6 +403,7 @@ def _decoder(
     def one_period(carry, xs):
         h, kv = carry
         weights, first = xs  # weights: every leaf [its layers in a period, ...]; first: i32
+        weights = {k: w[None] if k in whole else w for k, w in weights.items()}
         routed = []
         for j in range(period):
             layer = layer_leaves(weights, config, j)
@@ -416,8 +417,13 @@ def _decoder(
 
     def grouped(name: str, w: jax.Array) -> jax.Array:
         n = sum(1 for i in leaf_layers(config, name) if i < period)
+        if name in whole:  # one layer per period: the stack itself (XLA copies a [L, 1, ...] view)
+            return w
         return w[: periods * n].reshape(periods, n, *w.shape[1:])
 
+    whole = {name for name, w in layers.items()
+             if len(leaf_layers(config, name)) == periods  # fmt: skip
+             and sum(1 for i in leaf_layers(config, name) if i < period) == 1}
     grouped_layers = {name: grouped(name, w) for name, w in layers.items()}
     firsts = jnp.arange(0, done, period, dtype=jnp.int32)
     (h, kv), routed = jax.lax.scan(one_period, (h, () if scratch else kv),
