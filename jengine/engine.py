@@ -140,7 +140,12 @@ class Engine:
     tensor_parallel_size); by default one is built from `jax.devices()` when tp * dp > 1.
     Data-parallel replica i serves the requests whose arrival index is i mod dp; all replicas step
     together in one device step. See `jengine.sharding` for why no layout changes a bit.
+
+    A request id stays taken while its request runs and for the next `FINISHED_IDS_KEPT` finished
+    requests after it (`add_request` refuses it; `abort` of it returns None); then it may be reused.
     """
+
+    FINISHED_IDS_KEPT = 100_000
 
     def __init__(self, model: Model, config: EngineConfig | None = None, *, mesh: Any = None,
                  tokenizer: Tokenizer | None = None):  # fmt: skip
@@ -190,7 +195,9 @@ class Engine:
         self.policy_version, self.paused = 0, False
         self._arrivals = itertools.count()
         self._seqs: dict[str, Seq] = {}
-        self._finished_ids: set[str] = set()
+        # the ids of the last FINISHED_IDS_KEPT finished requests (insertion-ordered: the oldest
+        # is forgotten first), so a long-running server's memory stays bounded
+        self._finished_ids: dict[str, None] = {}
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
         self._to_verify: list[tuple[RequestOutput, SamplingParams]] = []
         self._step_index = self._generated = self._verified = self._verify_mismatches = 0
@@ -287,7 +294,9 @@ class Engine:
     def _finish(self, seq: Seq, reason: str, error: str | None = None) -> RequestOutput:
         self.schedulers[seq.replica].release(seq)
         del self._seqs[seq.request_id]
-        self._finished_ids.add(seq.request_id)
+        self._finished_ids[seq.request_id] = None
+        if len(self._finished_ids) > self.FINISHED_IDS_KEPT:
+            del self._finished_ids[next(iter(self._finished_ids))]
         seq.finish_reason = reason
         out = self._output(seq, reason, error)
         if self._verify_selects(seq, reason):

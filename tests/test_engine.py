@@ -243,6 +243,14 @@ def test_abort(tiny_model):
     out = engine.abort(rid)
     assert out.finish_reason == "aborted" and len(out.token_ids) == 3  # prefill samples one
     assert engine.abort(rid) is None  # already finished: a no-op
+    engine.FINISHED_IDS_KEPT = 2  # finished ids are remembered for a bounded number of requests
+    later = [engine.add_request([1, 2, 3], SamplingParams(max_tokens=2)) for _ in range(2)]
+    for r in later:
+        engine.abort(r)
+    assert list(engine._finished_ids) == later
+    with pytest.raises(ValueError, match=later[0]):
+        engine.add_request([1], SamplingParams(max_tokens=1), request_id=later[0])
+    assert engine.add_request([1], SamplingParams(max_tokens=1), request_id=rid) == rid
     with pytest.raises(KeyError, match="nope"):
         engine.abort("nope")
     engine.check_invariants()
