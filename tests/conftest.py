@@ -74,7 +74,6 @@ SLOW = (
     "tests/test_engine.py::test_output_independent_of_batching[max_num_seqs=16",
     "tests/test_engine.py::test_output_independent_of_batching[min_token_bucket=2]",
     "tests/test_engine.py::test_output_independent_of_batching[page_size=",
-    "tests/test_exactness.py::test_trainer_side_matches_the_rollout_at_turnover_widths[long]",
     "tests/test_export.py::test_every_bucket_exports[gemma3-270m-cuda]",
     "tests/test_export.py::test_every_bucket_exports[gemma3-270m-tpu]",
     "tests/test_export.py::test_every_bucket_exports[qwen3-0.6b-cuda]",

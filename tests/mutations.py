@@ -198,7 +198,7 @@ MUTATIONS = [
         "def _log_normalizer(m: jax.Array, block_mass: jax.Array) -> jax.Array:\n"
         "    return jnp.log(jnp.sum(block_mass, axis=-1, keepdims=True)) + m\n",
         ("tests/test_exactness.py",),
-        "turnover_widths and short",
+        "turnover_widths",
         ("test_trainer_side_matches_the_rollout_at_turnover_widths",),
     ),
     Mutation(
