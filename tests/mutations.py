@@ -258,6 +258,18 @@ MUTATIONS = [
         "tied_router_logits",
         ("test_tied_router_logits_go_to_the_lower_index",),
     ),
+    Mutation(
+        "scan_views_every_stack",
+        "every stacked layer weight enters the layer scan as a [periods, n, ...] view, n = 1 too "
+        "(XLA then copies each such stack on every step)",
+        "jengine/models/transformer.py",
+        "    whole = {name for name in layers\n"
+        "             if per_period(name) == 1 and len(leaf_layers(config, name)) == periods}  # fmt: skip\n",
+        "    whole: set[str] = set()\n",
+        ("tests/test_layer_scan.py",),
+        "copies_no_stacked_weight",
+        ("test_the_step_copies_no_stacked_weight",),
+    ),
 ]
 
 

@@ -390,8 +390,8 @@ def _decoder(
     """Every decoder layer: a scan over the periods of `layer_period`, then the leftover layers.
 
     Each leaf's stack (`leaf_layers`) holds the same number n of its layers in every period: its
-    first periods * n rows are grouped [periods, n, ...] and the period's j-th layer reads row
-    (its rank among the period's layers in the leaf). Returns (h, kv, routing i32[T,
+    first periods * n rows are grouped [periods, n, ...] (n = 1: the stack as it is) and the
+    period's j-th layer reads row (its rank among the period's layers in the leaf). Returns (h, kv, routing i32[T,
     num_sparse_layers, k]: each token's experts per sparse layer, in layer order)."""
     period = layer_period(config)
     periods = config.num_layers // period
@@ -415,16 +415,18 @@ def _decoder(
     if remat:
         one_period = jax.checkpoint(one_period)
 
-    def grouped(name: str, w: jax.Array) -> jax.Array:
-        n = sum(1 for i in leaf_layers(config, name) if i < period)
-        if name in whole:  # one layer per period: the stack itself (XLA copies a [L, 1, ...] view)
-            return w
-        return w[: periods * n].reshape(periods, n, *w.shape[1:])
+    def per_period(name: str) -> int:  # the leaf's layers in one period
+        return sum(1 for i in leaf_layers(config, name) if i < period)
 
-    whole = {name for name, w in layers.items()
-             if len(leaf_layers(config, name)) == periods  # fmt: skip
-             and sum(1 for i in leaf_layers(config, name) if i < period) == 1}
-    grouped_layers = {name: grouped(name, w) for name, w in layers.items()}
+    # a leaf with one layer per period enters the scan as its own stack: XLA copies a
+    # [periods, 1, ...] view of a stack into the loop on every call
+    whole = {name for name in layers
+             if per_period(name) == 1 and len(leaf_layers(config, name)) == periods}  # fmt: skip
+    grouped_layers = {
+        name: w if name in whole else w[: periods * per_period(name)].reshape(
+            periods, per_period(name), *w.shape[1:])
+        for name, w in layers.items()
+    }  # fmt: skip
     firsts = jnp.arange(0, done, period, dtype=jnp.int32)
     (h, kv), routed = jax.lax.scan(one_period, (h, () if scratch else kv),
                                    (grouped_layers, firsts))  # fmt: skip
