@@ -11,7 +11,9 @@ Each model runs in a fresh process with 4 CPU devices (XLA_FLAGS). Rows:
   resharded     params on a 1-D ('fsdp',) mesh over all 4 devices, each leaf split on its first
                 axis after the stacked layers where it divides, into the engine's
                 tensor-parallel layout (tp=3 for SmolLM2's 9 heads, tp=4 for Gemma's): vs a device
-                copy of the FSDP tree.
+                copy of the FSDP tree. Where the engine uses fewer devices (SmolLM2), also a
+                trainer over the engine's own devices, and the floor of a move between device
+                sets: the 4-device FSDP tree gathered onto one device with `jax.device_put`.
   pause         an engine decoding 16 sequences: the time between two steps that an update
                 (mode keep) takes, against the median step.
 Seconds are the median of --repeats after one untimed call (the reshard programs compile
@@ -76,17 +78,31 @@ def worker(name: str, repeats: int) -> dict:
     same = copy(engine.runner.params)
     row(f"same layout (tp={tp})", lambda: engine.update_weights(same), same, tp)
 
+    def fsdp_tree(devices):
+        fsdp = Mesh(np.asarray(devices, dtype=object), ("fsdp",))
+
+        def put(x):
+            axis = 1 if x.ndim == 3 else 0
+            spec = P(*[None] * axis, "fsdp") if x.shape[axis] % len(devices) == 0 else P()
+            return jax.device_put(x, NamedSharding(fsdp, spec))
+
+        return jax.tree_util.tree_map(put, model.params)
+
     devices = jax.devices()
-    fsdp = Mesh(np.asarray(devices, dtype=object), ("fsdp",))
-
-    def put(x):
-        axis = 1 if x.ndim == 3 else 0
-        spec = P(*[None] * axis, "fsdp") if x.shape[axis] % len(devices) == 0 else P()
-        return jax.device_put(x, NamedSharding(fsdp, spec))
-
-    trainer = jax.tree_util.tree_map(put, model.params)
+    trainer = fsdp_tree(devices)
     row(f"resharded (fsdp over {len(devices)} -> tp={tp})", lambda: engine.update_weights(trainer),
         trainer, tp)
+    if tp < len(devices):  # the engine on a subset: also a trainer over the engine's own devices
+        one_device = jax.sharding.SingleDeviceSharding(devices[0])
+        wide = trainer
+        gather = lambda: jax.block_until_ready(jax.device_put(wide, one_device))  # noqa: E731
+        trainer = fsdp_tree(devices[:tp])
+        row(f"resharded (fsdp over the engine's {tp} -> tp={tp})",
+            lambda: engine.update_weights(trainer), trainer, tp)
+        rows.append({"model": name, "layout": f"floor: fsdp over {len(devices)} gathered onto 1 "
+                     "device (device_put)", "GB": round(gb, 3),
+                     "update_s": round(_median_seconds(gather, repeats), 4)})
+        print(json.dumps(rows[-1]), flush=True)
 
     # the pause an in-flight update imposes: steps of a decoding engine, an update in between
     rng = np.random.default_rng(0)
