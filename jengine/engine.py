@@ -116,12 +116,9 @@ def check_params(params: Params, shapes: Params, where: str, dtypes: Params | No
 
 @jax.jit
 def _all_finite(params: Params) -> jax.Array:
-    """bool[leaves]: each leaf of `params` is all finite. x * 0 is 0 for a finite x and NaN for
-    an infinite or NaN one, and a sum of zeros cannot overflow: its sum is finite exactly when
-    every element is (3.5x faster on CPU than all(isfinite(x)); a max of |x| would not do, XLA's
-    vectorised max can drop a NaN)."""
-    return jnp.stack([jnp.isfinite(jnp.sum(x * 0, dtype=jnp.float32))
-                      for x in jax.tree_util.tree_leaves(params)])  # fmt: skip
+    """bool[leaves]: each leaf of `params` is all finite (x * 0 is 0, or NaN for inf and NaN: 3.5x
+    faster on CPU than all(isfinite(x)); XLA's vectorised max of |x| can drop a NaN)."""
+    return jnp.stack([jnp.isfinite(jnp.sum(x * 0.0, dtype=float)) for x in jax.tree.leaves(params)])
 
 
 def _kv_budget_bytes() -> int:
@@ -145,8 +142,7 @@ class Engine:
     Data-parallel replica i serves the requests whose arrival index is i mod dp; all replicas step
     together in one device step. See `jengine.sharding` for why no layout changes a bit.
 
-    A request id stays taken while its request runs and for the next `FINISHED_IDS_KEPT` finished
-    requests after it (`add_request` refuses it; `abort` of it returns None); then it may be reused.
+    A request id stays taken while it runs and for the next `FINISHED_IDS_KEPT` finished requests.
     """
 
     FINISHED_IDS_KEPT = 100_000
@@ -199,9 +195,7 @@ class Engine:
         self.policy_version, self.paused = 0, False
         self._arrivals = itertools.count()
         self._seqs: dict[str, Seq] = {}
-        # the ids of the last FINISHED_IDS_KEPT finished requests (insertion-ordered: the oldest
-        # is forgotten first), so a long-running server's memory stays bounded
-        self._finished_ids: dict[str, None] = {}
+        self._finished_ids: dict[str, None] = {}  # the last FINISHED_IDS_KEPT, oldest first
         self._undelivered: list[RequestOutput] = []  # finished outside step(), returned by it
         self._to_verify: list[tuple[RequestOutput, SamplingParams]] = []
         self._step_index = self._generated = self._verified = self._verify_mismatches = 0

@@ -24,8 +24,9 @@ CORE = ("jengine/__init__.py", "jengine/config.py", "jengine/plan.py", "jengine/
 # its size now: lower it as the core shrinks. Stop strings added 86 lines; mixture-of-experts
 # models 229: the expert flags and their checks (config), leaves stacked over the layers that have
 # them and the sparse MLP (transformer), routed experts on outputs (engine, runner, scheduler,
-# sampling) and expert parallelism (sharding).
-CORE_LINE_BUDGET = 2922
+# sampling) and expert parallelism (sharding). 9 more: scanning a one-layer-per-period stack as
+# itself (XLA copied every [periods, 1, ...] view each step) and a bounded memory of finished ids.
+CORE_LINE_BUDGET = 2931
 
 
 def _modules() -> dict[str, str]:

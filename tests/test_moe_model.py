@@ -385,10 +385,11 @@ def test_score_row_is_bitwise_alone_and_in_a_crowd_on_its_experts(tiny):
     assert_bitwise(crowded[0], alone)
 
 
-def write_moe_gguf(path, model: Model, arch: str) -> None:
+def write_moe_gguf(path, model: Model, arch: str, per_expert: bool = False) -> None:
     """`model` as llama.cpp's converter lays a mixture-of-experts model out: stacked expert tensors
-    (`blk.{i}.ffn_{gate,up,down}_exps`), the router as `ffn_gate_inp`, the expert metadata; q/k
-    rows permuted for the llama architecture."""
+    (`blk.{i}.ffn_{gate,up,down}_exps`), or with `per_expert` one tensor per expert as early
+    Mixtral GGUFs hold them (`blk.{i}.ffn_{gate,up,down}.{e}`), the router as `ffn_gate_inp`, the
+    expert metadata; q/k rows permuted for the llama architecture."""
     import gguf
 
     from jengine.models.loading import _GGUF_LAYER, _GGUF_TOP
@@ -414,6 +415,10 @@ def write_moe_gguf(path, model: Model, arch: str) -> None:
             data = np.asarray(value, np.float32)
             if arch == "llama" and name in ("wq", "wk"):
                 data = llama_cpp_permute(data, c.num_heads if name == "wq" else c.num_kv_heads)
+            if per_expert and name.startswith("experts_"):
+                for e, expert in enumerate(data):
+                    w.add_tensor(f"blk.{i}.ffn_{name.removeprefix('experts_')}.{e}.weight", expert)
+                continue
             w.add_tensor(f"blk.{i}.{_GGUF_LAYER[name]}", data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -421,13 +426,17 @@ def write_moe_gguf(path, model: Model, arch: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("family, arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama")])
-def test_gguf_with_stacked_experts_loads_the_checkpoints_params(checkpoints, tmp_path, family, arch):
-    """A qwen3moe GGUF and a llama GGUF with experts (Mixtral) load to the params and expert
-    config of the safetensors they were written from."""
+@pytest.mark.parametrize("family, arch, per_expert", [("qwen3_moe", "qwen3moe", False),
+                                                      ("mixtral", "llama", False),
+                                                      ("mixtral", "llama", True)])  # fmt: skip
+def test_gguf_with_stacked_experts_loads_the_checkpoints_params(checkpoints, tmp_path, family, arch,
+                                                                per_expert):  # fmt: skip
+    """A qwen3moe GGUF and a llama GGUF with experts (Mixtral), stacked or one tensor per expert
+    (early Mixtral GGUFs), load to the params and expert config of the safetensors they were
+    written from."""
     hf = load_model(checkpoints[family][0])
     path = tmp_path / "model.gguf"
-    write_moe_gguf(path, hf, arch)
+    write_moe_gguf(path, hf, arch, per_expert)
     got = load_model(str(path))
     fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
               "qk_norm", "num_layers", "head_dim", "sparse_layers")  # fmt: skip

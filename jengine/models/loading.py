@@ -425,16 +425,29 @@ def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
     # llama.cpp stores Gemma's zero-centred norm weights as 1 + w; transformers subtracts 1 (fp32)
     offset = np.float32(1.0) if config.norm_unit_offset else None
 
-    def read(p: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
-        name = _name(p, _GGUF_TOP, _GGUF_LAYER, "blk.")
-        if name not in tensors:
-            raise CheckpointError(f"{path}: tensor {name} is missing (needed for {_dotted(p)})")
+    def dequantized(name: str) -> np.ndarray:
         t = tensors[name]
         try:
-            raw = dequantize(t.data, t.tensor_type)  # f32, numpy shape = HF [out, in]
+            return dequantize(t.data, t.tensor_type)  # f32, numpy shape = HF [out, in]
         except NotImplementedError as e:
             raise CheckpointError(f"{path}: tensor {name} of type {t.tensor_type.name}: {e}") from e
-        raw = _checked(raw, p, shape, f"{path}: tensor {name}")
+
+    def read(p: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+        name = _name(p, _GGUF_TOP, _GGUF_LAYER, "blk.")
+        # older llama.cpp files (early Mixtral GGUFs) hold one tensor per expert,
+        # blk.{i}.ffn_{gate,up,down}.{e}.weight, where newer ones stack them
+        x = p[-1].removeprefix("experts_")
+        per_expert = [f"blk.{p[1]}.ffn_{x}.{e}.weight" for e in range(config.num_experts)]
+        if p[-1].startswith("experts_") and name not in tensors and per_expert[0] in tensors:
+            missing = [n for n in per_expert if n not in tensors]
+            if missing:
+                raise CheckpointError(f"{path}: tensor {missing[0]} is missing (needed for "
+                                      f"{_dotted(p)}, one tensor per expert)")  # fmt: skip
+            raw = np.stack([dequantized(n) for n in per_expert])
+            return _checked(raw, p, shape, f"{path}: tensors {per_expert[0]}..")
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing (needed for {_dotted(p)})")
+        raw = _checked(dequantized(name), p, shape, f"{path}: tensor {name}")
         if permuted and p[-1] in ("wq", "wk", "bq", "bk"):
             heads = config.num_heads if p[-1] in ("wq", "bq") else config.num_kv_heads
             raw = _unpermute_qk(raw, heads)

@@ -391,7 +391,8 @@ def _decoder(
 
     Each leaf's stack (`leaf_layers`) holds the same number n of its layers in every period: its
     first periods * n rows are grouped [periods, n, ...] (n = 1: the stack as it is) and the
-    period's j-th layer reads row (its rank among the period's layers in the leaf). Returns (h, kv, routing i32[T,
+    period's j-th layer reads row (its rank among the period's layers in the leaf). Returns (h,
+    kv, routing i32[T,
     num_sparse_layers, k]: each token's experts per sparse layer, in layer order)."""
     period = layer_period(config)
     periods = config.num_layers // period
@@ -403,7 +404,7 @@ def _decoder(
     def one_period(carry, xs):
         h, kv = carry
         weights, first = xs  # weights: every leaf [its layers in a period, ...]; first: i32
-        weights = {k: w[None] if k in whole else w for k, w in weights.items()}
+        weights = {k: w if w.ndim == layers[k].ndim else w[None] for k, w in weights.items()}
         routed = []
         for j in range(period):
             layer = layer_leaves(weights, config, j)
@@ -415,18 +416,13 @@ def _decoder(
     if remat:
         one_period = jax.checkpoint(one_period)
 
-    def per_period(name: str) -> int:  # the leaf's layers in one period
-        return sum(1 for i in leaf_layers(config, name) if i < period)
+    def grouped(name: str, w: jax.Array) -> jax.Array:
+        n = sum(1 for i in leaf_layers(config, name) if i < period)
+        if n == 1 and len(w) == periods:  # the stack itself: XLA copies a [periods, 1, ...] view
+            return w  # into the loop on every call
+        return w[: periods * n].reshape(periods, n, *w.shape[1:])
 
-    # a leaf with one layer per period enters the scan as its own stack: XLA copies a
-    # [periods, 1, ...] view of a stack into the loop on every call
-    whole = {name for name in layers
-             if per_period(name) == 1 and len(leaf_layers(config, name)) == periods}  # fmt: skip
-    grouped_layers = {
-        name: w if name in whole else w[: periods * per_period(name)].reshape(
-            periods, per_period(name), *w.shape[1:])
-        for name, w in layers.items()
-    }  # fmt: skip
+    grouped_layers = {name: grouped(name, w) for name, w in layers.items()}
     firsts = jnp.arange(0, done, period, dtype=jnp.int32)
     (h, kv), routed = jax.lax.scan(one_period, (h, () if scratch else kv),
                                    (grouped_layers, firsts))  # fmt: skip
