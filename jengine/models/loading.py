@@ -436,9 +436,9 @@ def _load_gguf(path: str, dtype: str | None, shardings: Shardings) -> Model:
         name = _name(p, _GGUF_TOP, _GGUF_LAYER, "blk.")
         # older llama.cpp files (early Mixtral GGUFs) hold one tensor per expert,
         # blk.{i}.ffn_{gate,up,down}.{e}.weight, where newer ones stack them
-        x = p[-1].removeprefix("experts_")
-        per_expert = [f"blk.{p[1]}.ffn_{x}.{e}.weight" for e in range(config.num_experts)]
-        if p[-1].startswith("experts_") and name not in tensors and per_expert[0] in tensors:
+        per_expert = [f"blk.{p[1]}.ffn_{p[-1].removeprefix('experts_')}.{e}.weight"
+                      for e in range(config.num_experts)] if p[-1].startswith("experts_") else []
+        if per_expert and name not in tensors and per_expert[0] in tensors:
             missing = [n for n in per_expert if n not in tensors]
             if missing:
                 raise CheckpointError(f"{path}: tensor {missing[0]} is missing (needed for "
