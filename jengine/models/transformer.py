@@ -392,8 +392,8 @@ def _decoder(
     Each leaf's stack (`leaf_layers`) holds the same number n of its layers in every period: its
     first periods * n rows are grouped [periods, n, ...] (n = 1: the stack as it is) and the
     period's j-th layer reads row (its rank among the period's layers in the leaf). Returns (h,
-    kv, routing i32[T,
-    num_sparse_layers, k]: each token's experts per sparse layer, in layer order)."""
+    kv, routing i32[T, num_sparse_layers, k]: each token's experts per sparse layer, in layer
+    order)."""
     period = layer_period(config)
     periods = config.num_layers // period
     done = periods * period
