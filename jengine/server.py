@@ -552,6 +552,14 @@ class TextStream:
         self.text += delta
         return delta
 
+    def push_output(self, out: Any, done: bool, hold: int | None) -> str:
+        """The new text of `out`, a piece of a request's output (`done`: its last): the engine's
+        own text when the request has stop strings (`hold`: the longest one's length - 1), else
+        decoded here from its token ids."""
+        if hold is not None and out.text is not None:
+            return self.push_text(out.text, done, hold)
+        return self.push(out.token_ids) + (self.finish() if done else "")
+
 
 def _token_str(tok: Any, token_id: int) -> str:
     if tok is None:
@@ -836,12 +844,8 @@ async def _completions(request: Any, chat: bool):
         return None  # the client disconnected; nobody reads a response
     choices = []
     for i in range(len(reqs)):
-        out = _concat(merged[i])
-        if holds[i] is not None and merged[i][-1].text is not None:  # stop strings cut
-            streams[i].push_text(merged[i][-1].text, True, 0)
-        else:
-            streams[i].push(out.token_ids)
-            streams[i].finish()
+        out = _concat(merged[i])  # the last piece's text: the whole request's
+        streams[i].push_output(out, True, holds[i])
         choices.append(_choice(state, chat, i, out, streams[i].text, 0, opts, True, False))
     completion_tokens = sum(len(c) for o in merged.values() for c in (x.token_ids for x in o))
     return JSONResponse({**head, "choices": choices,
@@ -868,7 +872,7 @@ def _sse(data: Any) -> str:
 
 
 async def _stream(state: _State, run: _Run, chat: bool, head: dict, opts: Options,
-                  streams: list[TextStream], prompt_tokens: int, holds: list[int]):  # fmt: skip
+                  streams: list[TextStream], prompt_tokens: int, holds: list[int | None]):  # fmt: skip
     """The SSE body: a chunk per choice and step with its new tokens, the usage chunk when asked,
     then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -877,12 +881,8 @@ async def _stream(state: _State, run: _Run, chat: bool, head: dict, opts: Option
     completion_tokens = 0
     try:
         async for i, out in run.events():
-            offset, done = len(streams[i].text), out.finish_reason is not None
-            if holds[i] is not None and out.text is not None:  # the engine's text, stops cut
-                text = streams[i].push_text(out.text, done, holds[i])
-            else:
-                text = streams[i].push(out.token_ids)
-                text += streams[i].finish() if done else ""
+            offset = len(streams[i].text)
+            text = streams[i].push_output(out, out.finish_reason is not None, holds[i])
             completion_tokens += len(out.token_ids)
             yield _sse({**head, "choices": [
                 _choice(state, chat, i, out, text, offset, opts, first[i], delta=True)]})  # fmt: skip
