@@ -1,10 +1,12 @@
 """jengine inside Tunix (`jengine.integrations.tunix`), in Tunix's own GRPO loop.
 
 What is proved here:
-  * mapping: a Tunix Qwen3 (tied and untied) / Llama3 state -> jengine params -> logits equal
-    the Tunix model's own logits within 1e-4 (fp32); jengine params -> Tunix state is the
-    original state bit for bit; unmappable models (Gemma3, Qwen3 MoE, anything else) are refused
-    with an error naming the class;
+  * mapping: a Tunix Qwen3 (tied and untied, dense and MoE: 8 experts, top-2) / Llama3 state ->
+    jengine params -> logits equal the Tunix model's own logits within 1e-4 (fp32); jengine
+    params -> Tunix state is the original state bit for bit; unmappable models (Gemma3, anything
+    else) are refused with an error naming the class;
+  * a Tunix Qwen3-MoE served by JengineRollout: rollout logprobs == `get_per_token_logps` ==
+    `JengineActor.per_token_logps` bitwise;
   * the rollout interface: RolloutConfig -> SamplingParams, Tunix-style prompt padding,
     `get_per_token_logps` == `jengine.score` == the rollout's logprobs, bitwise;
     `JengineActor.per_token_logps` (the trainer side) == the rollout's logprobs, bitwise, with
@@ -100,15 +102,16 @@ def _randomize(build, seed):
     return nnx.merge(graphdef, jax.tree.map(draw, state))
 
 
-def _tunix_model(family, seed=0, tied=True):
+def _tunix_model(family, seed=0, tied=True, vocab_size=40):
     from flax import nnx
 
-    if family == "qwen3":
+    if family.startswith("qwen3"):
         from tunix.models.qwen3 import model as m
 
-        cfg = m.ModelConfig(num_layers=2, vocab_size=40, embed_dim=32, hidden_dim=48, num_heads=4,
-                            head_dim=8, num_kv_heads=2, rope_theta=1_000_000, norm_eps=1e-6,
-                            use_tied_embedding=tied)
+        moe = {"num_experts": 8, "num_experts_per_tok": 2} if family == "qwen3_moe" else {}
+        cfg = m.ModelConfig(num_layers=2, vocab_size=vocab_size, embed_dim=32, hidden_dim=48,
+                            num_heads=4, head_dim=8, num_kv_heads=2, rope_theta=1_000_000,
+                            norm_eps=1e-6, use_tied_embedding=tied, **moe)
         return _randomize(lambda: m.Qwen3(cfg, rngs=nnx.Rngs(seed)), seed)
     from tunix.models.llama3 import model as m
 
@@ -156,7 +159,8 @@ def _completions(out, width, pad=0):
 
 
 @in_tunix_env
-@pytest.mark.parametrize("family,tied", [("qwen3", True), ("qwen3", False), ("llama3", False)])
+@pytest.mark.parametrize("family,tied", [("qwen3", True), ("qwen3", False), ("llama3", False),
+                                         ("qwen3_moe", True)])
 def test_mapping_logits_match_tunix_model(jt, family, tied):
     import jax.numpy as jnp
     from flax import nnx
@@ -164,7 +168,8 @@ def test_mapping_logits_match_tunix_model(jt, family, tied):
 
     model = _tunix_model(family, tied=tied)
     cfg = jt.jengine_config(model)
-    assert cfg.qk_norm == (family == "qwen3") and cfg.tie_word_embeddings == tied
+    assert cfg.qk_norm == family.startswith("qwen3") and cfg.tie_word_embeddings == tied
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == ((8, 2) if "moe" in family else (0, 0))
     prompt, comp = _padded_batch(cfg.vocab_size)
     tokens = jnp.asarray(np.concatenate([prompt, comp], 1))
     real = tokens != 0
@@ -198,12 +203,15 @@ def test_unmappable_models_are_named(jt):
         jt.JengineActor(gemma)
     with pytest.raises(ValueError, match="flax.nnx.nn.linear.Linear"):
         jt.jengine_config(nnx.eval_shape(lambda: nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
+    # an MoE state whose experts have the wrong width is refused leaf by leaf
     moe = nnx.eval_shape(lambda: qwen3.Qwen3(qwen3.ModelConfig(
         num_layers=1, vocab_size=16, embed_dim=8, hidden_dim=8, num_heads=2, head_dim=4,
         num_kv_heads=1, rope_theta=1_000_000, norm_eps=1e-6, num_experts=2,
         num_experts_per_tok=1), rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="num_experts=2"):
-        jt.JengineActor(moe)
+    cfg = jt.jengine_config(moe).replace(moe_intermediate_size=6)
+    with pytest.raises(ValueError, match=r"layers.0.mlp.gate_proj has shape \(2, 8, 8\), "
+                                         r"expected \(2, 8, 6\)"):
+        jt.check_tunix_state(nnx.state(moe, nnx.Param), cfg)
 
 
 # -- the rollout interface -------------------------------------------------------------------------
@@ -280,6 +288,39 @@ def test_rollout_logprobs_are_score_and_actor_bits(jt, setup, generated):
     print(f"rollout == score == actor.per_token_logps on {n}/{n} tokens")
     with pytest.raises(ValueError, match="temperature=1.0"):
         actor.per_token_logps(jnp.asarray(lp), jnp.asarray(comp), pad, 1.0)
+
+
+@in_tunix_env
+def test_moe_rollout_logprobs_are_the_actors_bits(jt, example):
+    """A Tunix Qwen3-MoE (8 experts, top-2) served by jengine: the rollout's logprobs are the
+    scorer's and the trainer-side actor's, bit for bit."""
+    import jax.numpy as jnp
+    from tunix.rl.rollout import base_rollout
+
+    from jengine.config import EngineConfig
+
+    rc = base_rollout.RolloutConfig(max_tokens_to_generate=6, temperature=0.9, top_k=12,
+                                    max_prompt_length=8, kv_cache_size=32, return_logprobs=True,
+                                    seed=5)
+    actor = jt.JengineActor(_tunix_model("qwen3_moe", seed=2, vocab_size=64), rc)
+    assert actor.jengine_config.num_experts == 8
+    rollout = jt.JengineRollout(rollout_actor=actor, tokenizer=example.CharTokenizer(), mesh=None,
+                                rollout_config=rc,
+                                engine_config=EngineConfig(max_num_seqs=8,
+                                                           max_num_batched_tokens=64))
+    out = rollout.generate(["abc", "hello", "x", "abcdefg"], rc)
+    comp = _completions(out, rc.max_tokens_to_generate)
+    lp = out.left_padded_prompt_tokens
+    mine = np.asarray(actor.per_token_logps(jnp.asarray(lp), jnp.asarray(comp), rollout.pad_id()))
+    rollout.reuse_rollout_logprobs = False
+    scored = np.asarray(rollout.get_per_token_logps(lp, comp))
+    n = 0
+    for i, t in enumerate(out.tokens):
+        assert len(t) > 0
+        assert np.array_equal(bits(mine[i, : len(t)]), bits(out.logprobs[i]))
+        assert np.array_equal(bits(scored[i, : len(t)]), bits(out.logprobs[i]))
+        n += len(t)
+    print(f"MoE rollout == score == actor.per_token_logps on {n}/{n} tokens")
 
 
 @in_tunix_env

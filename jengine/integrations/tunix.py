@@ -2,7 +2,7 @@
 
     from jengine.integrations.tunix import JengineActor, JengineRollout
 
-    actor = JengineActor(model, rollout_config)   # model: a Tunix Qwen3 or Llama3 NNX model
+    actor = JengineActor(model, rollout_config)   # model: a Tunix Qwen3 (dense or MoE) or Llama3
     cluster_config = rl_cluster_lib.ClusterConfig(..., rollout_engine=JengineRollout,
                                                   rollout_config=rollout_config)
     rl_cluster = rl_cluster_lib.RLCluster(actor=actor, reference=model, tokenizer=tokenizer,
@@ -171,22 +171,27 @@ def _family(model: Any) -> str:
 
     name = f"{type(model).__module__}.{type(model).__qualname__}"
     if isinstance(model, qwen3.Qwen3):
-        if model.config.num_experts:
-            raise ValueError(f"cannot map {name} with num_experts={model.config.num_experts}: "
-                             "jengine has no mixture-of-experts layers")
         return "qwen3"
     if isinstance(model, llama3.Llama3):
         return "llama3"
     raise ValueError(f"cannot map {name} onto jengine's params: supported Tunix models are "
-                     "tunix.models.qwen3.model.Qwen3 (dense) and tunix.models.llama3.model.Llama3")
+                     "tunix.models.qwen3.model.Qwen3 (dense or MoE) and "
+                     "tunix.models.llama3.model.Llama3")
 
 
 def jengine_config(model: Any, *, max_model_len: int = 4096) -> ModelConfig:
-    """The jengine `ModelConfig` of a Tunix Qwen3 / Llama3 model (what its forward computes)."""
+    """The jengine `ModelConfig` of a Tunix Qwen3 / Llama3 model (what its forward computes).
+
+    A Tunix Qwen3 with `num_experts` is Qwen3-MoE as Tunix builds it: every layer sparse, each
+    expert `hidden_dim` wide, the top-k gate weights renormalised, no shared expert."""
     family = _family(model)
     c = model.config
+    moe = {}
     if family == "qwen3":
         tied, dtype = c.use_tied_embedding, jnp.dtype(c.param_dtype)
+        if c.num_experts:
+            moe = {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
+                   "moe_intermediate_size": c.hidden_dim, "norm_topk_prob": True}
     else:
         tied, dtype = c.weight_tying, jnp.dtype(model.embedder.input_embedding.get_value().dtype)
     return ModelConfig(
@@ -203,14 +208,16 @@ def jengine_config(model: Any, *, max_model_len: int = 4096) -> ModelConfig:
         tie_word_embeddings=bool(tied),
         max_position_embeddings=max_model_len,
         dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
-        name=f"tunix-{family}",
+        name=f"tunix-{family}{'-moe' if moe else ''}",
+        **moe,
     )
 
 
 def tunix_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
-    """The Tunix state's leaves, path -> shape (d hidden, N/K heads/kv heads, H head_dim)."""
+    """The Tunix state's leaves, path -> shape (d hidden, N/K heads/kv heads, H head_dim; MoE:
+    E experts, each F = moe_intermediate_size wide)."""
     d, h, f, v = config.hidden_size, config.head_dim, config.intermediate_size, config.vocab_size
-    n, k = config.num_heads, config.num_kv_heads
+    n, k, e = config.num_heads, config.num_kv_heads, config.num_experts
     shapes = {("embedder", "input_embedding"): (v, d), ("final_norm", "w"): (d,)}
     if not config.tie_word_embeddings:
         shapes[("lm_head", "w")] = (d, v)
@@ -223,10 +230,16 @@ def tunix_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
             (*a, "k_proj", "w"): (d, k, h),
             (*a, "v_proj", "w"): (d, k, h),
             (*a, "o_proj", "w"): (n, h, d),   # BTNH,NHD->BTD
-            ("layers", i, "mlp", "gate_proj", "kernel"): (d, f),
-            ("layers", i, "mlp", "up_proj", "kernel"): (d, f),
-            ("layers", i, "mlp", "down_proj", "kernel"): (f, d),
         })
+        mlp = ("layers", i, "mlp")
+        if config.is_sparse(i):
+            f = config.moe_intermediate_size
+            shapes.update({(*mlp, "router", "kernel"): (d, e), (*mlp, "gate_proj"): (e, d, f),
+                           (*mlp, "up_proj"): (e, d, f), (*mlp, "down_proj"): (e, f, d)})
+        else:
+            shapes.update({(*mlp, "gate_proj", "kernel"): (d, f),
+                           (*mlp, "up_proj", "kernel"): (d, f),
+                           (*mlp, "down_proj", "kernel"): (f, d)})
         if config.qk_norm:
             shapes[(*a, "q_norm", "w")] = (h,)
             shapes[(*a, "k_norm", "w")] = (h,)
@@ -299,10 +312,21 @@ def to_jengine_params(state: Any, config: ModelConfig, dtype: Any = None) -> Par
             "wv": get(*a, "v_proj", "w").reshape(d, -1).T,
             "wo": get(*a, "o_proj", "w").reshape(-1, d).T,     # [N, H, d] -> [d, N*H]
             "mlp_norm": get("layers", i, "post_attention_layernorm", "w"),
-            "w_gate": get("layers", i, "mlp", "gate_proj", "kernel").T,  # [d, F] -> [F, d]
-            "w_up": get("layers", i, "mlp", "up_proj", "kernel").T,
-            "w_down": get("layers", i, "mlp", "down_proj", "kernel").T,  # [F, d] -> [d, F]
         }
+        mlp = ("layers", i, "mlp")
+        if config.is_sparse(i):
+            out.update(
+                router=get(*mlp, "router", "kernel").T,           # [d, E] -> [E, d]
+                experts_gate=get(*mlp, "gate_proj").mT,           # [E, d, F] -> [E, F, d]
+                experts_up=get(*mlp, "up_proj").mT,
+                experts_down=get(*mlp, "down_proj").mT,           # [E, F, d] -> [E, d, F]
+            )
+        else:
+            out.update(
+                w_gate=get(*mlp, "gate_proj", "kernel").T,        # [d, F] -> [F, d]
+                w_up=get(*mlp, "up_proj", "kernel").T,
+                w_down=get(*mlp, "down_proj", "kernel").T,        # [F, d] -> [d, F]
+            )
         if config.qk_norm:
             out.update(q_norm=get(*a, "q_norm", "w"), k_norm=get(*a, "k_norm", "w"))
         return out
@@ -334,15 +358,17 @@ def to_tunix_state(params: Params, config: ModelConfig) -> dict:
         }
         if config.qk_norm:
             attn.update(q_norm={"w": copy(p["q_norm"])}, k_norm={"w": copy(p["k_norm"])})
+        if "router" in p:
+            mlp = {"router": {"kernel": p["router"].T}, "gate_proj": p["experts_gate"].mT,
+                   "up_proj": p["experts_up"].mT, "down_proj": p["experts_down"].mT}
+        else:
+            mlp = {"gate_proj": {"kernel": p["w_gate"].T}, "up_proj": {"kernel": p["w_up"].T},
+                   "down_proj": {"kernel": p["w_down"].T}}
         return {
             "input_layernorm": {"w": copy(p["attn_norm"])},
             "post_attention_layernorm": {"w": copy(p["mlp_norm"])},
             "attn": attn,
-            "mlp": {
-                "gate_proj": {"kernel": p["w_gate"].T},
-                "up_proj": {"kernel": p["w_up"].T},
-                "down_proj": {"kernel": p["w_down"].T},
-            },
+            "mlp": mlp,
         }
 
     out = {
@@ -417,7 +443,7 @@ class JengineRollout(base_rollout.BaseRollout):
     set in `engine_config`; Tunix's mesh is not used).
 
     Args:
-      rollout_actor: a Tunix Qwen3 / Llama3 model or a `JengineActor`: its weights are served.
+      rollout_actor: a Tunix Qwen3 (dense or MoE) / Llama3 model or a `JengineActor`: its weights are served.
       tokenizer: Tunix's tokenizer (wrapped in a TokenizerAdapter if it is not one).
       rollout_config: sizes the engine: max_model_len = kv_cache_size, at least
         max_prompt_length + max_tokens_to_generate.
@@ -612,7 +638,7 @@ class JengineActor(nnx.Module):
     the token, 0.0 at pad rows. There is no KV cache (decoding is JengineRollout's job).
 
     Args:
-      model: the Tunix Qwen3 / Llama3 model to copy (its weights and submodules).
+      model: the Tunix Qwen3 (dense or MoE) / Llama3 model to copy (its weights and submodules).
       sampling: the RolloutConfig (or SamplingParams) the rollout samples with: its top_k / top_p
         decide which tokens the processed distribution keeps. None: no filters.
       numerics: jengine's `Numerics`: the rollout engine's (`JengineRollout.engine.numerics`);
