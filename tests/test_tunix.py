@@ -132,23 +132,26 @@ def _padded_batch(vocab, seed=0):
     return prompt, comp
 
 
+def _serve(jt, example, actor, rc):
+    """A JengineRollout serving `actor` with the example's character tokenizer."""
+    from jengine.config import EngineConfig
+
+    return jt.JengineRollout(rollout_actor=actor, tokenizer=example.CharTokenizer(), mesh=None,
+                             rollout_config=rc,
+                             engine_config=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64))
+
+
 @pytest.fixture(scope="module")
 def setup(jt, example):
     """A tiny Tunix Qwen3, its JengineActor and a JengineRollout serving it."""
     from tunix.rl.rollout import base_rollout
-
-    from jengine.config import EngineConfig
 
     model = example.tiny_qwen3(seed=1, vocab_size=64)
     rc = base_rollout.RolloutConfig(max_tokens_to_generate=6, temperature=0.8, top_p=0.9,
                                     top_k=10, max_prompt_length=8, kv_cache_size=32,
                                     return_logprobs=True, seed=3)
     actor = jt.JengineActor(model, rc)
-    rollout = jt.JengineRollout(rollout_actor=actor, tokenizer=example.CharTokenizer(), mesh=None,
-                                rollout_config=rc,
-                                engine_config=EngineConfig(max_num_seqs=8,
-                                                           max_num_batched_tokens=64))
-    return {"model": model, "rc": rc, "actor": actor, "rollout": rollout}
+    return {"model": model, "rc": rc, "actor": actor, "rollout": _serve(jt, example, actor, rc)}
 
 
 def _completions(out, width, pad=0):
@@ -297,17 +300,12 @@ def test_moe_rollout_logprobs_are_the_actors_bits(jt, example):
     import jax.numpy as jnp
     from tunix.rl.rollout import base_rollout
 
-    from jengine.config import EngineConfig
-
     rc = base_rollout.RolloutConfig(max_tokens_to_generate=6, temperature=0.9, top_k=12,
                                     max_prompt_length=8, kv_cache_size=32, return_logprobs=True,
                                     seed=5)
     actor = jt.JengineActor(_tunix_model("qwen3_moe", seed=2, vocab_size=64), rc)
     assert actor.jengine_config.num_experts == 8
-    rollout = jt.JengineRollout(rollout_actor=actor, tokenizer=example.CharTokenizer(), mesh=None,
-                                rollout_config=rc,
-                                engine_config=EngineConfig(max_num_seqs=8,
-                                                           max_num_batched_tokens=64))
+    rollout = _serve(jt, example, actor, rc)
     out = rollout.generate(["abc", "hello", "x", "abcdefg"], rc)
     comp = _completions(out, rc.max_tokens_to_generate)
     lp = out.left_padded_prompt_tokens

@@ -215,7 +215,7 @@ def jengine_config(model: Any, *, max_model_len: int = 4096) -> ModelConfig:
 
 def tunix_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
     """The Tunix state's leaves, path -> shape (d hidden, N/K heads/kv heads, H head_dim; MoE:
-    E experts, each F = moe_intermediate_size wide)."""
+    E experts, each FE = moe_intermediate_size wide)."""
     d, h, f, v = config.hidden_size, config.head_dim, config.intermediate_size, config.vocab_size
     n, k, e = config.num_heads, config.num_kv_heads, config.num_experts
     shapes = {("embedder", "input_embedding"): (v, d), ("final_norm", "w"): (d,)}
@@ -233,9 +233,9 @@ def tunix_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
         })
         mlp = ("layers", i, "mlp")
         if config.is_sparse(i):
-            f = config.moe_intermediate_size
-            shapes.update({(*mlp, "router", "kernel"): (d, e), (*mlp, "gate_proj"): (e, d, f),
-                           (*mlp, "up_proj"): (e, d, f), (*mlp, "down_proj"): (e, f, d)})
+            fe = config.moe_intermediate_size
+            shapes.update({(*mlp, "router", "kernel"): (d, e), (*mlp, "gate_proj"): (e, d, fe),
+                           (*mlp, "up_proj"): (e, d, fe), (*mlp, "down_proj"): (e, fe, d)})
         else:
             shapes.update({(*mlp, "gate_proj", "kernel"): (d, f),
                            (*mlp, "up_proj", "kernel"): (d, f),
@@ -443,7 +443,8 @@ class JengineRollout(base_rollout.BaseRollout):
     set in `engine_config`; Tunix's mesh is not used).
 
     Args:
-      rollout_actor: a Tunix Qwen3 (dense or MoE) / Llama3 model or a `JengineActor`: its weights are served.
+      rollout_actor: a Tunix Qwen3 (dense or MoE) / Llama3 model or a `JengineActor`: its
+        weights are served.
       tokenizer: Tunix's tokenizer (wrapped in a TokenizerAdapter if it is not one).
       rollout_config: sizes the engine: max_model_len = kv_cache_size, at least
         max_prompt_length + max_tokens_to_generate.
